@@ -1,0 +1,131 @@
+"""Table definitions (SQLAlchemy Core), portable between SQLite and PostgreSQL.
+
+Column names follow the seed system (``photometry``, ``variability_stats``, ``ese_candidates``) so
+that queries users already know keep working; columns added by this project are marked below.
+Times: ``mjd``/``*_mjd`` are observation times (Modified Julian Date, from the FITS header);
+``measured_at``/``updated_at``/``flagged_at``/``registered_at`` are processing times (Unix seconds).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+#: Image lifecycle: ``pending`` (registered, waiting for a run) -> ``queued`` (a run was requested)
+#: -> ``measured`` | ``failed`` (measurement raised; retried by the nightly run). ``rejected`` files
+#: are not usable images (corrupt, missing keywords...) and are never measured.
+IMAGE_STATUSES = ("pending", "queued", "measured", "failed", "rejected")
+
+images = sa.Table(
+    "images",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("path", sa.Text, nullable=False, unique=True),
+    sa.Column("night", sa.String(10), nullable=True),  # partition key YYYY-MM-DD; NULL if unknown
+    sa.Column("mjd", sa.Float, nullable=True),
+    sa.Column("date_obs", sa.String(32), nullable=True),
+    sa.Column("beam_maj_deg", sa.Float, nullable=True),
+    sa.Column("beam_min_deg", sa.Float, nullable=True),
+    sa.Column("beam_pa_deg", sa.Float, nullable=True),
+    sa.Column("freq_hz", sa.Float, nullable=True),
+    sa.Column("ra_center_deg", sa.Float, nullable=True),
+    sa.Column("dec_center_deg", sa.Float, nullable=True),
+    sa.Column("radius_deg", sa.Float, nullable=True),  # centre-to-corner footprint radius
+    sa.Column("naxis1", sa.Integer, nullable=True),
+    sa.Column("naxis2", sa.Integer, nullable=True),
+    sa.Column("median_rms_jyb", sa.Float, nullable=True),
+    sa.Column("n_sources", sa.Integer, nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("file_size", sa.BigInteger, nullable=True),
+    sa.Column("file_mtime", sa.Float, nullable=True),
+    sa.Column("registered_at", sa.Float, nullable=False),
+    sa.Column("measured_at", sa.Float, nullable=True),
+    sa.CheckConstraint("status IN ('pending','queued','measured','failed','rejected')",
+                       name="ck_images_status"),
+)
+sa.Index("ix_images_night_status", images.c.night, images.c.status)
+
+photometry = sa.Table(
+    "photometry",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("image_path", sa.Text, nullable=False),
+    sa.Column("ra_deg", sa.Float, nullable=False),
+    sa.Column("dec_deg", sa.Float, nullable=False),
+    sa.Column("nvss_flux_mjy", sa.Float, nullable=True),  # catalog flux
+    sa.Column("peak_jyb", sa.Float, nullable=False),
+    sa.Column("peak_err_jyb", sa.Float, nullable=True),
+    sa.Column("measured_at", sa.Float, nullable=False),
+    sa.Column("source_id", sa.Text, nullable=False),
+    sa.Column("mjd", sa.Float, nullable=False),
+    # Added by this project:
+    sa.Column("local_rms_jyb", sa.Float, nullable=True),
+    sa.Column("background_jyb", sa.Float, nullable=True),
+    sa.Column("quality_flag", sa.Integer, nullable=False, server_default="0"),  # bit mask
+    sa.UniqueConstraint("image_path", "source_id", name="uq_photometry_image_source"),
+)
+sa.Index("ix_photometry_source_mjd", photometry.c.source_id, photometry.c.mjd)
+sa.Index("ix_photometry_mjd", photometry.c.mjd)
+
+variability_stats = sa.Table(
+    "variability_stats",
+    metadata,
+    sa.Column("source_id", sa.Text, primary_key=True),
+    sa.Column("ra_deg", sa.Float, nullable=False),
+    sa.Column("dec_deg", sa.Float, nullable=False),
+    sa.Column("nvss_flux_mjy", sa.Float, nullable=True),
+    sa.Column("n_obs", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("mean_flux_mjy", sa.Float, nullable=True),
+    sa.Column("std_flux_mjy", sa.Float, nullable=True),
+    sa.Column("min_flux_mjy", sa.Float, nullable=True),
+    sa.Column("max_flux_mjy", sa.Float, nullable=True),
+    sa.Column("chi2_nu", sa.Float, nullable=True),  # about the weighted mean
+    sa.Column("sigma_deviation", sa.Float, nullable=True),
+    sa.Column("eta_metric", sa.Float, nullable=True),
+    sa.Column("last_measured_at", sa.Float, nullable=True),
+    sa.Column("last_mjd", sa.Float, nullable=True),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    # Added by this project:
+    sa.Column("weighted_mean_flux_mjy", sa.Float, nullable=True),
+    sa.Column("v_index", sa.Float, nullable=True),  # modulation index s / mean
+    sa.Column("median_flux_mjy", sa.Float, nullable=True),
+    sa.Column("robust_std_mjy", sa.Float, nullable=True),  # 1.4826 * MAD
+    sa.Column("dip_significance", sa.Float, nullable=True),  # signed: < 0 dip, > 0 spike
+    sa.Column("dip_start_mjd", sa.Float, nullable=True),
+    sa.Column("dip_end_mjd", sa.Float, nullable=True),
+    sa.Column("dip_n_epochs", sa.Integer, nullable=True),
+    sa.Column("dip_depth_frac", sa.Float, nullable=True),  # mean(window)/median - 1
+    sa.Column("first_mjd", sa.Float, nullable=True),
+)
+
+#: Candidate workflow. ``active`` and ``investigated`` are open; at most one open row per source.
+CANDIDATE_STATUSES = ("active", "investigated", "dismissed")
+
+ese_candidates = sa.Table(
+    "ese_candidates",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("source_id", sa.Text, sa.ForeignKey("variability_stats.source_id"), nullable=False),
+    sa.Column("flagged_at", sa.Float, nullable=False),
+    sa.Column("flagged_by", sa.Text, nullable=False, server_default="auto"),
+    sa.Column("significance", sa.Float, nullable=False),
+    sa.Column("flag_type", sa.Text, nullable=False),
+    sa.Column("notes", sa.Text, nullable=True),
+    sa.Column("status", sa.String(16), nullable=False, server_default="active"),
+    sa.Column("investigated_at", sa.Float, nullable=True),
+    sa.Column("dismissed_at", sa.Float, nullable=True),
+    # Added by this project:
+    sa.Column("night", sa.String(10), nullable=True),  # partition that first flagged it
+    sa.Column("last_night", sa.String(10), nullable=True),  # partition that last confirmed it
+    sa.Column("sigma_deviation", sa.Float, nullable=True),
+    sa.Column("dip_significance", sa.Float, nullable=True),
+    sa.CheckConstraint("status IN ('active','investigated','dismissed')",
+                       name="ck_ese_candidates_status"),
+)
+sa.Index("ix_ese_candidates_source", ese_candidates.c.source_id)
+# At most one open candidate per source (partial unique index; SQLite >= 3.8 and PostgreSQL).
+_OPEN = sa.text("status IN ('active', 'investigated')")
+sa.Index("uq_ese_candidates_open_source", ese_candidates.c.source_id, unique=True,
+         sqlite_where=_OPEN, postgresql_where=_OPEN)
