@@ -1,3 +1,216 @@
-"""Command line interface (placeholder entry point replaced by the lead)."""
-def main() -> None:  # pragma: no cover
-    raise SystemExit("ese: CLI is being assembled")
+"""``ese``: command line interface.
+
+Subcommands: ``simulate``, ``ingest``, ``detect``, ``export``, ``candidates``, ``mark``, ``demo``.
+Options default to the environment (``PIPELINE_PRODUCTS_DB``, ``ESE_CATALOG``...); see README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from ese_assets.core.detection import PRESETS, resolve_min_sigma
+from ese_assets.settings import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Environment settings, overridden by ``--products-db`` / ``--catalog`` when given."""
+    settings = Settings.from_env()
+    overrides = {}
+    if getattr(args, "products_db", None):
+        overrides["products_db"] = str(args.products_db)
+    if getattr(args, "catalog", None):
+        overrides["catalog_path"] = str(Path(args.catalog).expanduser().resolve())
+    return dataclasses.replace(settings, **overrides)
+
+
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--products-db", help="products database: SQLite path or SQLAlchemy URL "
+                                              "(default: $PIPELINE_PRODUCTS_DB)")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from ese_assets.core.simulate import run_simulate
+
+    run_simulate(args)
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from ese_assets.ingest import ingest_directory
+
+    settings = _settings(args)
+    if not settings.catalog_path:
+        print("ese ingest: no catalog; pass --catalog or set ESE_CATALOG / MASTER_SOURCES_DB",
+              file=sys.stderr)
+        return 2
+    if not Path(args.directory).is_dir():
+        print(f"ese ingest: {args.directory} is not a directory", file=sys.stderr)
+        return 2
+    scan, runs = ingest_directory(settings, args.directory, settle_seconds=args.settle_seconds)
+    for path, reason in scan.rejected:
+        print(f"rejected {path}: {reason}")
+    failed = [r for r in runs if not r.success]
+    print(f"{len(runs)} runs, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from ese_assets.api import detect_ese_candidates
+
+    settings = _settings(args)
+    found = detect_ese_candidates(
+        settings.products_db, args.min_sigma, preset=args.preset, recompute=args.recompute,
+        source_id=args.source_id, use_composite_scoring=args.use_composite_scoring,
+        min_dip_sigma=args.min_dip_sigma, min_obs=args.min_obs,
+        flux_scale_error=settings.flux_scale_error)
+    print(json.dumps({
+        "products_db": settings.products_db,
+        "preset": args.preset,
+        "min_sigma": resolve_min_sigma(args.preset, args.min_sigma),
+        "source_id": args.source_id,
+        "recompute": args.recompute,
+        "candidates_found": len(found),
+        "candidates": found,
+    }, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ese_assets.api import Source
+
+    lc = Source(args.source_id, _settings(args).products_db).measurements
+    if lc.empty:
+        print(f"ese export: no measurements for source {args.source_id!r}", file=sys.stderr)
+        return 1
+    cols = ["source_id", "mjd", "flux_mjy", "flux_err_mjy", "peak_jyb", "peak_err_jyb",
+            "quality_flag", "image_path"]
+    lc = lc[cols]
+    text = (lc.to_csv(index=False) if args.format == "csv"
+            else json.dumps({"source_id": args.source_id, "n_obs": len(lc),
+                             "measurements": json.loads(lc.to_json(orient="records"))}, indent=2))
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {len(lc)} measurements of {args.source_id} to {args.output}")
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def cmd_candidates(args: argparse.Namespace) -> int:
+    from ese_assets.storage import repository as repo
+    from ese_assets.storage.engine import ensure_schema, make_engine
+
+    engine = make_engine(_settings(args).products_db)
+    ensure_schema(engine)
+    status = {"open": ("active", "investigated"), "all": None}.get(args.status, (args.status,))
+    df = repo.candidates(engine, status=status)
+    if args.format == "json":
+        print(df.to_json(orient="records", indent=2))
+    elif args.format == "csv":
+        sys.stdout.write(df.to_csv(index=False))
+    elif df.empty:
+        print(f"no {args.status} candidates")
+    else:
+        cols = ["source_id", "status", "significance", "flag_type", "n_obs", "mean_flux_mjy",
+                "chi2_nu", "night", "last_night"]
+        print(df[[c for c in cols if c in df.columns]].to_string(index=False))
+    return 0
+
+
+def cmd_mark(args: argparse.Namespace) -> int:
+    from ese_assets.api import Source
+
+    try:
+        Source(args.source_id, _settings(args).products_db).mark(args.status, notes=args.notes,
+                                                                 by=args.by)
+    except ValueError as exc:
+        print(f"ese mark: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.source_id}: {args.status}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ese_assets.demo import run_demo
+
+    return 0 if run_demo(args.out_dir, fresh=args.fresh) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ese_assets.core.simulate import add_simulate_arguments
+
+    parser = argparse.ArgumentParser(prog="ese", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="write a simulated survey (FITS images, catalog, truth)")
+    add_simulate_arguments(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("ingest", help="register a directory of images and run their nights "
+                                      "through the Dagster instance")
+    p.add_argument("directory")
+    p.add_argument("--catalog", help="source catalog (default: $ESE_CATALOG or $MASTER_SOURCES_DB)")
+    p.add_argument("--settle-seconds", type=float, default=0.0,
+                   help="skip files modified less than this many seconds ago (default 0)")
+    _add_db(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("detect", help="flag ESE candidates; prints JSON")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="sigma_deviation threshold preset (default conservative = 5.0)")
+    p.add_argument("--min-sigma", type=float, default=None, help="custom sigma_deviation threshold")
+    p.add_argument("--min-dip-sigma", type=float, default=None,
+                   help="dip-statistic threshold (default: the calibrated value)")
+    p.add_argument("--min-obs", type=int, default=None, help="minimum number of epochs")
+    p.add_argument("--source-id", help="examine only this source")
+    p.add_argument("--recompute", action="store_true",
+                   help="recompute variability statistics from photometry first")
+    p.add_argument("--use-composite-scoring", action="store_true",
+                   help="add the seed's composite score and confidence to each candidate")
+    _add_db(p)
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("export", help="export a source's lightcurve as CSV or JSON")
+    p.add_argument("--source-id", required=True)
+    p.add_argument("--format", choices=["csv", "json"], default="csv")
+    p.add_argument("--output", help="file to write (default: standard output)")
+    _add_db(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("candidates", help="list ESE candidates")
+    p.add_argument("--status", default="open",
+                   choices=["open", "active", "investigated", "dismissed", "all"])
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    _add_db(p)
+    p.set_defaults(func=cmd_candidates)
+
+    p = sub.add_parser("mark", help="mark a source's open candidate investigated or dismissed")
+    p.add_argument("source_id")
+    p.add_argument("status", choices=["investigated", "dismissed"])
+    p.add_argument("--notes")
+    p.add_argument("--by", default="user", help="who decided (default: user)")
+    _add_db(p)
+    p.set_defaults(func=cmd_mark)
+
+    p = sub.add_parser("demo", help="simulate a month, run it through Dagster, compare with truth")
+    p.add_argument("--out-dir", default="data/demo")
+    p.add_argument("--fresh", action="store_true", help="delete --out-dir first")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"ese {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Python API with the names users of the seed system know.
+
+>>> from ese_assets.api import detect_ese_candidates, Source
+>>> candidates = detect_ese_candidates("data/demo/products.sqlite3", preset="conservative")
+>>> Source("SIM J100012+300455", products_db="data/demo/products.sqlite3").measurements
+
+``products_db`` is a path to an SQLite file or an SQLAlchemy URL everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from sqlalchemy import Engine
+
+from ese_assets import pipeline
+from ese_assets.core.detection import DetectionSettings, composite_score, resolve_min_sigma
+from ese_assets.storage import repository as repo
+from ese_assets.storage.engine import ensure_schema, make_engine
+
+DEFAULT_FLUX_SCALE_ERROR = 0.02
+
+#: Fields of one candidate in ``detect_ese_candidates`` output (the seed's JSON fields).
+CANDIDATE_FIELDS = ("source_id", "ra_deg", "dec_deg", "significance", "nvss_flux_mjy",
+                    "mean_flux_mjy", "std_flux_mjy", "chi2_nu", "n_obs", "last_mjd", "flag_type")
+
+
+def _engine(products_db: str | Path | Engine) -> Engine:
+    if isinstance(products_db, Engine):
+        return products_db
+    engine = make_engine(str(products_db))
+    ensure_schema(engine)
+    return engine
+
+
+def update_variability_stats_for_source(products_db: str | Path | Engine, source_id: str, *,
+                                        flux_scale_error: float = DEFAULT_FLUX_SCALE_ERROR) -> bool:
+    """Recompute one source's statistics from its photometry; False if it has none."""
+    return pipeline.recompute_variability(_engine(products_db), [source_id],
+                                          flux_scale_error=flux_scale_error) > 0
+
+
+def detect_ese_candidates(
+    products_db: str | Path | Engine,
+    min_sigma: float | None = None,
+    *,
+    preset: str | None = None,
+    recompute: bool = False,
+    source_id: str | None = None,
+    use_composite_scoring: bool = False,
+    min_dip_sigma: float | None = None,
+    min_obs: int | None = None,
+    flux_scale_error: float = DEFAULT_FLUX_SCALE_ERROR,
+) -> list[dict]:
+    """Flag ESE candidates among all sources (or one) and return them, most significant first.
+
+    ``preset`` (conservative 5.0, moderate 3.5, sensitive 3.0) or ``min_sigma`` sets the seed's
+    ``sigma_deviation`` rule; the dip rule (``min_dip_sigma``) runs next to it. ``recompute`` first
+    rebuilds ``variability_stats`` from ``photometry``. With ``use_composite_scoring`` each candidate
+    also carries the seed's ``composite_score`` and ``confidence``.
+    """
+    engine = _engine(products_db)
+    defaults = DetectionSettings()
+    settings = DetectionSettings(
+        min_sigma=resolve_min_sigma(preset, min_sigma),
+        min_dip_sigma=defaults.min_dip_sigma if min_dip_sigma is None else min_dip_sigma,
+        min_obs=defaults.min_obs if min_obs is None else min_obs)
+    ids = [source_id] if source_id else None
+    if recompute:
+        pipeline.recompute_variability(engine, ids, flux_scale_error=flux_scale_error)
+    summary = pipeline.detect_candidates(engine, settings, source_ids=ids)
+    if summary.flagged.empty:
+        return []
+    stats = repo.variability_stats(engine, source_ids=summary.flagged["source_id"].tolist())
+    merged = summary.flagged.merge(stats, on="source_id", how="left",
+                                   suffixes=("", "_stats"))
+    merged = merged.sort_values("significance", ascending=False)
+    out = []
+    for row in merged.to_dict("records"):
+        item = {k: _plain(row.get(k)) for k in CANDIDATE_FIELDS}
+        item["sigma_deviation"] = _plain(row.get("sigma_deviation"))
+        item["dip_significance"] = _plain(row.get("dip_significance"))
+        if use_composite_scoring:
+            score, confidence = composite_score(row.get("sigma_deviation"), row.get("chi2_nu"),
+                                                row.get("eta_metric"))
+            item["composite_score"] = _plain(score)
+            item["confidence"] = _plain(confidence)
+        out.append(item)
+    return out
+
+
+def auto_detect_ese_for_new_measurements(products_db: str | Path | Engine, source_id: str,
+                                         min_sigma: float = 5.0) -> dict | None:
+    """Update one source's statistics and flag it if it qualifies (seed name); the candidate or None."""
+    found = detect_ese_candidates(products_db, min_sigma, recompute=True, source_id=source_id)
+    return found[0] if found else None
+
+
+def _plain(value):
+    """numpy scalars and NaN to JSON-friendly Python values."""
+    if value is None:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+@dataclass
+class Source:
+    """One source's lightcurve and statistics (seed: ``dsa110_contimg.photometry.source.Source``)."""
+
+    source_id: str
+    products_db: str | Path | Engine
+
+    @property
+    def measurements(self) -> pd.DataFrame:
+        """All measurements ordered by observation time (MJD), fluxes also in mJy."""
+        lc = repo.lightcurves(_engine(self.products_db), [self.source_id])
+        return lc.assign(flux_mjy=lc["peak_jyb"] * 1e3, flux_err_mjy=lc["peak_err_jyb"] * 1e3)
+
+    @property
+    def variability(self) -> dict | None:
+        stats = repo.variability_stats(_engine(self.products_db), source_ids=[self.source_id])
+        return {k: _plain(v) for k, v in stats.iloc[0].items()} if len(stats) else None
+
+    def mark(self, status: str, notes: str | None = None, by: str = "user") -> None:
+        """Set this source's open candidate to ``investigated`` or ``dismissed``."""
+        repo.set_candidate_status(_engine(self.products_db), self.source_id, status,
+                                  notes=notes, by=by)

@@ -1,0 +1,1 @@
+"""Dagster definitions: thin wrappers that call :mod:`ese_assets.pipeline` and report metadata."""

@@ -1,0 +1,230 @@
+"""The three night-partitioned assets: ``photometry`` -> ``variability_stats`` -> ``ese_candidates``.
+
+Each asset writes to the products database itself and returns a ``MaterializeResult`` (nothing is
+pickled by an IO manager). Checks run inside the asset that owns the data, for the same nights.
+A ranged run (a UI backfill batches up to a week per run) handles all its nights at once.
+"""
+
+# No `from __future__ import annotations`: Dagster reads the config/resource annotations.
+import contextlib
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from pydantic import Field
+from sqlalchemy import exc as sa_exc
+
+from ese_assets import pipeline
+from ese_assets.orchestration.partitions import (
+    PARTITION_START, PARTITION_TIMEZONE, nights_backfill_policy, nights_partitions,
+)
+from ese_assets.orchestration.resources import (
+    DetectionResource, IncomingDirectory, ProductsDatabase, SourceCatalogResource,
+)
+from ese_assets.storage import repository as repo
+
+GROUP = "ese"
+
+
+@contextlib.contextmanager
+def retry_if_database_locked():
+    """Turn a lock that outlasted the database's busy timeout into a Dagster retry of the step.
+
+    Other errors are not transient (a malformed catalog stays malformed) and fail the run at once.
+    """
+    try:
+        yield
+    except sa_exc.OperationalError as exc:
+        message = str(exc).lower()
+        if "locked" in message or "lock timeout" in message or "deadlock" in message:
+            raise dg.RetryRequested(max_retries=3, seconds_to_wait=15) from exc
+        raise
+
+
+class PhotometryConfig(dg.Config):
+    """Run configuration of ``photometry``; the sensor fills ``image_paths``."""
+
+    image_paths: list[str] = Field(
+        default_factory=list,
+        description="Measure only these FITS files (they are registered first if new). Empty: "
+                    "register anything new in the incoming directory, then measure every usable "
+                    "image of the night(s).",
+    )
+
+
+def _check(name: str, asset: str, description: str) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(name, asset=asset, description=description,
+                             partitions_def=nights_partitions)
+
+
+def _table(df: pd.DataFrame, columns: list[str]) -> dg.TableMetadataValue:
+    """A small table for the UI; floats rounded so it stays readable."""
+    schema = dg.TableSchema(columns=[
+        dg.TableColumn(c, "float" if pd.api.types.is_float_dtype(df[c]) else "string")
+        for c in columns])
+    records = []
+    for row in df[columns].itertuples(index=False):
+        records.append(dg.TableRecord({
+            c: (round(float(v), 3) if isinstance(v, (float, np.floating)) and np.isfinite(v)
+                else (None if isinstance(v, (float, np.floating)) else str(v)))
+            for c, v in zip(columns, row)}))
+    return dg.MetadataValue.table(records=records, schema=schema)
+
+
+def _images_to_measure(engine, nights: list[str], config: PhotometryConfig,
+                       incoming: IncomingDirectory, log) -> list[str]:
+    """Paths of the images this run measures, registering files it has not seen yet."""
+    common = dict(timezone=PARTITION_TIMEZONE, first_night=PARTITION_START)
+    if config.image_paths:
+        pipeline.inspect_files(engine, config.image_paths, **common)
+        wanted = {str(Path(p).expanduser().resolve()) for p in config.image_paths}
+    else:
+        if Path(incoming.path).is_dir():  # catch files the sensor has not registered yet
+            pipeline.scan_directory(engine, incoming.path,
+                                    settle_seconds=incoming.settle_seconds, **common)
+        wanted = None
+    paths: list[str] = []
+    for night in nights:
+        usable = repo.night_images(engine, night)["path"].tolist()
+        paths += [p for p in usable if wanted is None or p in wanted]
+    if wanted is not None:
+        for p in sorted(wanted - set(paths)):
+            log.warning(f"{p}: not measured in nights {nights[0]}..{nights[-1]} "
+                        "(rejected, or observed in another night)")
+    return sorted(paths)
+
+
+@dg.asset(
+    partitions_def=nights_partitions,
+    backfill_policy=nights_backfill_policy,
+    group_name=GROUP,
+    kinds={"python", "sql"},
+    check_specs=[
+        _check("images_measured", "photometry",
+               "Every usable image of the night has been measured (none pending or failed)."),
+        _check("errors_valid", "photometry",
+               "Every stored measurement has a finite flux and a positive, finite error."),
+    ],
+)
+def photometry(context: dg.AssetExecutionContext, config: PhotometryConfig,
+               products_db: ProductsDatabase, catalog: SourceCatalogResource,
+               incoming: IncomingDirectory) -> dg.MaterializeResult:
+    """Forced photometry of every catalog source in every image of the night.
+
+    Each image is read once and measured in one transaction that replaces its earlier rows, so
+    re-running a night (or a run killed half-way) never duplicates or half-writes measurements.
+    """
+    nights = list(context.partition_keys)
+    engine = products_db.get_engine()
+    with retry_if_database_locked():
+        paths = _images_to_measure(engine, nights, config, incoming, context.log)
+        context.log.info(f"measuring {len(paths)} images of {nights[0]}..{nights[-1]}")
+        results = pipeline.measure_images(engine, catalog.load(), paths,
+                                          min_flux_mjy=catalog.min_flux_mjy,
+                                          progress=context.log.info)
+
+    measured = [r for r in results if r.status == "measured"]
+    rms = [r.median_rms_jyb for r in measured if r.median_rms_jyb is not None]
+    rejected = pd.concat([repo.rejected_images(engine, night=n) for n in nights], ignore_index=True)
+    counts = repo.image_counts_by_status(engine, nights=nights)
+    summary = repo.night_photometry_summary(engine, nights)
+    not_done = counts.get("pending", 0) + counts.get("queued", 0) + counts.get("failed", 0)
+    metadata = {
+        "images_measured": len(measured),
+        "images_failed": sum(r.status == "failed" for r in results),
+        "images_rejected": len(rejected),
+        "sources_measured": int(sum(r.n_sources for r in measured)),
+        "median_rms_mjy": float(np.median(rms) * 1e3) if rms else None,
+        "rows_in_nights": summary["n_rows"],
+    }
+    if len(rejected):
+        metadata["rejected_files"] = _table(rejected.assign(file=rejected["path"].map(
+            lambda p: Path(p).name)), ["file", "reason"])
+    return dg.MaterializeResult(
+        metadata=metadata,
+        check_results=[
+            dg.AssetCheckResult(check_name="images_measured", passed=not_done == 0,
+                                severity=dg.AssetCheckSeverity.WARN,
+                                metadata={"status_counts": dg.MetadataValue.json(counts)}),
+            dg.AssetCheckResult(check_name="errors_valid", passed=summary["n_bad_errors"] == 0,
+                                metadata={"bad_rows": summary["n_bad_errors"]}),
+        ],
+    )
+
+
+@dg.asset(
+    deps=[photometry],
+    partitions_def=nights_partitions,
+    backfill_policy=nights_backfill_policy,
+    group_name=GROUP,
+    kinds={"python", "sql"},
+    check_specs=[_check("consistent_with_photometry", "variability_stats",
+                        "n_obs of every source equals its number of photometry rows.")],
+)
+def variability_stats(context: dg.AssetExecutionContext, products_db: ProductsDatabase,
+                      detection: DetectionResource) -> dg.MaterializeResult:
+    """Variability statistics of every source measured in the night, over its whole history."""
+    nights = list(context.partition_keys)
+    engine = products_db.get_engine()
+    with retry_if_database_locked():
+        stats = pipeline.update_variability(engine, nights,
+                                            flux_scale_error=detection.flux_scale_error)
+    mismatched = repo.stats_photometry_mismatches(engine, stats["source_id"].tolist()) \
+        if len(stats) else 0
+    metadata: dict = {"sources": len(stats)}
+    if len(stats):
+        metadata.update(
+            median_n_obs=float(stats["n_obs"].median()),
+            median_chi2_nu=float(np.nanmedian(stats["chi2_nu"])),
+            sources_chi2_nu_above_3=int((stats["chi2_nu"] > 3).sum()),
+            max_abs_dip_significance=float(np.nanmax(np.abs(stats["dip_significance"])))
+            if stats["dip_significance"].notna().any() else None,
+        )
+    return dg.MaterializeResult(
+        metadata=metadata,
+        check_results=[dg.AssetCheckResult(check_name="consistent_with_photometry",
+                                           passed=mismatched == 0,
+                                           metadata={"mismatched_sources": mismatched})],
+    )
+
+
+@dg.asset(
+    deps=[variability_stats],
+    partitions_def=nights_partitions,
+    backfill_policy=nights_backfill_policy,
+    group_name=GROUP,
+    kinds={"python", "sql"},
+    check_specs=[_check("candidates_sane", "ese_candidates",
+                        "At most one open candidate per source; every candidate has statistics "
+                        "and a finite, positive significance.")],
+)
+def ese_candidates(context: dg.AssetExecutionContext, products_db: ProductsDatabase,
+                   detection: DetectionResource) -> dg.MaterializeResult:
+    """Flag sources measured in the night whose lightcurves look like ESEs."""
+    nights = list(context.partition_keys)
+    engine = products_db.get_engine()
+    with retry_if_database_locked():
+        source_ids = repo.sources_measured_in_nights(engine, nights)
+        summary = pipeline.detect_candidates(engine, detection.settings(), source_ids=source_ids,
+                                             night=nights[-1])
+    open_now = repo.candidates(engine, status=("active", "investigated"))
+    problems = repo.candidate_problems(engine)
+    metadata: dict = {
+        "sources_examined": len(source_ids),
+        "flagged_tonight": len(summary.flagged),
+        "new_candidates": summary.inserted,
+        "updated_candidates": summary.updated,
+        "open_candidates": len(open_now),
+        "min_sigma": detection.min_sigma,
+        "min_dip_sigma": detection.min_dip_sigma,
+    }
+    if len(open_now):
+        top = open_now.sort_values("significance", ascending=False).head(10)
+        metadata["top_candidates"] = _table(top, ["source_id", "significance", "flag_type",
+                                                  "status", "n_obs", "mean_flux_mjy"])
+    return dg.MaterializeResult(
+        metadata=metadata,
+        check_results=[dg.AssetCheckResult(check_name="candidates_sane", passed=not problems,
+                                           metadata={"problems": dg.MetadataValue.json(problems)})],
+    )

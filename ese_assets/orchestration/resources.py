@@ -1,0 +1,91 @@
+"""Resources: the products database, the source catalog, the incoming directory, detection settings.
+
+Each is a ``ConfigurableResource``; :func:`resources_from_settings` binds them to environment
+variables (``EnvVar``, so the UI shows where a value comes from) or to the documented defaults.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+from sqlalchemy import Engine
+
+from ese_assets.core.catalog import Catalog, load_catalog_cached
+from ese_assets.core.detection import DetectionSettings
+from ese_assets.settings import Settings
+from ese_assets.storage.engine import ensure_schema, make_engine
+
+_schema_ready: set[str] = set()
+
+
+class ProductsDatabase(dg.ConfigurableResource):
+    """The products database (``PIPELINE_PRODUCTS_DB``): an SQLAlchemy URL or an SQLite file path."""
+
+    url: str
+
+    def get_engine(self) -> Engine:
+        engine = make_engine(self.url)
+        if self.url not in _schema_ready:  # create tables once per process
+            ensure_schema(engine)
+            _schema_ready.add(self.url)
+        return engine
+
+
+class SourceCatalogResource(dg.ConfigurableResource):
+    """The source catalog (``ESE_CATALOG`` file, or the seed's ``MASTER_SOURCES_DB`` SQLite)."""
+
+    path: str = ""
+    min_flux_mjy: float = 0.0
+
+    def load(self) -> Catalog:
+        if not self.path:
+            raise ValueError("no source catalog configured: set ESE_CATALOG (CSV, FITS table or "
+                             "VOTable) or MASTER_SOURCES_DB (SQLite with a 'sources' table)")
+        return load_catalog_cached(self.path)
+
+
+class IncomingDirectory(dg.ConfigurableResource):
+    """Where telescopes write FITS images (``ESE_INCOMING_DIR``)."""
+
+    path: str
+    settle_seconds: float = 10.0  # a file unmodified this long is complete
+
+
+class DetectionResource(dg.ConfigurableResource):
+    """Variability and detection settings (``ESE_PRESET``, ``ESE_MIN_SIGMA``, ...)."""
+
+    preset: str = "conservative"
+    min_sigma: float = 5.0
+    min_dip_sigma: float = DetectionSettings().min_dip_sigma
+    min_obs: int = DetectionSettings().min_obs
+    flux_scale_error: float = 0.02
+
+    def settings(self) -> DetectionSettings:
+        return DetectionSettings(min_sigma=self.min_sigma, min_dip_sigma=self.min_dip_sigma,
+                                 min_obs=self.min_obs)
+
+
+def _from_env(name: str, value: str) -> str | dg.EnvVar:
+    return dg.EnvVar(name) if os.environ.get(name, "").strip() else value
+
+
+def resources_from_settings(settings: Settings, *, bind_env: bool = True) -> dict:
+    """Resource instances for :class:`dagster.Definitions`.
+
+    ``bind_env`` ties string values to their environment variables when those are set (the
+    webserver/daemon case); the CLI passes ``False`` when command-line options override them.
+    """
+    env = _from_env if bind_env else (lambda _name, value: value)
+    catalog_var = "ESE_CATALOG" if os.environ.get("ESE_CATALOG", "").strip() else "MASTER_SOURCES_DB"
+    return {
+        "products_db": ProductsDatabase(url=env("PIPELINE_PRODUCTS_DB", settings.products_db)),
+        "catalog": SourceCatalogResource(path=env(catalog_var, settings.catalog_path or ""),
+                                         min_flux_mjy=settings.min_flux_mjy),
+        "incoming": IncomingDirectory(path=env("ESE_INCOMING_DIR", settings.incoming_dir),
+                                      settle_seconds=settings.settle_seconds),
+        "detection": DetectionResource(preset=settings.preset, min_sigma=settings.min_sigma,
+                                       min_dip_sigma=settings.min_dip_sigma,
+                                       min_obs=settings.min_obs,
+                                       flux_scale_error=settings.flux_scale_error),
+    }

@@ -1,0 +1,358 @@
+"""Units of work that join the science core to the products database.
+
+Dagster assets, the sensor, the CLI and the Python API all call these functions, so the same code
+path serves every interface. Nothing here imports Dagster.
+
+Units and their transactions:
+
+* :func:`scan_directory` registers new files in ``images`` (usable ones ``pending``, the rest
+  ``rejected`` with a reason). It reads only FITS headers.
+* :func:`measure_images` measures each image in one transaction (its photometry rows are replaced
+  and its ``images`` row marked ``measured``), so a run killed half-way leaves whole images only.
+* :func:`update_variability` recomputes the statistics of every source measured in some nights from
+  their whole history with one read and one upsert.
+* :func:`detect_candidates` applies the detection rules and the candidate workflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Engine
+
+from ese_assets.core.catalog import Catalog
+from ese_assets.core.detection import DetectionSettings, flag_candidates, plan_candidate_changes
+from ese_assets.core.fits_image import ImageError, ImageInfo, load_image, read_image_info
+from ese_assets.core.nights import night_of_mjd
+from ese_assets.core.photometry import forced_photometry
+from ese_assets.core.variability import variability_metrics
+from ese_assets.storage import repository as repo
+
+log = logging.getLogger(__name__)
+
+#: Files with these endings are partial copies by convention (rsync, browsers, editors): never
+#: inspected, so a transfer in progress is not rejected.
+PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", ".lock", ".filepart")
+
+#: Two registrations closer than this in time (days) and pointing (degrees) are the same observation.
+DUPLICATE_MJD_TOL_DAYS = 1.0 / 86400.0
+DUPLICATE_POINTING_TOL_DEG = 1.0 / 3600.0
+
+Progress = Callable[[str], None]
+
+
+def _silent(_: str) -> None:
+    return None
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@dataclass
+class ScanResult:
+    """Outcome of looking at a directory (or an explicit list of files)."""
+
+    registered: list[str] = field(default_factory=list)  # new usable images, status pending
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    waiting: list[str] = field(default_factory=list)  # still being written; looked at next time
+    already_known: int = 0
+
+
+def _candidate_files(directory: Path) -> list[os.DirEntry]:
+    """Regular, visible files of ``directory`` (not recursive), partial-transfer names excluded."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"incoming directory {directory} does not exist")
+    with os.scandir(directory) as entries:
+        return sorted(
+            (e for e in entries
+             if e.is_file(follow_symlinks=True) and not e.name.startswith(".")
+             and not e.name.lower().endswith(PARTIAL_SUFFIXES)),
+            key=lambda e: e.name,
+        )
+
+
+def _image_record(info: ImageInfo, *, night: str, size: int, mtime: float, now: float) -> dict:
+    return {
+        "path": info.path, "night": night, "mjd": info.mjd, "date_obs": info.date_obs,
+        "beam_maj_deg": info.beam.major_deg, "beam_min_deg": info.beam.minor_deg,
+        "beam_pa_deg": info.beam.pa_deg, "freq_hz": info.freq_hz,
+        "ra_center_deg": info.center_ra_deg, "dec_center_deg": info.center_dec_deg,
+        "radius_deg": info.radius_deg, "naxis1": info.shape[1], "naxis2": info.shape[0],
+        "status": "pending", "reason": None, "file_size": size, "file_mtime": mtime,
+        "registered_at": now,
+    }
+
+
+def _rejected_record(path: str, reason: str, *, size: int | None, mtime: float | None,
+                     now: float, night: str | None = None, mjd: float | None = None) -> dict:
+    return {"path": path, "night": night, "mjd": mjd, "status": "rejected", "reason": reason,
+            "file_size": size, "file_mtime": mtime, "registered_at": now}
+
+
+def _is_duplicate(rec: dict, others: pd.DataFrame) -> str | None:
+    """Path of an already registered image with the same observation time and pointing, if any."""
+    if others.empty:
+        return None
+    dra = (others["ra_center_deg"] - rec["ra_center_deg"] + 180.0) % 360.0 - 180.0
+    same = ((others["mjd"] - rec["mjd"]).abs() < DUPLICATE_MJD_TOL_DAYS) \
+        & ((dra * np.cos(np.radians(rec["dec_center_deg"]))).abs() < DUPLICATE_POINTING_TOL_DEG) \
+        & ((others["dec_center_deg"] - rec["dec_center_deg"]).abs() < DUPLICATE_POINTING_TOL_DEG) \
+        & (others["path"] != rec["path"])
+    hits = others.loc[same, "path"]
+    return str(hits.iloc[0]) if len(hits) else None
+
+
+def inspect_files(
+    engine: Engine,
+    paths: Iterable[str],
+    *,
+    timezone: str,
+    first_night: str,
+    settle_seconds: float = 0.0,
+    now: float | None = None,
+    progress: Progress = _silent,
+) -> ScanResult:
+    """Register the given files in ``images``: usable images as ``pending``, others ``rejected``.
+
+    Files already in ``images`` are left alone. A file modified less than ``settle_seconds`` ago is
+    still being written and is left for the next look. A file is rejected (with a reason that names
+    the file and the problem) when it is not a readable FITS image with WCS, beam and time, when its
+    night precedes ``first_night`` (the first partition), or when it duplicates an image already
+    registered (same observation time and pointing, e.g. the same file copied under another name).
+    """
+    now = time.time() if now is None else now
+    paths = [str(Path(p).expanduser().resolve()) for p in paths]
+    known = repo.known_image_paths(engine, paths)
+    result = ScanResult(already_known=len(known))
+    records: list[dict] = []
+    for path in paths:
+        if path in known:
+            continue
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            continue  # vanished between listing and inspection: nothing to register
+        if now - stat.st_mtime < settle_seconds:
+            result.waiting.append(path)
+            continue
+        records.append(_inspect_one(path, stat, timezone=timezone, first_night=first_night, now=now))
+
+    usable = [r for r in records if r["status"] == "pending"]
+    if usable:
+        mjds = [r["mjd"] for r in usable]
+        registered = repo.images_near_mjd(engine, min(mjds) - DUPLICATE_MJD_TOL_DAYS,
+                                          max(mjds) + DUPLICATE_MJD_TOL_DAYS)
+        accepted: list[dict] = []  # duplicates may also arrive together in one scan
+        for rec in usable:
+            twin = _is_duplicate(rec, registered) or _is_duplicate(rec, pd.DataFrame(accepted))
+            if twin is None:
+                accepted.append(rec)
+            else:
+                rec.update(status="rejected",
+                           reason=f"duplicate of {twin} (same observation time and pointing)")
+    repo.register_images(engine, records)
+    for rec in records:
+        if rec["status"] == "pending":
+            result.registered.append(rec["path"])
+        else:
+            result.rejected.append((rec["path"], rec["reason"]))
+            log.warning("rejected %s: %s", rec["path"], rec["reason"])
+            progress(f"rejected {rec['path']}: {rec['reason']}")
+    return result
+
+
+def _inspect_one(path: str, stat: os.stat_result, *, timezone: str, first_night: str,
+                 now: float) -> dict:
+    try:
+        info = read_image_info(path)
+    except ImageError as exc:
+        return _rejected_record(path, exc.reason, size=stat.st_size, mtime=stat.st_mtime, now=now)
+    except OSError as exc:  # permissions and the like: record, never stop the scan
+        return _rejected_record(path, f"cannot read file ({exc})", size=stat.st_size,
+                                mtime=stat.st_mtime, now=now)
+    night = night_of_mjd(info.mjd, timezone)
+    if night < first_night:
+        return _rejected_record(
+            path, f"observation night {night} precedes the first partition {first_night} "
+                  f"(set ESE_PARTITION_START)", size=stat.st_size, mtime=stat.st_mtime,
+            now=now, night=night, mjd=info.mjd)
+    return _image_record(info, night=night, size=stat.st_size, mtime=stat.st_mtime, now=now)
+
+
+def scan_directory(engine: Engine, directory: str | Path, **kwargs) -> ScanResult:
+    """:func:`inspect_files` over the files of ``directory`` (see there for the rules)."""
+    entries = _candidate_files(Path(directory).expanduser().resolve())
+    return inspect_files(engine, [e.path for e in entries], **kwargs)
+
+
+# --------------------------------------------------------------------------- photometry
+
+
+@dataclass
+class ImageResult:
+    path: str
+    status: str  # measured | rejected | failed
+    n_sources: int = 0
+    median_rms_jyb: float | None = None
+    reason: str | None = None
+    n_flagged: int = 0
+
+
+def measure_image(engine: Engine, catalog: Catalog, path: str, *, min_flux_mjy: float = 0.0,
+                  now: float | None = None) -> ImageResult:
+    """Forced photometry of every catalog source in one image, stored in one transaction.
+
+    The file is read once. Unusable data (e.g. an all-NaN image, a file that became corrupt after
+    registration) marks the image ``rejected``; unexpected errors mark it ``failed`` so the nightly
+    run retries it. Either way the error is recorded and the caller moves on to the next image.
+    """
+    now = time.time() if now is None else now
+    try:
+        image = load_image(path)
+    except ImageError as exc:
+        repo.set_image_status(engine, [path], "rejected", reason=exc.reason)
+        return ImageResult(path, "rejected", reason=exc.reason)
+    except OSError as exc:
+        reason = f"cannot read file ({exc})"
+        repo.mark_image_failed(engine, path, reason)
+        return ImageResult(path, "failed", reason=reason)
+
+    info = image.info
+    idx = catalog.select_in_footprint(info.wcs, info.shape, min_flux_mjy=min_flux_mjy)
+    phot = forced_photometry(image.data, info.wcs, info.beam,
+                             catalog.ra_deg[idx], catalog.dec_deg[idx])
+    good = np.isfinite(phot.peak_jyb) & np.isfinite(phot.peak_err_jyb) & (phot.peak_err_jyb > 0)
+    rows = pd.DataFrame({
+        "image_path": path,
+        "ra_deg": catalog.ra_deg[idx][good],
+        "dec_deg": catalog.dec_deg[idx][good],
+        "nvss_flux_mjy": catalog.flux_mjy[idx][good],
+        "peak_jyb": phot.peak_jyb[good],
+        "peak_err_jyb": phot.peak_err_jyb[good],
+        "measured_at": now,
+        "source_id": catalog.source_id[idx][good],
+        "mjd": info.mjd,
+        "local_rms_jyb": phot.local_rms_jyb[good],
+        "background_jyb": phot.background_jyb[good],
+        "quality_flag": phot.quality_flag[good].astype(int),
+    })
+    rms = phot.local_rms_jyb[good]
+    median_rms = float(np.median(rms)) if rms.size else None
+    repo.replace_image_photometry(engine, path, rows, {
+        "mjd": info.mjd, "median_rms_jyb": median_rms, "n_sources": int(good.sum()),
+    })
+    return ImageResult(path, "measured", n_sources=int(good.sum()), median_rms_jyb=median_rms,
+                       n_flagged=int((phot.quality_flag[good] != 0).sum()))
+
+
+def measure_images(engine: Engine, catalog: Catalog, paths: Sequence[str], *,
+                   min_flux_mjy: float = 0.0, progress: Progress = _silent) -> list[ImageResult]:
+    """:func:`measure_image` for each path; one bad image never stops the others."""
+    results = []
+    for i, path in enumerate(paths, start=1):
+        try:
+            res = measure_image(engine, catalog, path, min_flux_mjy=min_flux_mjy)
+        except Exception as exc:  # noqa: BLE001 - recorded, and the night goes on
+            log.exception("measuring %s failed", path)
+            reason = f"{type(exc).__name__}: {exc}"
+            repo.mark_image_failed(engine, path, reason)
+            res = ImageResult(path, "failed", reason=reason)
+        results.append(res)
+        detail = (f"{res.n_sources} sources" if res.status == "measured" else res.reason)
+        progress(f"[{i}/{len(paths)}] {Path(path).name}: {res.status} ({detail})")
+    return results
+
+
+# --------------------------------------------------------------------------- variability
+
+
+def stats_from_lightcurves(lightcurves: pd.DataFrame, *, flux_scale_error: float,
+                           now: float | None = None) -> pd.DataFrame:
+    """``variability_stats`` rows from photometry rows (Jy/beam converted to mJy)."""
+    now = time.time() if now is None else now
+    if lightcurves.empty:
+        return pd.DataFrame()
+    lc = pd.DataFrame({
+        "source_id": lightcurves["source_id"].to_numpy(),
+        "mjd": lightcurves["mjd"].to_numpy(float),
+        "flux_mjy": lightcurves["peak_jyb"].to_numpy(float) * 1e3,
+        "flux_err_mjy": lightcurves["peak_err_jyb"].to_numpy(float) * 1e3,
+    })
+    stats = variability_metrics(lc, flux_scale_error=flux_scale_error)
+    # Catalog position and flux are the same in every row of a source; take the latest row.
+    latest = (lightcurves.sort_values(["source_id", "mjd"])
+              .groupby("source_id", sort=True)
+              .agg(ra_deg=("ra_deg", "last"), dec_deg=("dec_deg", "last"),
+                   nvss_flux_mjy=("nvss_flux_mjy", "last"),
+                   last_measured_at=("measured_at", "max")))
+    stats = stats.merge(latest, left_on="source_id", right_index=True, how="left")
+    stats["updated_at"] = now
+    return stats
+
+
+def update_variability(engine: Engine, nights: Sequence[str], *,
+                       flux_scale_error: float) -> pd.DataFrame:
+    """Recompute and store the statistics of every source measured in ``nights``.
+
+    One query reads the whole history of those sources, the metrics are computed vectorized, and one
+    upsert stores them, so the cost is set by the number of sources and epochs, not by round trips.
+    """
+    lc = repo.lightcurves_for_nights(engine, list(nights))
+    stats = stats_from_lightcurves(lc, flux_scale_error=flux_scale_error)
+    if not stats.empty:
+        repo.upsert_variability_stats(engine, stats)
+    return stats
+
+
+def recompute_variability(engine: Engine, source_ids: Sequence[str] | None = None, *,
+                          flux_scale_error: float, chunk: int = 2000,
+                          progress: Progress = _silent) -> int:
+    """Recompute statistics for ``source_ids`` (all measured sources when None), in chunks."""
+    ids = list(source_ids) if source_ids is not None else repo.measured_source_ids(engine)
+    done = 0
+    for start in range(0, len(ids), chunk):
+        part = ids[start:start + chunk]
+        stats = stats_from_lightcurves(repo.lightcurves(engine, part),
+                                       flux_scale_error=flux_scale_error)
+        if not stats.empty:
+            repo.upsert_variability_stats(engine, stats)
+        done += len(stats)
+        progress(f"variability statistics: {done}/{len(ids)} sources")
+    return done
+
+
+# --------------------------------------------------------------------------- detection
+
+
+@dataclass
+class DetectionSummary:
+    flagged: pd.DataFrame  # one row per flagged source (core.detection.flag_candidates)
+    inserted: int
+    updated: int
+
+
+def detect_candidates(engine: Engine, settings: DetectionSettings, *,
+                      source_ids: Sequence[str] | None = None, night: str | None = None,
+                      now: float | None = None) -> DetectionSummary:
+    """Flag sources whose statistics pass the detection rules and update ``ese_candidates``.
+
+    ``source_ids=None`` examines every source with statistics. Re-running is idempotent: open
+    candidates are updated in place, dismissed ones stay dismissed unless their significance grew.
+    """
+    now = time.time() if now is None else now
+    stats = repo.variability_stats(engine, source_ids=source_ids)
+    flagged = flag_candidates(stats, settings) if not stats.empty else pd.DataFrame(
+        columns=["source_id", "significance", "flag_type", "sigma_deviation", "dip_significance"])
+    if flagged.empty:
+        return DetectionSummary(flagged, 0, 0)
+    existing = repo.existing_candidates(engine, flagged["source_id"].tolist())
+    inserts, updates = plan_candidate_changes(flagged, existing, night=night, now=now)
+    repo.apply_candidate_changes(engine, inserts, updates)
+    return DetectionSummary(flagged, len(inserts), len(updates))

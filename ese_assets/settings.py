@@ -1,0 +1,85 @@
+"""Configuration from environment variables, with defaults that work out of the box.
+
+Every variable is documented in the README ("Configuration"). Paths are made absolute when read, so
+runs launched by the Dagster daemon in another process see the same files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ese_assets.core.detection import PRESETS, DetectionSettings, resolve_min_sigma
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value if value else default
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
+
+
+def _abspath(value: str) -> str:
+    """Absolute path for a filesystem path; URLs (``scheme://``) are returned unchanged."""
+    return value if "://" in value else str(Path(value).expanduser().resolve())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the pipeline needs to know about its environment."""
+
+    data_dir: str
+    products_db: str  # SQLAlchemy URL or path of an SQLite file
+    catalog_path: str | None  # source catalog file (CSV/FITS/VOTable) or MASTER_SOURCES_DB SQLite
+    incoming_dir: str
+    partition_start: str  # first night, YYYY-MM-DD
+    timezone: str  # IANA name; a night is a calendar date in this zone
+    settle_seconds: float  # a file is complete when unmodified for this long
+    min_flux_mjy: float  # catalog flux limit for forced photometry
+    flux_scale_error: float  # fractional calibration floor used by the variability metrics
+    preset: str
+    min_sigma: float
+    min_dip_sigma: float
+    min_obs: int
+    nightly_hour: int  # local hour at which the nightly reconciliation runs
+    sensor_interval_seconds: int  # how often the daemon evaluates the incoming-directory sensor
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        data_dir = _abspath(_env("ESE_DATA_DIR", "data"))
+        preset = _env("ESE_PRESET", "conservative")
+        if preset not in PRESETS:
+            raise ValueError(f"ESE_PRESET={preset!r} is not one of {sorted(PRESETS)}")
+        min_sigma_env = _env("ESE_MIN_SIGMA")
+        defaults = DetectionSettings()
+        catalog = _env("ESE_CATALOG") or _env("MASTER_SOURCES_DB")
+        return cls(
+            data_dir=data_dir,
+            products_db=_abspath(_env("PIPELINE_PRODUCTS_DB", str(Path(data_dir) / "products.sqlite3"))),
+            catalog_path=_abspath(catalog) if catalog else None,
+            incoming_dir=_abspath(_env("ESE_INCOMING_DIR", str(Path(data_dir) / "incoming"))),
+            partition_start=_env("ESE_PARTITION_START", "2020-01-01"),
+            timezone=_env("ESE_TIMEZONE", "UTC"),
+            settle_seconds=_env_float("ESE_SETTLE_SECONDS", 10.0),
+            min_flux_mjy=_env_float("ESE_MIN_FLUX_MJY", 0.0),
+            flux_scale_error=_env_float("ESE_FLUX_SCALE_ERROR", 0.02),
+            preset=preset,
+            min_sigma=resolve_min_sigma(preset, float(min_sigma_env) if min_sigma_env else None),
+            min_dip_sigma=_env_float("ESE_MIN_DIP_SIGMA", defaults.min_dip_sigma),
+            min_obs=int(_env_float("ESE_MIN_OBS", defaults.min_obs)),
+            nightly_hour=int(_env_float("ESE_NIGHTLY_HOUR", 12)),
+            sensor_interval_seconds=int(_env_float("ESE_SENSOR_INTERVAL_SECONDS", 30)),
+        )
+
+    def detection(self) -> DetectionSettings:
+        return DetectionSettings(min_sigma=self.min_sigma, min_dip_sigma=self.min_dip_sigma,
+                                 min_obs=self.min_obs)

@@ -1,0 +1,205 @@
+"""Database engines for the products database: SQLite (default, a file) or PostgreSQL (scale).
+
+``make_engine`` accepts either an SQLAlchemy URL (anything containing ``://``) or a filesystem path,
+which means an SQLite file. Engines are cached per (URL, process id): every asset, sensor tick and
+API call in one process reuses one connection pool, and a forked worker builds its own pool instead
+of sharing sockets or file handles with its parent (SQLAlchemy: "Using Connection Pools with
+Multiprocessing or os.fork()").
+
+SQLite settings, applied on every new DBAPI connection:
+
+* ``journal_mode=WAL``: readers never block the writer and the writer never blocks readers, so the
+  Dagster UI, the API and a running pipeline can share one file (https://sqlite.org/wal.html).
+* ``busy_timeout``: a writer that finds the database locked waits (30 s by default, environment
+  variable ``ESE_DB_BUSY_TIMEOUT_S``) instead of failing at once with "database is locked".
+* ``foreign_keys=ON``: SQLite does not enforce foreign keys unless asked, per connection.
+* ``synchronous=NORMAL``: durable across application crashes in WAL mode; only a power loss can
+  roll back the last transactions, never corrupt the file (https://sqlite.org/pragma.html#pragma_synchronous).
+
+SQLAlchemy takes over BEGIN from the ``sqlite3`` driver (the documented recipe in SQLAlchemy's
+"Transactions with SQLite and the sqlite3 driver"): the driver's legacy mode does not BEGIN before
+SELECT, so a read-then-write unit would not be one transaction. Write units started with
+:func:`begin_write` emit ``BEGIN IMMEDIATE``, which takes the write lock up front: a deferred
+transaction that reads first and then writes cannot wait for the lock (SQLite returns SQLITE_BUSY
+at once to avoid a deadlock, whatever the busy timeout), an immediate one simply waits its turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from collections.abc import Iterator
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+
+from ese_assets.storage.schema import metadata
+
+#: Environment variable: SQLite busy timeout in seconds (float).
+BUSY_TIMEOUT_ENV = "ESE_DB_BUSY_TIMEOUT_S"
+DEFAULT_BUSY_TIMEOUT_S = 30.0
+
+# Execution option that marks a connection as a write unit of work (BEGIN IMMEDIATE on SQLite).
+_WRITE_OPTION = "ese_write"
+# Arbitrary constant key of the PostgreSQL advisory lock that serialises concurrent ensure_schema.
+_SCHEMA_LOCK_KEY = 0x45534553  # "ESES"
+
+_engines: dict[tuple[str, int], Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def _busy_timeout_ms() -> int:
+    raw = os.environ.get(BUSY_TIMEOUT_ENV, "").strip()
+    seconds = DEFAULT_BUSY_TIMEOUT_S
+    if raw:
+        try:
+            seconds = float(raw)
+        except ValueError as exc:
+            raise ValueError(f"{BUSY_TIMEOUT_ENV}={raw!r} is not a number of seconds") from exc
+        if seconds < 0:
+            raise ValueError(f"{BUSY_TIMEOUT_ENV}={raw!r} must be >= 0")
+    return int(round(seconds * 1000.0))
+
+
+def normalize_url(url_or_path: str | os.PathLike[str]) -> str:
+    """Return the SQLAlchemy URL string for ``url_or_path``.
+
+    A value containing ``://`` is already a URL; anything else is a filesystem path to an SQLite file,
+    made absolute after ``~`` expansion (so the URL does not depend on the working directory).
+    """
+    text = os.fspath(url_or_path).strip()
+    if not text:
+        raise ValueError("empty database URL or path")
+    if "://" in text:
+        return text
+    path = os.path.abspath(os.path.expanduser(text))
+    return f"sqlite:///{path}"
+
+
+def _sqlite_file(url: URL) -> str | None:
+    """Filesystem path of a file-backed SQLite URL, None for in-memory databases."""
+    database = url.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    return database
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, connection_record) -> None:  # noqa: ANN001
+        # SQLAlchemy emits BEGIN itself (see module docstring); the driver must not.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            # busy_timeout first: switching to WAL needs a lock another process may hold.
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        if conn.get_execution_options().get(_WRITE_OPTION):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+
+def make_engine(url_or_path: str | os.PathLike[str]) -> Engine:
+    """Return the (cached) engine for a database URL or an SQLite file path.
+
+    * ``"postgresql://user@host/db"`` (SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3) or
+      ``"postgresql+psycopg://..."``: PostgreSQL with ``pool_pre_ping`` so connections dropped by a
+      server restart or a firewall are replaced transparently.
+    * ``"/data/products.sqlite3"``, ``"~/ese.db"`` or ``"sqlite:///..."``: SQLite file; parent
+      directories are created; WAL, busy timeout, foreign keys and synchronous=NORMAL are set on every
+      connection (see module docstring).
+
+    Engines are cached per (URL, process id); call :func:`dispose_engines` to drop the cache.
+    """
+    url_text = normalize_url(url_or_path)
+    key = (url_text, os.getpid())
+    with _engines_lock:
+        cached = _engines.get(key)
+        if cached is not None:
+            return cached
+        url = make_url(url_text)
+        backend = url.get_backend_name()
+        if backend == "sqlite":
+            path = _sqlite_file(url)
+            if path is not None:
+                os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+            engine = sa.create_engine(url)
+            _configure_sqlite(engine, _busy_timeout_ms())
+        elif backend == "postgresql":
+            engine = sa.create_engine(url, pool_pre_ping=True)
+        else:
+            engine = sa.create_engine(url, pool_pre_ping=True)
+        _engines[key] = engine
+        return engine
+
+
+def dispose_engines() -> None:
+    """Dispose and forget every engine this process created (tests, or before exit)."""
+    with _engines_lock:
+        pid = os.getpid()
+        for (_, engine_pid), engine in list(_engines.items()):
+            if engine_pid == pid:
+                engine.dispose()
+            else:
+                # Inherited through fork: never close the parent's connections from the child.
+                engine.dispose(close=False)
+        _engines.clear()
+
+
+def dispose_engine(url_or_path: str | os.PathLike[str]) -> None:
+    """Dispose and forget the cached engine of one URL or path in this process, if any."""
+    key = (normalize_url(url_or_path), os.getpid())
+    with _engines_lock:
+        engine = _engines.pop(key, None)
+    if engine is not None:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def begin_write(engine: Engine) -> Iterator[Connection]:
+    """One write transaction (unit of work): commit on success, roll back on any exception.
+
+    On SQLite the transaction starts with ``BEGIN IMMEDIATE`` (waits up to the busy timeout for the
+    write lock, then holds it); on PostgreSQL it is an ordinary READ COMMITTED transaction.
+    """
+    with engine.execution_options(**{_WRITE_OPTION: True}).begin() as conn:
+        yield conn
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create missing tables and indexes (``metadata.create_all``); idempotent.
+
+    Concurrent callers are serialised (SQLite write lock; a PostgreSQL transaction-scoped advisory
+    lock) so two processes starting at once do not both try to create the same table.
+    """
+    with begin_write(engine) as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+        metadata.create_all(conn, checkfirst=True)
+
+
+_PASSWORD_RE = re.compile(r"(://[^:/@]*:)[^@]*@")
+
+
+def describe_url(url: str | URL | os.PathLike[str]) -> str:
+    """URL or path for logs, with any password replaced by ``***``."""
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
+    text = os.fspath(url)
+    if "://" not in text:
+        return text
+    try:
+        return make_url(text).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 -- unparsable URL: still never print a password
+        return _PASSWORD_RE.sub(r"\1***@", text)

@@ -1,0 +1,483 @@
+"""Storage layer tests, run on SQLite and PostgreSQL through the parametrized ``engine`` fixture."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pandas as pd
+import pandas.testing as pdt
+import pytest
+import sqlalchemy as sa
+
+from ese_assets.storage import repository as repo
+from ese_assets.storage.engine import (
+    describe_url,
+    dispose_engine,
+    ensure_schema,
+    make_engine,
+    normalize_url,
+)
+from ese_assets.storage.schema import ese_candidates, photometry
+
+NIGHTS = ("2026-01-01", "2026-01-02", "2026-01-03")
+
+
+def _image(path: str, night: str = NIGHTS[0], mjd: float = 61041.1, **extra) -> dict:
+    return {"path": path, "night": night, "mjd": mjd, "beam_maj_deg": 0.01,
+            "beam_min_deg": 0.008, "beam_pa_deg": 30.0, "freq_hz": 1.4e9, **extra}
+
+
+def _rows(source_ids, mjd: float, seed: int = 0) -> pd.DataFrame:
+    """Photometry rows as the photometry asset would produce them (numpy dtypes, no image_path)."""
+    rng = np.random.default_rng(seed)
+    n = len(source_ids)
+    return pd.DataFrame({
+        "source_id": list(source_ids),
+        "ra_deg": rng.uniform(0.0, 360.0, n),
+        "dec_deg": rng.uniform(-30.0, 80.0, n),
+        "nvss_flux_mjy": rng.uniform(10.0, 500.0, n),
+        "peak_jyb": rng.normal(0.1, 0.01, n),
+        "peak_err_jyb": np.full(n, 1e-3),
+        "mjd": np.full(n, mjd),
+        "local_rms_jyb": np.full(n, 1e-3),
+        "background_jyb": np.zeros(n),
+        "quality_flag": np.zeros(n, dtype=np.int64),
+    })
+
+
+def _measure(engine, path: str, source_ids, night: str, mjd: float, seed: int = 0) -> pd.DataFrame:
+    repo.register_images(engine, [_image(path, night=night, mjd=mjd)])
+    rows = _rows(source_ids, mjd, seed)
+    repo.replace_image_photometry(engine, path, rows, {"n_sources": len(rows),
+                                                       "median_rms_jyb": np.float64(1e-3)})
+    return rows
+
+
+def _stats(source_ids, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    n = len(source_ids)
+    return pd.DataFrame({
+        "source_id": list(source_ids),
+        "ra_deg": rng.uniform(0.0, 360.0, n),
+        "dec_deg": rng.uniform(-30.0, 80.0, n),
+        "nvss_flux_mjy": rng.uniform(10.0, 500.0, n),
+        "n_obs": np.arange(n, dtype=np.int64) + 3,
+        "mean_flux_mjy": rng.uniform(10.0, 500.0, n),
+        "std_flux_mjy": rng.uniform(0.1, 5.0, n),
+        "chi2_nu": rng.uniform(0.5, 3.0, n),
+        "eta_metric": rng.uniform(0.5, 3.0, n),
+        "last_mjd": np.full(n, 61045.0),
+        "dip_n_epochs": np.full(n, 2, dtype=np.int64),
+        "dip_significance": np.where(np.arange(n) % 2 == 0, np.nan, -4.0),  # NaN -> NULL
+        "not_a_column": np.ones(n),  # ignored by the upsert
+    })
+
+
+# --------------------------------------------------------------------------------------------------
+# engine.py
+# --------------------------------------------------------------------------------------------------
+
+def test_make_engine_sqlite_path_creates_dirs_and_sets_pragmas(tmp_path, monkeypatch):
+    monkeypatch.setenv("ESE_DB_BUSY_TIMEOUT_S", "2.5")
+    path = tmp_path / "a" / "b" / "products.sqlite3"
+    engine = make_engine(str(path))
+    try:
+        assert engine is make_engine(str(path))  # cached per (url, pid): one pool per process
+        assert normalize_url(str(path)) == f"sqlite:///{path}"
+        ensure_schema(engine)
+        ensure_schema(engine)  # idempotent
+        assert path.exists()
+        with engine.connect() as conn:
+            pragma = {name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                      for name in ("journal_mode", "busy_timeout", "foreign_keys", "synchronous")}
+        assert pragma == {"journal_mode": "wal", "busy_timeout": 2500, "foreign_keys": 1,
+                          "synchronous": 1}  # 1 = NORMAL
+        assert set(sa.inspect(engine).get_table_names()) == {
+            "images", "photometry", "variability_stats", "ese_candidates"}
+    finally:
+        dispose_engine(str(path))
+
+
+def test_make_engine_postgres_url_uses_psycopg_and_pre_ping():
+    engine = make_engine("postgresql://ese:secret@db.example.org:5432/products")
+    try:
+        assert engine.dialect.driver == "psycopg"
+        assert engine.pool._pre_ping
+    finally:
+        dispose_engine("postgresql://ese:secret@db.example.org:5432/products")
+
+
+def test_describe_url_masks_password():
+    text = describe_url("postgresql+psycopg://ese:s3cr%40t@db.example.org/products")
+    assert "s3cr" not in text and "***" in text and "db.example.org/products" in text
+    assert describe_url("/data/products.sqlite3") == "/data/products.sqlite3"
+
+
+def test_db_url_gives_an_empty_private_database(db_url):
+    engine = make_engine(db_url)
+    assert sa.inspect(engine).get_table_names() == []
+    ensure_schema(engine)
+    assert repo.register_images(engine, [_image("/in/a.fits")]) == 1
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:  # a per-test schema, never the shared "public" one
+            assert conn.execute(sa.text("SELECT current_schema()")).scalar().startswith("t_")
+
+
+def test_foreign_keys_enforced(engine):
+    with pytest.raises(sa.exc.IntegrityError):
+        repo.apply_candidate_changes(engine, [{"source_id": "J000000+000000", "significance": 5.0,
+                                               "flag_type": "dip"}], [])
+
+
+# --------------------------------------------------------------------------------------------------
+# images
+# --------------------------------------------------------------------------------------------------
+
+def test_register_images_ignores_known_paths(engine):
+    assert repo.register_images(engine, [_image("/in/a.fits"), _image("/in/b.fits")]) == 2
+    # Re-registering a known path (with other values) inserts nothing and leaves the row untouched.
+    changed = _image("/in/a.fits", mjd=99999.0, status="rejected", reason="x")
+    assert repo.register_images(engine, [changed, _image("/in/c.fits"), _image("/in/c.fits")]) == 1
+    assert repo.known_image_paths(engine, ["/in/a.fits", "/in/c.fits", "/in/zz.fits"]) == {
+        "/in/a.fits", "/in/c.fits"}
+    night = repo.night_images(engine, NIGHTS[0])
+    row_a = night.set_index("path").loc["/in/a.fits"]
+    assert row_a["mjd"] == 61041.1 and row_a["status"] == "pending"
+    assert list(repo.pending_images(engine).columns) == ["path", "night"]
+    assert list(repo.pending_images(engine)["path"]) == ["/in/a.fits", "/in/b.fits", "/in/c.fits"]
+
+    assert repo.set_image_status(engine, ["/in/a.fits", "/in/b.fits"], "queued") == 2
+    assert list(repo.pending_images(engine)["path"]) == ["/in/c.fits"]
+    repo.mark_image_failed(engine, "/in/c.fits", "boom")
+    counts = repo.image_counts_by_status(engine)
+    assert counts == {"pending": 0, "queued": 2, "measured": 0, "failed": 1, "rejected": 0}
+    assert repo.image_counts_by_status(engine, night="1999-01-01")["queued"] == 0
+    assert repo.night_images(engine, NIGHTS[0], statuses=("failed",))["reason"].tolist() == ["boom"]
+    with pytest.raises(ValueError, match="invalid image status"):
+        repo.set_image_status(engine, ["/in/a.fits"], "done")
+    with pytest.raises(ValueError, match="unknown images column"):
+        repo.register_images(engine, [{"path": "/in/d.fits", "bmaj": 1.0}])
+
+
+def test_rejected_images_filters(engine):
+    repo.register_images(engine, [
+        _image("/in/bad1.fits", status="rejected", reason="not a FITS file", registered_at=100.0),
+        _image("/in/bad2.fits", night=NIGHTS[1], status="rejected", reason="missing beam keyword BMAJ",
+               registered_at=200.0),
+        _image("/in/good.fits", registered_at=150.0),
+    ])
+    everything = repo.rejected_images(engine)
+    assert list(everything.columns) == ["path", "night", "reason", "registered_at"]
+    assert everything["path"].tolist() == ["/in/bad2.fits", "/in/bad1.fits"]
+    assert repo.rejected_images(engine, night=NIGHTS[0])["reason"].tolist() == ["not a FITS file"]
+    assert repo.rejected_images(engine, since=150.0)["path"].tolist() == ["/in/bad2.fits"]
+
+
+def test_known_paths_and_lightcurves_chunk_long_in_lists(engine):
+    paths = [f"/in/img_{i:05d}.fits" for i in range(1203)]
+    assert repo.register_images(engine, [_image(p) for p in paths]) == 1203
+    assert repo.known_image_paths(engine, paths + ["/in/none.fits"]) == set(paths)
+    sources = [f"S{i:05d}" for i in range(1203)]
+    _measure(engine, "/in/img_00000.fits", sources, NIGHTS[0], 61041.1)
+    wanted = sources[::-1] + ["missing"]
+    curves = repo.lightcurves(engine, wanted)
+    assert curves["source_id"].tolist() == sources  # ordered by source_id across chunks
+    assert len(repo.variability_stats(engine, wanted)) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# photometry
+# --------------------------------------------------------------------------------------------------
+
+def test_replace_image_photometry_twice_gives_same_rows(engine):
+    sources = [f"J0{i:05d}+450000" for i in range(50)]
+    _measure(engine, "/in/a.fits", sources, NIGHTS[0], 61041.1, seed=1)
+    first = repo.table_snapshot(engine, "photometry")
+    first_images = repo.table_snapshot(engine, "images")
+    _measure(engine, "/in/a.fits", sources, NIGHTS[0], 61041.1, seed=1)
+    pdt.assert_frame_equal(repo.table_snapshot(engine, "photometry"), first)
+    pdt.assert_frame_equal(repo.table_snapshot(engine, "images"), first_images)
+    assert repo.photometry_counts(engine) == 50
+    image = repo.night_images(engine, NIGHTS[0]).iloc[0]
+    assert image["status"] == "measured" and image["n_sources"] == 50
+    assert image["measured_at"] > 0 and image["median_rms_jyb"] == 1e-3
+
+    # Re-measuring with fewer sources replaces (does not append to) the image's rows.
+    repo.replace_image_photometry(engine, "/in/a.fits", _rows(sources[:10], 61041.1), {})
+    assert repo.photometry_counts(engine) == 10
+    curves = repo.lightcurves(engine)
+    assert list(curves.columns) == list(repo.LIGHTCURVE_COLUMNS)
+    assert curves["source_id"].tolist() == sorted(sources[:10])
+    assert curves["quality_flag"].dtype == np.int64 and curves["mjd"].dtype == np.float64
+
+
+def test_replace_image_photometry_requires_registered_image(engine):
+    with pytest.raises(ValueError, match="not registered"):
+        repo.replace_image_photometry(engine, "/in/unknown.fits", _rows(["S1"], 61041.1), {})
+    assert repo.photometry_counts(engine) == 0
+
+
+def test_unique_image_source_enforced_by_database(engine):
+    _measure(engine, "/in/a.fits", ["S1", "S2"], NIGHTS[0], 61041.1)
+    duplicate = {"image_path": "/in/a.fits", "source_id": "S1", "ra_deg": 1.0, "dec_deg": 2.0,
+                 "peak_jyb": 0.1, "measured_at": 1.0, "mjd": 61041.1}
+    with pytest.raises(sa.exc.IntegrityError):
+        with engine.begin() as conn:
+            conn.execute(photometry.insert(), [duplicate])
+    # The same source twice in one image's rows is rejected as a whole.
+    with pytest.raises(sa.exc.IntegrityError):
+        repo.replace_image_photometry(engine, "/in/a.fits", _rows(["S3", "S3"], 61041.1), {})
+    assert sorted(repo.lightcurves(engine)["source_id"]) == ["S1", "S2"]
+
+
+def test_replace_image_photometry_is_atomic(engine):
+    sources = [f"S{i:03d}" for i in range(20)]
+    _measure(engine, "/in/a.fits", sources, NIGHTS[0], 61041.1, seed=1)
+    repo.set_image_status(engine, ["/in/a.fits"], "queued")
+    before = repo.table_snapshot(engine, "photometry", exclude=())
+    image_before = repo.table_snapshot(engine, "images", exclude=())
+
+    bad = _rows(sources, 61041.1, seed=2)
+    bad.loc[12, "peak_jyb"] = np.nan  # NOT NULL violated half-way through the bulk insert
+    with pytest.raises(sa.exc.IntegrityError):
+        repo.replace_image_photometry(engine, "/in/a.fits", bad, {"n_sources": 999})
+
+    pdt.assert_frame_equal(repo.table_snapshot(engine, "photometry", exclude=()), before)
+    image_after = repo.table_snapshot(engine, "images", exclude=())
+    pdt.assert_frame_equal(image_after, image_before)
+    assert image_after.loc[0, "status"] == "queued" and image_after.loc[0, "n_sources"] == 20
+
+
+def test_lightcurves_for_nights_returns_full_history(engine):
+    # A: nights 1 and 2; B: nights 2 and 3; C: night 3 only.
+    _measure(engine, "/in/n1.fits", ["A"], NIGHTS[0], 61041.2)
+    _measure(engine, "/in/n2.fits", ["B", "A"], NIGHTS[1], 61042.2)
+    _measure(engine, "/in/n3.fits", ["C", "B"], NIGHTS[2], 61043.2)
+    _measure(engine, "/in/n3b.fits", ["B"], NIGHTS[2], 61043.1)
+
+    assert repo.sources_measured_in_nights(engine, [NIGHTS[0]]) == ["A"]
+    assert repo.sources_measured_in_nights(engine, [NIGHTS[2], NIGHTS[0]]) == ["A", "B", "C"]
+    assert repo.sources_measured_in_nights(engine, ["2030-01-01"]) == []
+
+    night1 = repo.lightcurves_for_nights(engine, [NIGHTS[0]])
+    assert list(night1.columns) == list(repo.LIGHTCURVE_COLUMNS)
+    assert night1[["source_id", "mjd"]].values.tolist() == [["A", 61041.2], ["A", 61042.2]]
+
+    night3 = repo.lightcurves_for_nights(engine, [NIGHTS[2]])
+    assert night3[["source_id", "image_path"]].values.tolist() == [
+        ["B", "/in/n2.fits"], ["B", "/in/n3b.fits"], ["B", "/in/n3.fits"], ["C", "/in/n3.fits"]]
+    pdt.assert_frame_equal(night3, repo.lightcurves(engine, ["B", "C"]))
+    assert len(repo.lightcurves_for_nights(engine, [])) == 0
+
+    assert repo.photometry_counts(engine) == 6
+    assert [repo.photometry_counts(engine, night=n) for n in NIGHTS] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------------------------------
+# variability_stats
+# --------------------------------------------------------------------------------------------------
+
+def test_upsert_variability_stats_twice_is_identical(engine):
+    sources = [f"S{i:03d}" for i in range(30)]
+    stats = _stats(sources)
+    assert repo.upsert_variability_stats(engine, stats.sample(frac=1.0, random_state=3)) == 30
+    first = repo.table_snapshot(engine, "variability_stats")
+    assert repo.upsert_variability_stats(engine, stats) == 30
+    pdt.assert_frame_equal(repo.table_snapshot(engine, "variability_stats"), first)
+
+    read = repo.variability_stats(engine)
+    assert read["source_id"].tolist() == sources
+    assert read["dip_significance"].isna().sum() == 15  # NaN stored as NULL, read back as NaN
+    assert "not_a_column" not in read.columns
+    assert read["n_obs"].dtype == np.int64
+
+    # A second upsert updates the given columns of existing rows and inserts new sources.
+    changed = stats.iloc[:2].assign(mean_flux_mjy=[1.0, 2.0])
+    new = _stats(["S999"], seed=5)
+    repo.upsert_variability_stats(engine, pd.concat([changed, new]))
+    read = repo.variability_stats(engine, ["S000", "S001", "S999", "S002"])
+    assert read["mean_flux_mjy"].tolist()[:2] == [1.0, 2.0]
+    assert read["source_id"].tolist() == ["S000", "S001", "S002", "S999"]
+    assert len(repo.variability_stats(engine, min_n_obs=30)) == 3  # n_obs 30, 31, 32 (and S999: 3)
+    with pytest.raises(ValueError, match="duplicate source_id"):
+        repo.upsert_variability_stats(engine, pd.concat([new, new]))
+
+
+# --------------------------------------------------------------------------------------------------
+# ese_candidates
+# --------------------------------------------------------------------------------------------------
+
+def _flag(source_id: str, significance: float = 5.0, **extra) -> dict:
+    return {"source_id": source_id, "significance": significance, "flag_type": "dip",
+            "night": NIGHTS[0], **extra}
+
+
+def test_at_most_one_open_candidate_per_source(engine):
+    repo.upsert_variability_stats(engine, _stats(["S1", "S2"]))
+    repo.apply_candidate_changes(engine, [_flag("S1"), _flag("S2")], [])
+    with pytest.raises(sa.exc.IntegrityError):
+        repo.apply_candidate_changes(engine, [_flag("S1", status="investigated")], [])
+    with pytest.raises(sa.exc.IntegrityError):  # bypassing the repository: the index still holds
+        with engine.begin() as conn:
+            conn.execute(ese_candidates.insert(), [{"source_id": "S2", "flagged_at": 1.0,
+                                                    "significance": 3.0, "flag_type": "dip"}])
+    assert len(repo.candidates(engine)) == 2  # the failed calls left nothing behind
+
+    # Closing the open candidate and opening a new one in one call is allowed (updates first).
+    old = repo.existing_candidates(engine, ["S1"])
+    assert list(old.columns) == ["id", "source_id", "status", "significance", "dismissed_at",
+                                 "flagged_at"]
+    repo.apply_candidate_changes(
+        engine, [_flag("S1", significance=7.0)],
+        [{"id": int(old.loc[0, "id"]), "status": "dismissed", "dismissed_at": 10.0}])
+    # Dismissed candidates do not count: several may exist per source.
+    repo.set_candidate_status(engine, "S1", "dismissed")
+    history = repo.existing_candidates(engine, ["S1"])
+    assert history["status"].tolist() == ["dismissed", "dismissed"]
+    assert history["significance"].tolist() == [5.0, 7.0]
+
+
+def test_set_candidate_status_workflow(engine):
+    repo.upsert_variability_stats(engine, _stats(["S1", "S2"]))
+    repo.apply_candidate_changes(engine, [_flag("S1", 6.0), _flag("S2", 4.0)], [])
+    shown = repo.candidates(engine, status="active")
+    assert shown["source_id"].tolist() == ["S1", "S2"]  # most significant first
+    for column in repo.CANDIDATE_STATS_COLUMNS:
+        assert column in shown.columns
+    assert shown["n_obs"].tolist() == [3, 4]
+
+    cid = repo.set_candidate_status(engine, "S1", "investigated", notes="looks like a dip",
+                                    by="alice")
+    row = repo.candidates(engine, source_ids=["S1"]).iloc[0]
+    assert row["id"] == cid and row["status"] == "investigated"
+    assert row["investigated_at"] > 0 and pd.isna(row["dismissed_at"])
+    assert row["notes"].endswith("alice: investigated: looks like a dip")
+
+    assert repo.set_candidate_status(engine, "S1", "dismissed", notes="RFI", by="bob") == cid
+    row = repo.candidates(engine, source_ids=["S1"]).iloc[0]
+    assert row["status"] == "dismissed" and row["dismissed_at"] >= row["investigated_at"]
+    assert row["notes"].splitlines()[0].endswith("looks like a dip")
+    assert row["notes"].splitlines()[1].endswith("bob: dismissed: RFI")
+
+    with pytest.raises(ValueError, match="no open"):
+        repo.set_candidate_status(engine, "S1", "dismissed")
+    with pytest.raises(ValueError, match="no open"):
+        repo.set_candidate_status(engine, "nope", "investigated")
+    with pytest.raises(ValueError, match="invalid candidate status"):
+        repo.set_candidate_status(engine, "S2", "active")
+    assert repo.candidates(engine, status=["active", "investigated"])["source_id"].tolist() == ["S2"]
+    assert repo.candidates(engine, status="dismissed")["source_id"].tolist() == ["S1"]
+    with pytest.raises(ValueError, match="invalid candidate status"):
+        repo.candidates(engine, status="open")
+
+
+# --------------------------------------------------------------------------------------------------
+# Bound parameters
+# --------------------------------------------------------------------------------------------------
+
+def test_awkward_strings_are_bound_parameters(engine):
+    path = "/in/o'brien; DROP TABLE images; --\"x\".fits"
+    source = "J000000+000000'); DELETE FROM photometry; --"
+    _measure(engine, path, [source, "plain"], NIGHTS[0], 61041.1)
+    assert repo.known_image_paths(engine, [path]) == {path}
+    assert repo.lightcurves(engine, [source])["image_path"].tolist() == [path]
+    assert repo.lightcurves_for_nights(engine, [NIGHTS[0]])["source_id"].tolist() == [
+        source, "plain"]
+    repo.upsert_variability_stats(engine, _stats([source]))
+    repo.apply_candidate_changes(engine, [_flag(source)], [])
+    repo.set_candidate_status(engine, source, "investigated", notes="it's; fine", by="o'neil")
+    assert repo.candidates(engine, source_ids=[source])["notes"].iloc[0].endswith(
+        "o'neil: investigated: it's; fine")
+    repo.mark_image_failed(engine, path, "reason with 'quotes'; and semicolons")
+    assert repo.night_images(engine, NIGHTS[0])["reason"].tolist() == [
+        "reason with 'quotes'; and semicolons"]
+    assert repo.photometry_counts(engine) == 2
+    assert set(sa.inspect(engine).get_table_names()) >= {"images", "photometry"}
+
+
+def test_table_snapshot_is_deterministic(engine):
+    _measure(engine, "/in/b.fits", ["S2", "S1"], NIGHTS[1], 61042.1)
+    _measure(engine, "/in/a.fits", ["S1", "S2"], NIGHTS[0], 61041.1)
+    snap = repo.table_snapshot(engine, "photometry")
+    assert "id" not in snap.columns and "measured_at" not in snap.columns
+    assert snap[["image_path", "source_id"]].values.tolist() == [
+        ["/in/a.fits", "S1"], ["/in/a.fits", "S2"], ["/in/b.fits", "S1"], ["/in/b.fits", "S2"]]
+    with pytest.raises(ValueError, match="unknown table"):
+        repo.table_snapshot(engine, "images; DROP TABLE images")
+
+
+# --------------------------------------------------------------------------------------------------
+# Concurrency (SQLite: WAL + busy timeout + BEGIN IMMEDIATE)
+# --------------------------------------------------------------------------------------------------
+
+def test_sqlite_concurrent_writers_do_not_fail(sqlite_engine):
+    engine = sqlite_engine
+    sources = [f"S{i:03d}" for i in range(100)]
+    n_iterations = 10
+    errors: list[BaseException] = []
+    start = threading.Barrier(3)
+
+    def writer(name: str) -> None:
+        try:
+            start.wait()
+            for i in range(n_iterations):
+                path = f"/in/{name}_{i:02d}.fits"
+                _measure(engine, path, sources, NIGHTS[0], 61041.0 + i, seed=i)
+                repo.upsert_variability_stats(engine, _stats(sources, seed=i))
+        except BaseException as exc:  # noqa: BLE001 -- reported by the main thread
+            errors.append(exc)
+
+    def reader() -> None:
+        try:
+            start.wait()
+            for _ in range(n_iterations):
+                repo.lightcurves_for_nights(engine, [NIGHTS[0]])
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(name,)) for name in ("w1", "w2")]
+    threads.append(threading.Thread(target=reader))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert repo.image_counts_by_status(engine)["measured"] == 2 * n_iterations
+    assert repo.photometry_counts(engine) == 2 * n_iterations * len(sources)
+
+
+# --------------------------------------------------------------------------------------------------
+# Summaries used by the asset checks and the sensor
+# --------------------------------------------------------------------------------------------------
+
+def test_summaries_for_checks_and_sensor(engine):
+    _measure(engine, "/in/n1.fits", ["A", "B"], NIGHTS[0], 61041.2)
+    _measure(engine, "/in/n2.fits", ["B", "C"], NIGHTS[1], 61042.2)
+    repo.register_images(engine, [
+        _image("/in/n2b.fits", night=NIGHTS[1], mjd=61042.3, ra_center_deg=10.0),
+        _image("/in/bad.fits", night=NIGHTS[1], mjd=61042.25, status="rejected", reason="x")])
+    rows = _rows(["D", "E"], 61042.3)
+    rows.loc[0, "peak_err_jyb"] = 0.0
+    rows.loc[1, "quality_flag"] = 4
+    repo.replace_image_photometry(engine, "/in/n2b.fits", rows, {})
+
+    assert repo.image_counts_by_status(engine, nights=[NIGHTS[1], "2030-01-01"]) == {
+        "pending": 0, "queued": 0, "measured": 2, "failed": 0, "rejected": 1}
+    assert repo.image_counts_by_status(engine, NIGHTS[0])["measured"] == 1
+    near = repo.images_near_mjd(engine, 61042.0, 61042.29)
+    assert near["path"].tolist() == ["/in/n2.fits"]  # rejected images are not duplicates' twins
+    assert repo.measured_source_ids(engine) == ["A", "B", "C", "D", "E"]
+    assert repo.night_photometry_summary(engine, [NIGHTS[1]]) == {
+        "n_images": 2, "n_sources": 4, "n_rows": 4, "n_bad_errors": 1, "n_flagged": 1}
+    assert repo.night_photometry_summary(engine, [])["n_rows"] == 0
+
+    stats = _stats(["A", "B", "C"]).assign(n_obs=[1, 2, 5])
+    repo.upsert_variability_stats(engine, stats)
+    # C: 5 != 1 row; D: no statistics row; Z: neither (consistent).
+    assert repo.stats_photometry_mismatches(engine, ["A", "B", "C", "D", "Z"]) == 2
+
+    assert repo.candidate_problems(engine) == []
+    repo.apply_candidate_changes(engine, [_flag("A", significance=-1.0), _flag("B")], [])
+    problems = repo.candidate_problems(engine)
+    assert len(problems) == 1 and problems[0].startswith("A: candidate")
