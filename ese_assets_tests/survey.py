@@ -18,7 +18,7 @@ from ese_assets.settings import Settings
 #: stage (photometry, statistics, a candidate) has something to do in a few seconds.
 SMALL_SURVEY = SurveyConfig(
     seed=7, n_nights=3, images_per_night=4, npix=256, n_sources=40, n_variables=2, n_ese=1,
-    ese_depths=(0.6,), ese_duration_days=(2.5, 2.5), ese_t0_window=(0.5, 0.5),
+    ese_depths=(0.6,), ese_duration_days=(1.0, 1.0), ese_t0_window=(0.5, 0.5),
     ese_min_flux_mjy=50.0, cube_fraction=0.25,
 )
 NIGHTS = ("2025-01-01", "2025-01-02", "2025-01-03")

@@ -194,12 +194,16 @@ def test_nightly_schedule_runs_the_night_that_just_ended(tmp_path, small_survey)
     schedule = defs.resolve_schedule_def("nightly_reconciliation")
     with dg.instance_for_test() as instance:
         ctx = dg.build_schedule_context(
-            instance=instance,
+            instance=instance, repository_def=defs.get_repository_def(),
             scheduled_execution_time=dt.datetime(2025, 1, 3, 12, 0, tzinfo=dt.timezone.utc))
         data = schedule.evaluate_tick(ctx)
         assert [r.partition_key for r in data.run_requests] == ["2025-01-02"]
         # No image list: the run measures every usable image of the night.
         assert not data.run_requests[0].run_config
+        before = schedule.evaluate_tick(dg.build_schedule_context(
+            instance=instance, repository_def=defs.get_repository_def(),
+            scheduled_execution_time=dt.datetime(2020, 1, 1, 12, 0, tzinfo=dt.timezone.utc)))
+        assert not before.run_requests and "precedes the first partition" in before.skip_message
 
 
 KILLABLE_RUN = textwrap.dedent("""

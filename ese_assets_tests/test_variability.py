@@ -183,7 +183,8 @@ def test_single_epoch_gives_nan_not_error():
 
 
 def test_empty_input_and_missing_columns():
-    empty = variability_metrics(pd.DataFrame({"source_id": [], "mjd": [], "flux_mjy": [], "flux_err_mjy": []}))
+    empty = variability_metrics(pd.DataFrame({"source_id": [], "mjd": [], "flux_mjy": [],
+                                              "flux_err_mjy": []}))
     assert len(empty) == 0 and list(empty.columns) == list(METRIC_COLUMNS)
     with pytest.raises(ValueError, match="flux_err_mjy"):
         variability_metrics(pd.DataFrame({"source_id": ["a"], "mjd": [1.0], "flux_mjy": [1.0]}))
@@ -269,26 +270,31 @@ def _dip_source(rng, n=300, snr=20.0, depth=0.3, width=15, start=140, flux=100.0
     return _lc(f, err, mjd=mjd, sid=sid), mjd[start], mjd[start + width - 1]
 
 
-@pytest.mark.parametrize("snr", [20.0, 8.0])
-def test_injected_30pc_dip_over_15_epochs_is_detected(snr):
+@pytest.mark.parametrize(("snr", "min_detected"), [(20.0, 1.0), (8.0, 0.95)])
+def test_injected_30pc_dip_over_15_epochs_is_detected(snr, min_detected):
+    """30 % dip over 15 of 300 epochs. Per-epoch z = 0.3 * S/N = 6 (S/N 20) or 2.4 (S/N 8).
+
+    Expected S ~ z * sqrt(13) (the ladder length 13 fits inside the dip; z clipped at 5):
+    ~17.7 and ~8.7. At S/N 8 the margin over the threshold 6 is ~2.7 sigma of S, so a few per cent
+    of noise realisations fall short (2000 realisations by hand: 98.9 % detected; S/N 20: 100 %).
+    """
     rng = np.random.default_rng(int(snr))
     threshold = DetectionSettings().min_dip_sigma
     frames, truth = [], []
-    for k in range(50):
-        df, t0, t1 = _dip_source(rng, snr=snr, start=20 + 5 * k, sid=f"D{k:02d}")
+    for k in range(100):
+        df, t0, t1 = _dip_source(rng, snr=snr, start=20 + 2 * k, sid=f"D{k:03d}")
         frames.append(df)
         truth.append((t0, t1))
     r = variability_metrics(pd.concat(frames, ignore_index=True))
     s = r["dip_significance"].to_numpy()
-    assert np.all(s <= -threshold), s.max()  # every one detected, as a dip
-    # Expected S without clipping: depth*snr*sqrt(15) (23 for S/N 20, 9.3 for S/N 8).
-    expected = min(0.3 * snr, 5.0) * math.sqrt(15)
-    assert np.median(-s) == pytest.approx(expected, rel=0.2)
+    assert np.mean(s <= -threshold) >= min_detected, np.sort(s)[-5:]
+    expected = min(0.3 * snr, 5.0) * math.sqrt(13)
+    assert np.median(-s) == pytest.approx(expected, rel=0.1)
     t0 = np.array([a for a, _ in truth])
     t1 = np.array([b for _, b in truth])
     overlap = np.minimum(r["dip_end_mjd"], t1) - np.maximum(r["dip_start_mjd"], t0)
-    assert np.all(overlap > 0)  # the window sits on the injected dip
-    assert np.median(r["dip_depth_frac"]) == pytest.approx(-0.3, abs=0.08)
+    assert np.mean(overlap > 0) >= min_detected  # the window sits on the injected dip
+    assert np.median(r["dip_depth_frac"]) == pytest.approx(-0.3, abs=0.05)
 
 
 def test_spike_is_positive_and_single_outlier_is_not_detected():

@@ -400,7 +400,7 @@ class SurveyConfig:
             problems.append("cube_fraction must be in [0, 1]")
         if self.rms_mjy < 0 or self.flux_scale_error < 0 or self.catalog_scatter_frac < 0:
             problems.append("rms_mjy, flux_scale_error and catalog_scatter_frac must be >= 0")
-        if self.ese_min_flux_mjy > self.flux_max_mjy:
+        if self.n_ese and self.ese_min_flux_mjy > self.flux_max_mjy:
             problems.append("ese_min_flux_mjy exceeds flux_max_mjy")
         if problems:
             raise ValueError("invalid SurveyConfig: " + "; ".join(problems))

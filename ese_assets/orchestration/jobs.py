@@ -5,12 +5,10 @@ from __future__ import annotations
 import dagster as dg
 
 from ese_assets.orchestration.assets import ese_candidates, photometry, variability_stats
-from ese_assets.orchestration.partitions import nights_partitions
 
 ese_pipeline_job = dg.define_asset_job(
     name="ese_pipeline",
     selection=dg.AssetSelection.assets(photometry, variability_stats, ese_candidates),
-    partitions_def=nights_partitions,
     # All three steps in one process: a run costs ~0.3 s of overhead instead of seconds per step,
     # and the assets share the catalog's spatial index.
     executor_def=dg.in_process_executor,
