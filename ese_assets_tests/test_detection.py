@@ -262,3 +262,15 @@ def test_workflow_is_idempotent_and_mixed_batch():
 
     # Sources not flagged tonight are left alone.
     assert plan_candidate_changes(_flagged(), table.existing(), night="2025-01-06", now=NOW) == ([], [])
+
+
+def test_rerunning_an_older_night_keeps_the_latest_confirming_night():
+    flagged = pd.DataFrame({"source_id": ["A"], "significance": [9.0], "flag_type": ["dip"],
+                            "sigma_deviation": [2.0], "dip_significance": [-9.0]})
+    existing = pd.DataFrame({"id": [1], "source_id": ["A"], "status": ["active"],
+                             "significance": [9.0], "dismissed_at": [None],
+                             "last_night": ["2025-01-03"]})
+    _, updates = plan_candidate_changes(flagged, existing, night="2025-01-02", now=0.0)
+    assert updates[0]["last_night"] == "2025-01-03"
+    _, updates = plan_candidate_changes(flagged, existing, night="2025-01-04", now=0.0)
+    assert updates[0]["last_night"] == "2025-01-04"

@@ -263,3 +263,22 @@ def test_killed_run_then_rerun_equals_one_clean_run(tmp_path, small_survey):
     assert_same_tables(
         relocate_paths(snapshot(make_engine(clean.products_db)), str(tmp_path / "clean"), "WS"),
         relocate_paths(snapshot(engine), str(tmp_path / "killed"), "WS"))
+
+
+def test_postgresql_gives_the_same_tables_as_sqlite(tmp_path, small_survey, postgres_url):
+    for name in ("sqlite", "pg"):
+        (tmp_path / name).mkdir()
+    lite = make_workspace(tmp_path / "sqlite", small_survey)
+    pg = make_workspace(tmp_path / "pg", small_survey, products_db=postgres_url)
+    with dg.instance_for_test() as instance:
+        for night in NIGHTS:
+            run_night(lite, night, instance)
+            run_night(pg, night, instance)
+        pg_engine = make_engine(postgres_url)
+        first = snapshot(pg_engine)
+        run_night(pg, NIGHTS[1], instance)  # idempotent on PostgreSQL too
+        assert_same_tables(first, snapshot(pg_engine))
+    assert len(first["ese_candidates"]) >= 1
+    assert_same_tables(
+        relocate_paths(snapshot(make_engine(lite.products_db)), str(tmp_path / "sqlite"), "WS"),
+        relocate_paths(first, str(tmp_path / "pg"), "WS"))

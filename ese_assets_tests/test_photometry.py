@@ -317,6 +317,22 @@ def test_blended_pair_joint_fit_noiseless():
     # Without the joint fit the faint neighbour would be badly biased.
     alone = ph.forced_photometry(img, _WCS_F, _BEAM_F, ra[1:2], dec[1:2])
     assert alone.quality_flag[0] == 0 and alone.peak_jyb[0] > 1.2 * flux[1]
+    # Correlated-noise errors of the pair (0, 1): brute force A^-1 B A^-1 over the union of stamps.
+    h = int(math.ceil(1.5 * _BEAM_F.major_deg / (3.0 * ARCSEC)))
+    cx, cy = np.floor(xs[:2] + 0.5).astype(int), np.floor(ys[:2] + 0.5).astype(int)
+    yy, xx = np.mgrid[0 : _SHAPE_F[0], 0 : _SHAPE_F[1]]
+    union = (np.abs(xx[..., None] - cx) <= h) & (np.abs(yy[..., None] - cy) <= h)
+    pix = np.stack([xx[union.any(-1)], yy[union.any(-1)]], axis=1).astype(float)
+    icov_src = np.linalg.inv(ph.beam_covariance_pixels(_WCS_F, _BEAM_F, ra[:2], dec[:2]))
+    kern = np.stack([np.exp(-0.5 * np.einsum("ni,ij,nj->n", pix - [xs[m], ys[m]], icov_src[m], pix - [xs[m], ys[m]]))
+                     for m in range(2)])
+    lag = pix[:, None, :] - pix[None, :, :]
+    icov_noise = np.linalg.inv(sim.beam_covariance_pix(_WCS_F, _BEAM_F))
+    rho = np.exp(-0.5 * np.einsum("abi,ij,abj->ab", lag, icov_noise, lag))
+    a_inv = np.linalg.inv(kern @ kern.T)
+    cov = a_inv @ (kern @ rho @ kern.T) @ a_inv
+    np.testing.assert_allclose(res.peak_err_jyb[:2] / res.local_rms_jyb[:2], np.sqrt(np.diag(cov)), rtol=1e-4)
+
     # White noise: errors of blended members exceed the isolated error (anti-correlated amplitudes).
     white = ph.forced_photometry(img, _WCS_F, _BEAM_F, ra, dec, noise_correlation="none")
     np.testing.assert_allclose(white.peak_jyb, flux, rtol=1e-4)

@@ -109,7 +109,8 @@ def test_correlated_noise_rms_and_beam_shaped_correlation():
         d = np.array([dx, dy])
         assert rho == pytest.approx(np.exp(-0.5 * d @ icov @ d), abs=0.04), (dx, dy)
     # The tilted beam (BPA 30 deg, east to the left) correlates (+1, +1) differently from (+1, -1).
-    assert abs(np.exp(-0.5 * np.array([1, 1]) @ icov @ [1, 1]) - np.exp(-0.5 * np.array([1, -1]) @ icov @ [1, -1])) > 0.1
+    diag_pp, diag_pm = np.array([1, 1]), np.array([1, -1])
+    assert abs(np.exp(-0.5 * diag_pp @ icov @ diag_pp) - np.exp(-0.5 * diag_pm @ icov @ diag_pm)) > 0.1
     # Same generator state -> same field.
     again = sim.correlated_noise(shape, cov, 5e-4, np.random.default_rng(3))
     np.testing.assert_array_equal(noise, again)

@@ -185,6 +185,12 @@ def _py(value):
     return value
 
 
+def _latest_night(previous, night: str | None) -> str | None:
+    """The later of two ``YYYY-MM-DD`` nights (ISO dates sort as strings); None/NaN ignored."""
+    known = [n for n in (previous, night) if isinstance(n, str) and n]
+    return max(known) if known else None
+
+
 def plan_candidate_changes(
     flagged: pd.DataFrame,
     existing: pd.DataFrame | None,
@@ -201,7 +207,9 @@ def plan_candidate_changes(
 
     * an open candidate (status active or investigated) exists -> update it: keys ``id,
       significance, flag_type, sigma_deviation, dip_significance, last_night``; the status is left
-      alone (an investigated candidate stays investigated). Should several open rows exist (legacy
+      alone (an investigated candidate stays investigated). ``last_night`` is the latest night that
+      confirmed the candidate (``existing`` may carry it), so re-running an older night (a backfill)
+      does not move it backwards. Should several open rows exist (legacy
       data), the most recent one (largest id) is updated.
     * no open candidate, the most recent row (largest id) is dismissed -> nothing, unless
       ``significance >= regrow_factor * dismissed significance``; then insert a new active row whose
@@ -228,7 +236,9 @@ def plan_candidate_changes(
                                  "source_id": pd.Series([], dtype=object),
                                  "status": pd.Series([], dtype=object),
                                  "significance": pd.Series([], dtype="float64")})
-    ex = existing[["id", "source_id", "status", "significance"]].copy()
+    if "last_night" not in existing:
+        existing = existing.assign(last_night=None)
+    ex = existing[["id", "source_id", "status", "significance", "last_night"]].copy()
     ex["source_id"] = ex["source_id"].astype(object)
     ex = ex.sort_values("id", kind="stable")
     is_open = ex["status"].isin(OPEN_STATUSES)
@@ -237,7 +247,8 @@ def plan_candidate_changes(
     latest = ex.drop_duplicates("source_id", keep="last")
 
     merged = flagged.merge(
-        open_rows[["source_id", "id"]].rename(columns={"id": "open_id"}), on="source_id", how="left"
+        open_rows[["source_id", "id", "last_night"]].rename(
+            columns={"id": "open_id", "last_night": "open_last_night"}), on="source_id", how="left"
     ).merge(
         latest[["source_id", "id", "status", "significance"]].rename(
             columns={"id": "latest_id", "status": "latest_status", "significance": "latest_sig"}),
@@ -256,7 +267,7 @@ def plan_candidate_changes(
             "flag_type": _py(rec["flag_type"]),
             "sigma_deviation": _py(rec["sigma_deviation"]),
             "dip_significance": _py(rec["dip_significance"]),
-            "last_night": night,
+            "last_night": _latest_night(rec["open_last_night"], night),
         })
 
     for rec, again in zip(merged[insert].to_dict("records"), regrow[insert]):

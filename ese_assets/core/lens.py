@@ -2,14 +2,14 @@
 
 A refracting plasma structure with a Gaussian electron-column profile N_e(x) ~ exp(-(x/a)^2) drifts
 across the line of sight. In units of the lens width, u = x/a, a ray arriving at u in the lens plane
-is seen from the observer at u' where (CFL98 eq. 6, diverging lens)
+is seen from the observer at u' where (CFL98, diverging lens)
 
     u' = u (1 + alpha^2 exp(-u^2))                                   (lens equation)
 
-and alpha (proportional to wavelength^2 times the column amplitude; i.e. ~ 1/frequency^2 for a
-fixed lens, usually quoted as alpha ~ 1/frequency in the literature for the observed scaling) sets
-the strength. The point-source gain at observer position u' is the sum over all images u_i solving
-the lens equation of the inverse Jacobian,
+and alpha sets the strength: alpha^2 ~ lambda^2 r_e N_0 D / (pi a^2) (N_0 the peak column, D the
+observer-lens distance), so alpha is proportional to wavelength, i.e. 1/frequency. The point-source
+gain at observer position u' is the sum over all images u_i solving the lens equation of the
+inverse Jacobian,
 
     G(u') = sum_i |du'/du|^-1 = sum_i |1 + alpha^2 (1 - 2 u_i^2) exp(-u_i^2)|^-1.
 
@@ -196,7 +196,8 @@ def _finite_source_gain(t, alpha, sigma):
         nodes, inverse = np.unique(j, return_inverse=True)
         q_nodes = preimage_excess(nodes * step, alpha)
         dv = j * step - t[idx, None]
-        out[idx] = 1.0 + norm * np.sum(q_nodes[inverse.reshape(j.shape)] * dv * np.exp(-0.5 * (dv / sigma) ** 2), axis=1)
+        q = q_nodes[inverse.reshape(j.shape)]
+        out[idx] = 1.0 + norm * np.sum(q * dv * np.exp(-0.5 * (dv / sigma) ** 2), axis=1)
     return out
 
 

@@ -29,8 +29,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from ese_assets.core import lens
 from ese_assets.core.fits_image import Beam
 from ese_assets.core.source_ids import iau_source_ids
 
-#: FWHM = FWHM_TO_SIGMA_INV * sigma for a Gaussian.
+#: FWHM = FWHM_PER_SIGMA * sigma for a Gaussian (2 sqrt(2 ln 2)).
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: Point sources are rendered within +-STAMP_SIGMA standard deviations (exp(-12.5) ~ 4e-6 of peak).
 STAMP_SIGMA = 5.0

@@ -640,13 +640,14 @@ def candidates(engine: Engine, status: str | Iterable[str] | None = None,
                              kind="mergesort").reset_index(drop=True)
 
 
-_EXISTING_COLUMNS = ("id", "source_id", "status", "significance", "dismissed_at", "flagged_at")
+_EXISTING_COLUMNS = ("id", "source_id", "status", "significance", "dismissed_at", "flagged_at",
+                     "last_night")
 
 
 def existing_candidates(engine: Engine, source_ids: Iterable[str]) -> pd.DataFrame:
     """Every candidate row (open or dismissed) of the given sources, ordered by source_id, id.
 
-    Columns: id, source_id, status, significance, dismissed_at, flagged_at.
+    Columns: id, source_id, status, significance, dismissed_at, flagged_at, last_night.
     """
     wanted = _unique_str(source_ids)
 
