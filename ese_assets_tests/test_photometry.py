@@ -8,7 +8,6 @@ errors): with N pulls the mean has standard error 1/sqrt(N) and the standard dev
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -16,18 +15,8 @@ from astropy.wcs import WCS
 
 from ese_assets.core import photometry as ph
 from ese_assets.core import simulate as sim
+from ese_assets.core.fits_image import Beam
 from ese_assets.core.photometry import FLAG_BLENDED, FLAG_EDGE, FLAG_NAN
-
-try:  # the real Beam (fits_image, another developer's module); photometry only duck-types it
-    from ese_assets.core.fits_image import Beam
-except ImportError:  # pragma: no cover - until fits_image.py lands
-
-    @dataclass(frozen=True)
-    class Beam:  # type: ignore[no-redef]
-        major_deg: float
-        minor_deg: float
-        pa_deg: float
-
 
 ARCSEC = 1.0 / 3600.0
 
@@ -251,8 +240,11 @@ def _radec(xs, ys):
 def test_edge_and_off_image_flags():
     ra, dec = _radec([3.2, 40.3, 156.0, 80.0, -30.0], [80.0, 40.7, 100.0, 152.5, 80.0])
     img = sim.render_point_sources(_SHAPE_F, _WCS_F, _BEAM_F, ra, dec, 0.01)
+    # plus a NaN position and the antipode of the field (not on the SIN hemisphere)
+    ra = np.append(ra, [np.nan, 260.0])
+    dec = np.append(dec, [10.0, 45.0])
     res = ph.forced_photometry(img, _WCS_F, _BEAM_F, ra, dec)
-    edge = np.array([True, False, True, True, True])
+    edge = np.array([True, False, True, True, True, True, True])
     assert np.array_equal((res.quality_flag & FLAG_EDGE) != 0, edge)
     assert np.all(np.isnan(res.peak_jyb[edge])) and np.all(np.isnan(res.peak_err_jyb[edge]))
     assert res.peak_jyb[1] == pytest.approx(0.01, rel=1e-6)
@@ -438,8 +430,9 @@ def test_background_offset_removed_and_rms_recovered():
     res0 = ph.forced_photometry(img, wcs, beam, ra, dec, noise_correlation="none")
     true_off = 0.03 + 2e-6 * (xs - 192) + 1e-6 * (ys - 192)
     assert np.all(np.abs(res.background_jyb - true_off) < 0.2 * rms)
-    assert np.all(np.abs(res.local_rms_jyb / rms - 1.0) < 0.06)
-    assert np.median(res.local_rms_jyb) == pytest.approx(rms, rel=0.03)
+    # per box (100 px, stride 2) ~2.3 % sd; up to 2x at the edges (linear extrapolation)
+    assert np.all(np.abs(res.local_rms_jyb / rms - 1.0) < 0.12)
+    assert np.median(res.local_rms_jyb) == pytest.approx(rms, rel=0.02)
     pulls = (res.peak_jyb - flux) / res.peak_err_jyb
     assert abs(pulls.mean()) < 3.5 / math.sqrt(pulls.size)
     np.testing.assert_allclose(res.peak_jyb, res0.peak_jyb, atol=0.2 * rms)
