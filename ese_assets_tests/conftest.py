@@ -134,3 +134,20 @@ def engine(request) -> Engine:  # noqa: ANN001
     if request.param == "sqlite":
         return request.getfixturevalue("sqlite_engine")
     return request.getfixturevalue("postgres_engine")
+
+
+# --------------------------------------------------------------------------- simulated surveys
+
+
+@pytest.fixture(scope="session")
+def small_survey(tmp_path_factory):  # noqa: ANN001
+    """A small simulated survey (ese_assets_tests.survey.SMALL_SURVEY), written once per session.
+
+    Directory with incoming/*.fits, catalog.csv and the truth files; tests must not modify it.
+    """
+    from ese_assets.core.simulate import simulate_survey
+    from ese_assets_tests.survey import SMALL_SURVEY
+
+    out = tmp_path_factory.mktemp("small_survey")
+    simulate_survey(SMALL_SURVEY, out)
+    return out

@@ -1,6 +1,6 @@
 """Simulated surveys and pipeline workspaces shared by the orchestration tests.
 
-Import the fixtures into a test module: ``from ese_assets_tests.survey import small_survey``.
+The ``small_survey`` fixture (conftest.py) simulates :data:`SMALL_SURVEY` once per test session.
 """
 
 from __future__ import annotations
@@ -9,9 +9,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-import pytest
-
-from ese_assets.core.simulate import SurveyConfig, simulate_survey
+from ese_assets.core.simulate import SurveyConfig
 from ese_assets.settings import Settings
 
 #: Three nights of four 256x256 images: 12 epochs, one deep long ESE on a bright source, so every
@@ -22,14 +20,6 @@ SMALL_SURVEY = SurveyConfig(
     ese_min_flux_mjy=50.0, cube_fraction=0.25,
 )
 NIGHTS = ("2025-01-01", "2025-01-02", "2025-01-03")
-
-
-@pytest.fixture(scope="session")
-def small_survey(tmp_path_factory) -> Path:
-    """Directory written by the simulator (incoming/, catalog.csv, truth files). Do not modify."""
-    out = tmp_path_factory.mktemp("small_survey")
-    simulate_survey(SMALL_SURVEY, out)
-    return out
 
 
 def make_workspace(tmp_path: Path, survey: Path, *, copy_images: bool = True,

@@ -23,7 +23,7 @@ import pytest
 
 from ese_assets.storage import repository as repo
 from ese_assets.storage.engine import make_engine
-from ese_assets_tests.survey import NIGHTS, small_survey  # noqa: F401
+from ese_assets_tests.survey import NIGHTS
 
 PROJECT = Path(__file__).resolve().parents[1]
 DAGSTER = Path(sys.executable).with_name("dagster")

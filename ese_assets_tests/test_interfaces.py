@@ -16,7 +16,7 @@ from ese_assets import cli
 from ese_assets.api import Source, detect_ese_candidates
 from ese_assets.storage import repository as repo
 from ese_assets.storage.engine import make_engine
-from ese_assets_tests.survey import NIGHTS, make_workspace, small_survey  # noqa: F401
+from ese_assets_tests.survey import NIGHTS, make_workspace
 from ese_assets_tests.test_orchestration import run_night
 
 SEED_FIELDS = {"source_id", "ra_deg", "dec_deg", "significance", "nvss_flux_mjy", "mean_flux_mjy",

@@ -21,7 +21,7 @@ from ese_assets.definitions import build_definitions
 from ese_assets.orchestration.resources import resources_from_settings
 from ese_assets.storage import repository as repo
 from ese_assets.storage.engine import ensure_schema, make_engine
-from ese_assets_tests.survey import NIGHTS, make_workspace, small_survey  # noqa: F401
+from ese_assets_tests.survey import NIGHTS, make_workspace
 
 TABLES = ("images", "photometry", "variability_stats", "ese_candidates")
 # Processing timestamps differ between runs by design; everything else must be identical.

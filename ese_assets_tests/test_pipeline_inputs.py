@@ -16,7 +16,7 @@ from ese_assets.core.catalog import CatalogError, load_catalog
 from ese_assets.orchestration.assets import retry_if_database_locked
 from ese_assets.storage import repository as repo
 from ese_assets.storage.engine import ensure_schema, make_engine
-from ese_assets_tests.survey import NIGHTS, make_workspace, small_survey  # noqa: F401
+from ese_assets_tests.survey import NIGHTS, make_workspace
 from ese_assets_tests.test_orchestration import run_night
 
 

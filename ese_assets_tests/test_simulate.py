@@ -12,6 +12,7 @@ from astropy.time import Time
 from astropy.wcs import WCS
 
 from ese_assets.core import lens
+from ese_assets.core.beam import FWHM_PER_SIGMA
 from ese_assets.core import simulate as sim
 from ese_assets.core.fits_image import Beam
 
@@ -46,8 +47,8 @@ def test_wcs_orientation_and_beam_covariance():
     np.testing.assert_allclose(wcs.wcs_world2pix(150.0, 30.0, 0), [32.0, 32.0], atol=1e-9)
     jac = sim.pixel_jacobian(wcs, 32.0, 32.0)
     np.testing.assert_allclose(jac, [[-CELL_DEG, 0], [0, CELL_DEG]], rtol=1e-6, atol=1e-12)
-    s_maj = 45.0 / sim.FWHM_PER_SIGMA / 10.0  # pixels
-    s_min = 30.0 / sim.FWHM_PER_SIGMA / 10.0
+    s_maj = 45.0 / FWHM_PER_SIGMA / 10.0  # pixels
+    s_min = 30.0 / FWHM_PER_SIGMA / 10.0
     for pa, direction in [(0.0, (0.0, 1.0)), (90.0, (-1.0, 0.0)), (30.0, (-0.5, np.sqrt(0.75)))]:
         cov = sim.beam_covariance_pix(wcs, Beam(BEAM.major_deg, BEAM.minor_deg, pa))
         vals, vecs = np.linalg.eigh(cov)

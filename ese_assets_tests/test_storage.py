@@ -327,7 +327,7 @@ def test_at_most_one_open_candidate_per_source(engine):
     # Closing the open candidate and opening a new one in one call is allowed (updates first).
     old = repo.existing_candidates(engine, ["S1"])
     assert list(old.columns) == ["id", "source_id", "status", "significance", "dismissed_at",
-                                 "flagged_at"]
+                                 "flagged_at", "last_night"]
     repo.apply_candidate_changes(
         engine, [_flag("S1", significance=7.0)],
         [{"id": int(old.loc[0, "id"]), "status": "dismissed", "dismissed_at": 10.0}])

@@ -98,6 +98,8 @@ import numpy as np
 from astropy.stats import SigmaClippedStats
 from astropy.wcs import WCS
 
+from ese_assets.core.beam import FWHM_PER_SIGMA, beam_covariance_sky
+
 #: The stamp reaches beyond the image (or the position is not finite): peak is NaN.
 FLAG_EDGE = 1
 #: NaN pixels in the stamp (given zero weight); an all-NaN stamp gives a NaN peak.
@@ -106,7 +108,6 @@ FLAG_NAN = 2
 FLAG_BLENDED = 4
 
 #: FWHM / sigma of a Gaussian.
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: Linking length of the blend search, in beam majors (science brief: pairs closer than ~1.5 BMAJ
 #: bias each other; at that separation the cross-talk sum(K1 K2)/sum(K1^2) is ~4 %).
 BLEND_BEAMS = 1.5
@@ -367,16 +368,6 @@ def _offset_by(ra_deg, dec_deg, pa_deg, sep_deg):
     dec2 = np.arcsin(np.clip(sin_dec2, -1.0, 1.0))
     dra = np.arctan2(np.sin(pa) * np.sin(sep) * np.cos(dec), np.cos(sep) - np.sin(dec) * sin_dec2)
     return np.degrees(ra + dra) % 360.0, np.degrees(dec2)
-
-
-def beam_covariance_sky(beam: _BeamLike) -> np.ndarray:
-    """Beam covariance (2x2, deg^2) in local (east, north) offsets; BPA east of north."""
-    s_maj = float(beam.major_deg) / FWHM_PER_SIGMA
-    s_min = float(beam.minor_deg) / FWHM_PER_SIGMA
-    pa = math.radians(float(beam.pa_deg))
-    v = np.array([math.sin(pa), math.cos(pa)])  # major axis direction in (east, north)
-    u = np.array([math.cos(pa), -math.sin(pa)])
-    return s_maj**2 * np.outer(v, v) + s_min**2 * np.outer(u, u)
 
 
 def beam_covariance_pixels(wcs: WCS, beam: _BeamLike, ra_deg, dec_deg) -> np.ndarray:

@@ -41,11 +41,10 @@ from astropy.time import Time
 from astropy.wcs import WCS
 
 from ese_assets.core import lens
+from ese_assets.core.beam import beam_covariance_sky
 from ese_assets.core.fits_image import Beam
 from ese_assets.core.source_ids import iau_source_ids
 
-#: FWHM = FWHM_PER_SIGMA * sigma for a Gaussian (2 sqrt(2 ln 2)).
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: Point sources are rendered within +-STAMP_SIGMA standard deviations (exp(-12.5) ~ 4e-6 of peak).
 STAMP_SIGMA = 5.0
 
@@ -120,20 +119,6 @@ def pixel_jacobian(wcs: WCS, x, y) -> np.ndarray:
     jac[..., 0, 1] = (e[2] - e[3]) / (2 * h)
     jac[..., 1, 1] = (n[2] - n[3]) / (2 * h)
     return jac
-
-
-def beam_covariance_sky(beam: Beam) -> np.ndarray:
-    """Beam covariance in (east, north) degrees^2.
-
-    sigma = FWHM / (2 sqrt(2 ln 2)); the major axis points along (sin BPA, cos BPA) in (east, north)
-    because BPA is measured from north through east: C = s_maj^2 v v^T + s_min^2 w w^T.
-    """
-    s_maj = beam.major_deg / FWHM_PER_SIGMA
-    s_min = beam.minor_deg / FWHM_PER_SIGMA
-    pa = math.radians(beam.pa_deg)
-    v = np.array([math.sin(pa), math.cos(pa)])
-    w = np.array([math.cos(pa), -math.sin(pa)])
-    return s_maj**2 * np.outer(v, v) + s_min**2 * np.outer(w, w)
 
 
 def beam_covariance_pix(wcs: WCS, beam: Beam, x=None, y=None) -> np.ndarray:

@@ -1,0 +1,175 @@
+"""Cost of processing ONE new night as the history grows ("ten days vs ten years").
+
+For each history length H (nights), a fresh SQLite products database is filled with H nights of
+synthetic photometry (``repository.register_images`` + ``replace_image_photometry``, fake image
+paths, no FITS), for the same sources as a real simulated image. Then one new night is processed
+exactly as a Dagster run does it, and each stage is timed:
+
+* register: ``pipeline.inspect_files`` (header read, duplicate check, insert);
+* measure: ``pipeline.measure_image`` (read FITS, forced photometry, one-transaction write);
+* variability: ``pipeline.update_variability`` for the new night (reads the WHOLE history of every
+  source measured in it, recomputes, upserts); broken down once into read / compute / upsert;
+* detect: ``pipeline.detect_candidates`` for the sources of the night.
+
+Ratios are against the shortest history. A stage whose ratio stays ~1 is incremental; one that
+grows with H is not.
+
+Run: ``.venv/bin/python benchmarks/bench_incremental.py [--histories 10,100,1000] [--sources 200]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from _common import (
+    Field, Timing, add_common_arguments, close_products_db, epochs, fill_products_db, fmt_ratio,
+    fmt_seconds, iso_of, make_field, night_of, open_products_db, print_header, print_table,
+    progress_printer, quiet_logging, synthetic_lightcurves, temp_dir, time_call, write_field_fits,
+)
+from ese_assets import pipeline
+from ese_assets.core.detection import DetectionSettings
+from ese_assets.storage import repository as repo
+
+FIRST_MJD = 58849.0  # 2020-01-01, the default first partition
+FLUX_SCALE_ERROR = 0.02
+STAGES = ("register", "measure", "variability", "detect")
+BREAKDOWN = ("  read history", "  compute metrics", "  upsert stats")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--histories", default="10,100,1000",
+                        help="history lengths in nights, comma-separated (default: %(default)s)")
+    parser.add_argument("--sources", type=int, default=200,
+                        help="catalog sources in the field (default: %(default)s)")
+    parser.add_argument("--images-per-night", type=int, default=4,
+                        help="images per night of history (default: %(default)s)")
+    parser.add_argument("--npix", type=int, default=512,
+                        help="side of the new image in pixels (default: %(default)s)")
+    args = add_common_arguments(parser, repeat=2).parse_args(argv)
+    args.histories = sorted({int(h) for h in args.histories.split(",") if h.strip()})
+    return args
+
+
+@dataclass
+class NightCost:
+    """Timings of one new night on top of a history of ``nights`` nights."""
+
+    nights: int
+    history_rows: int
+    rows_read: int = 0
+    stages: dict[str, Timing] = field(default_factory=dict)
+
+
+def build_history(engine, fld: Field, n_nights: int, images_per_night: int,
+                  rng: np.random.Generator) -> int:
+    """H nights of constant-flux photometry of the field's sources, written as the pipeline would."""
+    cat = fld.catalog
+    mjds = epochs(FIRST_MJD, n_nights, images_per_night)
+    lc = synthetic_lightcurves(cat.source_id, mjds, rng, mean_mjy=cat.flux_mjy)
+    fill_products_db(engine, lc, dict(zip(cat.source_id, cat.ra_deg)),
+                     dict(zip(cat.source_id, cat.dec_deg)),
+                     progress=progress_printer(f"H={n_nights}: history images", 1000))
+    return len(lc)
+
+
+def process_new_night(engine, fld: Field, image_path: str, repeat: int, cost: NightCost) -> None:
+    """Time each stage of one new night (registration once; the idempotent stages ``repeat``x)."""
+    settings = DetectionSettings()
+    cost.stages["register"] = time_call(lambda: pipeline.inspect_files(
+        engine, [image_path], timezone="UTC", first_night="2000-01-01"))
+    if cost.stages["register"].value.rejected:
+        raise RuntimeError(f"new image rejected: {cost.stages['register'].value.rejected}")
+    night = night_of_image(engine, image_path)
+    cost.stages["measure"] = time_call(
+        lambda: pipeline.measure_image(engine, fld.catalog, image_path), repeat)
+    cost.stages["variability"] = time_call(lambda: pipeline.update_variability(
+        engine, [night], flux_scale_error=FLUX_SCALE_ERROR), repeat)
+    stats = cost.stages["variability"].value
+    cost.stages["detect"] = time_call(lambda: pipeline.detect_candidates(
+        engine, settings, source_ids=stats["source_id"].tolist(), night=night), repeat)
+    # The variability stage, step by step (once each).
+    read = time_call(lambda: repo.lightcurves_for_nights(engine, [night]))
+    compute = time_call(lambda: pipeline.stats_from_lightcurves(
+        read.value, flux_scale_error=FLUX_SCALE_ERROR))
+    upsert = time_call(lambda: repo.upsert_variability_stats(engine, compute.value))
+    cost.stages.update(zip(BREAKDOWN, (read, compute, upsert)))
+    cost.rows_read = len(read.value)
+
+
+def night_of_image(engine, path: str) -> str:
+    """The night the pipeline assigned to a registered image."""
+    images = repo.images_near_mjd(engine, -1e9, 1e9)
+    return str(images.loc[images["path"] == path, "night"].iloc[0])
+
+
+def run_history(args, fld: Field, n_nights: int, rng: np.random.Generator) -> NightCost:
+    """Build a database with ``n_nights`` of history and process one new night on top of it."""
+    with temp_dir(f"incremental_h{n_nights}") as tmp:
+        db = tmp / "products.sqlite3"
+        engine = open_products_db(db)
+        build = time_call(lambda: build_history(engine, fld, n_nights, args.images_per_night, rng))
+        new_mjd = FIRST_MJD + n_nights + 2.0 / 24.0
+        image = str(write_field_fits(fld, tmp / f"new_{night_of(new_mjd)}.fits", iso_of(new_mjd)))
+        cost = NightCost(n_nights, build.value)
+        print(f"  H={n_nights}: {build.value:,} history rows written in {fmt_seconds(build.median)}; "
+              f"processing night {night_of(new_mjd)} ...", flush=True)
+        process_new_night(engine, fld, image, args.repeat, cost)
+        close_products_db(db)
+    return cost
+
+
+def report(costs: list[NightCost], repeat: int) -> None:
+    base = costs[0]
+    headers = ["stage"] + [f"H={c.nights}" for c in costs] + [
+        f"ratio H={c.nights}/H={base.nights}" for c in costs[1:]]
+    rows = []
+    for stage in (*STAGES, "total (4 stages)", *BREAKDOWN):
+        times = [total_time(c) if stage.startswith("total") else c.stages[stage].median for c in costs]
+        rows.append([stage] + [fmt_seconds(t) for t in times] +
+                    [fmt_ratio(t / times[0]) for t in times[1:]])
+    print(f"time of ONE new night (median of {repeat} runs for measure/variability/detect; "
+          "register and the breakdown run once):")
+    print_table(headers, rows)
+    info = [
+        ["history photometry rows"] + [f"{c.history_rows:,}" for c in costs] +
+        [fmt_ratio(c.history_rows / base.history_rows) for c in costs[1:]],
+        ["rows read by the variability stage"] + [f"{c.rows_read:,}" for c in costs] +
+        [fmt_ratio(c.rows_read / max(base.rows_read, 1)) for c in costs[1:]],
+        ["variability time per row read"] +
+        [fmt_seconds(c.stages["variability"].median / max(c.rows_read, 1)) for c in costs] +
+        ["" for _ in costs[1:]],
+    ]
+    print_table(["size"] + headers[1:], info)
+
+
+def total_time(cost: NightCost) -> float:
+    return sum(cost.stages[s].median for s in STAGES)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_logging()
+    rng = np.random.default_rng(args.seed)
+    print_header(
+        "bench_incremental: cost of one new night vs the length of the history already stored",
+        [f"history: H nights x {args.images_per_night} images x {args.sources} sources of synthetic "
+         f"photometry in SQLite (fake image paths); new night: one real {args.npix}x{args.npix} "
+         "simulated FITS image of the same sources",
+         "ratio = stage time at H / stage time at the shortest H (1x = cost independent of history)"],
+    )
+    fld = make_field(args.npix, args.sources, rng)
+    print("  warm-up (imports, caches, catalog index; not reported):", flush=True)
+    run_history(args, fld, 1, rng)
+    costs = [run_history(args, fld, h, rng) for h in args.histories]
+    print()
+    report(costs, args.repeat)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
