@@ -121,7 +121,8 @@ def inspect_files(
 ) -> ScanResult:
     """Register the given files in ``images``: usable images as ``pending``, others ``rejected``.
 
-    Files already in ``images`` are left alone. A file modified less than ``settle_seconds`` ago is
+    Files already in ``images`` are left alone, except rejected files whose size or modification
+    time changed since (they are examined again). A file modified less than ``settle_seconds`` ago is
     still being written and is left for the next look. A file is rejected (with a reason that names
     the file and the problem) when it is not a readable FITS image with WCS, beam and time, when its
     night precedes ``first_night`` (the first partition), or when it duplicates an image already
@@ -129,6 +130,7 @@ def inspect_files(
     """
     now = time.time() if now is None else now
     paths = [str(Path(p).expanduser().resolve()) for p in paths]
+    _release_rewritten_rejections(engine, paths)
     known = repo.known_image_paths(engine, paths)
     result = ScanResult(already_known=len(known))
     records: list[dict] = []
@@ -166,6 +168,22 @@ def inspect_files(
             log.warning("rejected %s: %s", rec["path"], rec["reason"])
             progress(f"rejected {rec['path']}: {rec['reason']}")
     return result
+
+
+def _release_rewritten_rejections(engine: Engine, paths: list[str]) -> None:
+    """Forget rejections of files that changed since (e.g. a transfer that stalled past the settle
+    time and then completed), so they are examined again instead of staying rejected forever."""
+    changed = []
+    for path, (size, mtime) in repo.rejected_file_states(engine, paths).items():
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            continue
+        if size != stat.st_size or mtime is None or abs(mtime - stat.st_mtime) > 1e-6:
+            changed.append(path)
+    if changed:
+        repo.forget_rejected_images(engine, changed)
+        log.info("re-examining %d rejected files that changed: %s", len(changed), changed[:5])
 
 
 def _inspect_one(path: str, stat: os.stat_result, *, timezone: str, first_night: str,

@@ -282,3 +282,23 @@ def test_postgresql_gives_the_same_tables_as_sqlite(tmp_path, small_survey, post
     assert_same_tables(
         relocate_paths(snapshot(make_engine(lite.products_db)), str(tmp_path / "sqlite"), "WS"),
         relocate_paths(first, str(tmp_path / "pg"), "WS"))
+
+
+def test_a_rejected_file_is_examined_again_once_it_changes(tmp_path, small_survey):
+    settings = make_workspace(tmp_path, small_survey, copy_images=False)
+    src = sorted((small_survey / "incoming").glob("*.fits"))[0]
+    dst = Path(settings.incoming_dir) / src.name
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 3])  # a transfer that stalled past the settle time
+    engine = make_engine(settings.products_db)
+    ensure_schema(engine)
+    from ese_assets import pipeline
+
+    scan = lambda: pipeline.scan_directory(engine, settings.incoming_dir,  # noqa: E731
+                                           timezone="UTC", first_night="2020-01-01")
+    assert len(scan().rejected) == 1
+    assert scan().already_known == 1  # unchanged: stays rejected, not re-read every tick
+    dst.write_bytes(data)  # the transfer completed
+    again = scan()
+    assert again.registered == [str(dst)] and not again.rejected
+    assert repo.image_counts_by_status(engine)["rejected"] == 0

@@ -217,6 +217,34 @@ def known_image_paths(engine: Engine, paths: Iterable[str]) -> set[str]:
     return found
 
 
+def rejected_file_states(engine: Engine, paths: Iterable[str]) -> dict[str, tuple[Any, Any]]:
+    """``{path: (file_size, file_mtime)}`` recorded for the rejected images among ``paths``."""
+    wanted = _unique_str(paths)
+    states: dict[str, tuple[Any, Any]] = {}
+    with engine.connect() as conn:
+        for chunk in _chunks(wanted):
+            rows = conn.execute(
+                sa.select(images.c.path, images.c.file_size, images.c.file_mtime)
+                .where(images.c.path.in_(chunk), images.c.status == "rejected"))
+            states.update({r.path: (r.file_size, r.file_mtime) for r in rows})
+    return states
+
+
+def forget_rejected_images(engine: Engine, paths: Iterable[str]) -> int:
+    """Delete the ``rejected`` rows of ``paths`` (so the files are examined again); returns count.
+
+    Only rejected rows are touched: a measured image keeps its row and its photometry.
+    """
+    wanted = _unique_str(paths)
+    deleted = 0
+    with begin_write(engine) as conn:
+        for chunk in _chunks(wanted):
+            deleted += conn.execute(
+                sa.delete(images).where(images.c.path.in_(chunk),
+                                        images.c.status == "rejected")).rowcount
+    return deleted
+
+
 def register_images(engine: Engine, records: list[dict[str, Any]]) -> int:
     """Insert ``images`` rows; a path already present is left untouched. Returns rows inserted.
 
