@@ -54,15 +54,21 @@ class Timing:
         return min(self.seconds)
 
 
-def time_call(fn: Callable[[], Any], repeat: int = 1) -> Timing:
-    """Run ``fn()`` ``repeat`` times (garbage collected before each run) and time each run."""
-    seconds = []
+def time_call(fn: Callable[[], Any], repeat: int = 1, max_seconds: float | None = None) -> Timing:
+    """Run ``fn()`` ``repeat`` times (garbage collected before each run) and time each run.
+
+    With ``max_seconds``, stop repeating once the runs so far took that long (slow calls are
+    then timed fewer times, at least once).
+    """
+    seconds: list[float] = []
     value = None
     for _ in range(max(1, int(repeat))):
         gc.collect()
         start = time.perf_counter()
         value = fn()
         seconds.append(time.perf_counter() - start)
+        if max_seconds is not None and sum(seconds) >= max_seconds:
+            break
     return Timing(seconds, value)
 
 

@@ -20,9 +20,11 @@ Run: ``.venv/bin/python benchmarks/bench_ingest_end_to_end.py [--nights 3] [--im
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from _common import (
@@ -45,11 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images-per-night", type=int, default=4, help="(default: %(default)s)")
     parser.add_argument("--npix", type=int, default=512, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--sources", type=int, default=250, help="sources in the field (default: %(default)s)")
-    return add_common_arguments(parser, repeat=2).parse_args(argv)
+    return add_common_arguments(parser, repeat=3).parse_args(argv)
 
 
 def survey_config(args) -> SurveyConfig:
-    """The default demo survey, shortened; no cubes' special handling needed (kept at default)."""
+    """The default demo survey (SurveyConfig defaults), with fewer nights, images and sources."""
     return SurveyConfig(seed=args.seed, n_nights=args.nights, images_per_night=args.images_per_night,
                         npix=args.npix, n_sources=args.sources)
 
@@ -62,14 +64,36 @@ def settings_for(base: Settings, survey: Path, work: Path) -> Settings:
         partition_start=PARTITION_START, timezone=TIMEZONE, settle_seconds=0.0)
 
 
+@contextlib.contextmanager
+def stderr_to(path: Path) -> Iterator[None]:
+    """Send file descriptor 2 (Dagster's console run log) to ``path`` for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as log:
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def run_dagster(settings: Settings) -> int:
-    """``ingest_directory`` as ``ese ingest`` calls it; returns the number of night runs."""
+    """``ingest_directory`` as ``ese ingest`` calls it; returns the number of night runs.
+
+    Dagster's console log of each run (what ``ese ingest`` shows) goes to ``<data_dir>/dagster.log``.
+    """
     from ese_assets.ingest import ingest_directory  # imported here: the import loads Dagster
 
-    _, runs = ingest_directory(settings, settings.incoming_dir, progress=lambda _: None)
+    log = Path(settings.data_dir) / "dagster.log"
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    with stderr_to(log):
+        _, runs = ingest_directory(settings, settings.incoming_dir, progress=lambda _: None)
     failed = [r.night for r in runs if not r.success]
     if failed:
-        raise RuntimeError(f"Dagster runs failed for nights {failed}")
+        tail = log.read_text(errors="replace").splitlines()[-20:]
+        raise RuntimeError(f"Dagster runs failed for nights {failed}; log tail:\n" + "\n".join(tail))
     return len(runs)
 
 

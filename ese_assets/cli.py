@@ -50,7 +50,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if not Path(args.directory).is_dir():
         print(f"ese ingest: {args.directory} is not a directory", file=sys.stderr)
         return 2
-    scan, runs = ingest_directory(settings, args.directory, settle_seconds=args.settle_seconds)
+    scan, runs = ingest_directory(settings, args.directory, settle_seconds=args.settle_seconds,
+                                  verbose=args.verbose)
     for path, reason in scan.rejected:
         print(f"rejected {path}: {reason}")
     failed = [r for r in runs if not r.success]
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--catalog", help="source catalog (default: $ESE_CATALOG or $MASTER_SOURCES_DB)")
     p.add_argument("--settle-seconds", type=float, default=0.0,
                    help="skip files modified less than this many seconds ago (default 0)")
+    p.add_argument("--verbose", action="store_true", help="also print Dagster's step logs")
     _add_db(p)
     p.set_defaults(func=cmd_ingest)
 

@@ -9,6 +9,7 @@ the Dagster UI next to the sensor's and the schedule's runs.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +28,21 @@ from ese_assets.storage import repository as repo
 from ese_assets.storage.engine import ensure_schema, make_engine
 
 
+#: The project's instance configuration (source checkout); copied into a new DAGSTER_HOME.
+PROJECT_DAGSTER_YAML = Path(__file__).resolve().parents[1] / "dagster.yaml"
+
+
 def dagster_instance(settings: Settings) -> dg.DagsterInstance:
-    """The persistent instance of ``$DAGSTER_HOME`` (default: ``<data dir>/dagster_home``)."""
-    home = os.environ.get("DAGSTER_HOME") or str(Path(settings.data_dir) / "dagster_home")
-    Path(home).mkdir(parents=True, exist_ok=True)
-    os.environ["DAGSTER_HOME"] = home
+    """The persistent instance of ``$DAGSTER_HOME`` (default: ``<data dir>/dagster_home``).
+
+    A new home gets the project's ``dagster.yaml`` (as ``make demo``/``make ui`` do), so the CLI
+    and the UI see the same configuration.
+    """
+    home = Path(os.environ.get("DAGSTER_HOME") or Path(settings.data_dir) / "dagster_home")
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists() and PROJECT_DAGSTER_YAML.exists():
+        shutil.copy(PROJECT_DAGSTER_YAML, home / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(home)
     return dg.DagsterInstance.get()
 
 
@@ -45,8 +56,13 @@ class NightRun:
 
 
 def ingest_directory(settings: Settings, directory: str | Path, *, settle_seconds: float = 0.0,
-                     progress=print) -> tuple[pipeline.ScanResult, list[NightRun]]:
-    """Register the files of ``directory`` and run every night that has pending images."""
+                     progress=print, verbose: bool = False,
+                     ) -> tuple[pipeline.ScanResult, list[NightRun]]:
+    """Register the files of ``directory`` and run every night that has pending images.
+
+    Each run's full log is in the Dagster instance (UI); the console shows one line per run unless
+    ``verbose`` also echoes Dagster's own step logs.
+    """
     engine = make_engine(settings.products_db)
     ensure_schema(engine)
     scan = pipeline.scan_directory(engine, directory, settle_seconds=settle_seconds,
@@ -65,7 +81,9 @@ def ingest_directory(settings: Settings, directory: str | Path, *, settle_second
         repo.set_image_status(engine, paths, "queued")  # keep a running sensor off these files
         started = time.monotonic()
         result = job.execute_in_process(
-            partition_key=request.partition_key, run_config=request.run_config,
+            partition_key=request.partition_key,
+            run_config={**request.run_config, "loggers": {"console": {"config": {
+                "log_level": "DEBUG" if verbose else "WARNING"}}}},
             instance=instance, tags={**request.tags, "ese/trigger": "cli"},
             raise_on_error=False)
         run = NightRun(request.partition_key, result.run_id, result.success, len(paths),

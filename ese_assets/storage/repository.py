@@ -152,8 +152,10 @@ def _read(conn: Connection, stmt: sa.Select[Any]) -> pd.DataFrame:
     """Run a SELECT and return a DataFrame typed after the selected columns (also when empty)."""
     result = conn.execute(stmt)
     names = list(result.keys())
-    rows = result.fetchall()
-    frame = pd.DataFrame.from_records(rows, columns=names) if rows else pd.DataFrame(
+    # Plain tuples: building a DataFrame from Row objects probes each row's attributes and took
+    # twice as long (benchmarks/bench_variability.py).
+    rows = [tuple(row) for row in result.fetchall()]
+    frame = pd.DataFrame(rows, columns=names) if rows else pd.DataFrame(
         {name: [] for name in names})
     dtypes: dict[str, Any] = {}
     for name, column in zip(names, stmt.selected_columns):
