@@ -50,10 +50,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if not Path(args.directory).is_dir():
         print(f"ese ingest: {args.directory} is not a directory", file=sys.stderr)
         return 2
-    scan, runs = ingest_directory(settings, args.directory, settle_seconds=args.settle_seconds,
+    _, runs = ingest_directory(settings, args.directory, settle_seconds=args.settle_seconds,
                                   verbose=args.verbose)
-    for path, reason in scan.rejected:
-        print(f"rejected {path}: {reason}")
     failed = [r for r in runs if not r.success]
     print(f"{len(runs)} runs, {len(failed)} failed")
     return 1 if failed else 0

@@ -66,7 +66,8 @@ def ingest_directory(settings: Settings, directory: str | Path, *, settle_second
     engine = make_engine(settings.products_db)
     ensure_schema(engine)
     scan = pipeline.scan_directory(engine, directory, settle_seconds=settle_seconds,
-                                   timezone=PARTITION_TIMEZONE, first_night=PARTITION_START)
+                                   timezone=PARTITION_TIMEZONE, first_night=PARTITION_START,
+                                   progress=progress)
     progress(f"{directory}: {len(scan.registered)} new images, {len(scan.rejected)} rejected, "
              f"{scan.already_known} already known, {len(scan.waiting)} still being written")
     requests = night_run_requests(repo.pending_images(engine),

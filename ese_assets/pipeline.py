@@ -45,6 +45,9 @@ PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", ".lock",
 DUPLICATE_MJD_TOL_DAYS = 1.0 / 86400.0
 DUPLICATE_POINTING_TOL_DEG = 1.0 / 3600.0
 
+#: New files whose headers are read and registered per transaction.
+REGISTER_BATCH = 500
+
 Progress = Callable[[str], None]
 
 
@@ -63,6 +66,7 @@ class ScanResult:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     waiting: list[str] = field(default_factory=list)  # still being written; looked at next time
     already_known: int = 0
+    deferred: int = 0  # new files left for the next call (``limit``)
 
 
 def _candidate_files(directory: Path) -> list[os.DirEntry]:
@@ -117,6 +121,7 @@ def inspect_files(
     first_night: str,
     settle_seconds: float = 0.0,
     now: float | None = None,
+    limit: int | None = None,
     progress: Progress = _silent,
 ) -> ScanResult:
     """Register the given files in ``images``: usable images as ``pending``, others ``rejected``.
@@ -127,16 +132,34 @@ def inspect_files(
     the file and the problem) when it is not a readable FITS image with WCS, beam and time, when its
     night precedes ``first_night`` (the first partition), or when it duplicates an image already
     registered (same observation time and pointing, e.g. the same file copied under another name).
+
+    Headers are read and registered in batches of :data:`REGISTER_BATCH` files, each batch in one
+    transaction, so a large backlog makes steady progress. ``limit`` caps the new files examined in
+    this call (the sensor's tick must stay short); the rest are counted in ``result.deferred``.
     """
     now = time.time() if now is None else now
     paths = [str(Path(p).expanduser().resolve()) for p in paths]
     _release_rewritten_rejections(engine, paths)
     known = repo.known_image_paths(engine, paths)
     result = ScanResult(already_known=len(known))
+    new = [p for p in paths if p not in known]
+    if limit is not None and len(new) > limit:
+        result.deferred = len(new) - limit
+        new = new[:limit]
+    for start in range(0, len(new), REGISTER_BATCH):
+        _register_batch(engine, new[start:start + REGISTER_BATCH], result, timezone=timezone,
+                        first_night=first_night, settle_seconds=settle_seconds, now=now,
+                        progress=progress)
+        if len(new) > REGISTER_BATCH:
+            progress(f"examined {min(start + REGISTER_BATCH, len(new))}/{len(new)} new files")
+    return result
+
+
+def _register_batch(engine: Engine, paths: list[str], result: ScanResult, *, timezone: str,
+                    first_night: str, settle_seconds: float, now: float,
+                    progress: Progress) -> None:
     records: list[dict] = []
     for path in paths:
-        if path in known:
-            continue
         try:
             stat = os.stat(path)
         except FileNotFoundError:
@@ -145,20 +168,7 @@ def inspect_files(
             result.waiting.append(path)
             continue
         records.append(_inspect_one(path, stat, timezone=timezone, first_night=first_night, now=now))
-
-    usable = [r for r in records if r["status"] == "pending"]
-    if usable:
-        mjds = [r["mjd"] for r in usable]
-        registered = repo.images_near_mjd(engine, min(mjds) - DUPLICATE_MJD_TOL_DAYS,
-                                          max(mjds) + DUPLICATE_MJD_TOL_DAYS)
-        accepted: list[dict] = []  # duplicates may also arrive together in one scan
-        for rec in usable:
-            twin = _is_duplicate(rec, registered) or _is_duplicate(rec, pd.DataFrame(accepted))
-            if twin is None:
-                accepted.append(rec)
-            else:
-                rec.update(status="rejected",
-                           reason=f"duplicate of {twin} (same observation time and pointing)")
+    _reject_duplicates(engine, [r for r in records if r["status"] == "pending"])
     repo.register_images(engine, records)
     for rec in records:
         if rec["status"] == "pending":
@@ -167,7 +177,23 @@ def inspect_files(
             result.rejected.append((rec["path"], rec["reason"]))
             log.warning("rejected %s: %s", rec["path"], rec["reason"])
             progress(f"rejected {rec['path']}: {rec['reason']}")
-    return result
+
+
+def _reject_duplicates(engine: Engine, usable: list[dict]) -> None:
+    """Mark records that repeat an observation already registered (or earlier in ``usable``)."""
+    if not usable:
+        return
+    mjds = [r["mjd"] for r in usable]
+    registered = repo.images_near_mjd(engine, min(mjds) - DUPLICATE_MJD_TOL_DAYS,
+                                      max(mjds) + DUPLICATE_MJD_TOL_DAYS)
+    accepted: list[dict] = []  # duplicates may also arrive together in one batch
+    for rec in usable:
+        twin = _is_duplicate(rec, registered) or _is_duplicate(rec, pd.DataFrame(accepted))
+        if twin is None:
+            accepted.append(rec)
+        else:
+            rec.update(status="rejected",
+                       reason=f"duplicate of {twin} (same observation time and pointing)")
 
 
 def _release_rewritten_rejections(engine: Engine, paths: list[str]) -> None:

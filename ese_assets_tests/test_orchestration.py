@@ -302,3 +302,20 @@ def test_a_rejected_file_is_examined_again_once_it_changes(tmp_path, small_surve
     again = scan()
     assert again.registered == [str(dst)] and not again.rejected
     assert repo.image_counts_by_status(engine)["rejected"] == 0
+
+
+def test_a_backlog_is_registered_over_several_limited_passes(tmp_path, small_survey):
+    settings = make_workspace(tmp_path, small_survey)
+    engine = make_engine(settings.products_db)
+    ensure_schema(engine)
+    from ese_assets import pipeline
+
+    def scan():
+        return pipeline.scan_directory(engine, settings.incoming_dir, timezone="UTC",
+                                       first_night="2020-01-01", limit=5)
+
+    first, second, third = scan(), scan(), scan()
+    assert (len(first.registered), first.deferred) == (5, 7)
+    assert (len(second.registered), second.deferred) == (5, 2)
+    assert (len(third.registered), third.deferred) == (2, 0)
+    assert repo.image_counts_by_status(engine)["pending"] == 12

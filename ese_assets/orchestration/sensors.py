@@ -22,6 +22,9 @@ from ese_assets.storage import repository as repo
 
 #: Upper bound on images per run, so one run of a busy night stays minutes long, not hours.
 MAX_IMAGES_PER_RUN = 400
+#: New files examined per tick: a tick must finish well within Dagster's sensor timeout (60 s),
+#: so a backlog of thousands of files is registered over several ticks.
+MAX_NEW_FILES_PER_TICK = 2000
 
 
 def night_run_requests(pending, last_night: str) -> list[dg.RunRequest]:
@@ -55,7 +58,8 @@ def incoming_images_sensor(context: dg.SensorEvaluationContext, products_db: Pro
     try:
         scan = pipeline.scan_directory(engine, incoming.path,
                                        settle_seconds=incoming.settle_seconds,
-                                       timezone=PARTITION_TIMEZONE, first_night=PARTITION_START)
+                                       timezone=PARTITION_TIMEZONE, first_night=PARTITION_START,
+                                       limit=MAX_NEW_FILES_PER_TICK)
     except FileNotFoundError as exc:
         return dg.SkipReason(str(exc))
     for path, reason in scan.rejected:
@@ -69,5 +73,6 @@ def incoming_images_sensor(context: dg.SensorEvaluationContext, products_db: Pro
         waiting = f", {len(scan.waiting)} still being written" if scan.waiting else ""
         return dg.SkipReason(f"no new images ({len(scan.rejected)} rejected{waiting})")
     context.log.info(f"{len(requested)} new images in {len(requests)} runs; "
-                     f"{len(scan.rejected)} rejected, {len(scan.waiting)} still being written")
+                     f"{len(scan.rejected)} rejected, {len(scan.waiting)} still being written, "
+                     f"{scan.deferred} left for the next tick")
     return dg.SensorResult(run_requests=requests)
