@@ -17,6 +17,7 @@ from sqlalchemy import Engine
 
 from ese_assets import pipeline
 from ese_assets.core.detection import DetectionSettings, composite_score, resolve_min_sigma
+from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS
 from ese_assets.storage import repository as repo
 from ese_assets.storage.engine import ensure_schema, make_engine
 
@@ -36,10 +37,12 @@ def _engine(products_db: str | Path | Engine) -> Engine:
 
 
 def update_variability_stats_for_source(products_db: str | Path | Engine, source_id: str, *,
-                                        flux_scale_error: float = DEFAULT_FLUX_SCALE_ERROR) -> bool:
-    """Recompute one source's statistics from its photometry; False if it has none."""
+                                        flux_scale_error: float = DEFAULT_FLUX_SCALE_ERROR,
+                                        dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS) -> bool:
+    """Rebuild one source's sums and statistics from its photometry; False if it has none."""
     return pipeline.recompute_variability(_engine(products_db), [source_id],
-                                          flux_scale_error=flux_scale_error) > 0
+                                          flux_scale_error=flux_scale_error,
+                                          dip_window_days=dip_window_days) > 0
 
 
 def detect_ese_candidates(
@@ -53,13 +56,15 @@ def detect_ese_candidates(
     min_dip_sigma: float | None = None,
     min_obs: int | None = None,
     flux_scale_error: float = DEFAULT_FLUX_SCALE_ERROR,
+    dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
 ) -> list[dict]:
     """Flag ESE candidates among all sources (or one) and return them, most significant first.
 
     ``preset`` (conservative 5.0, moderate 3.5, sensitive 3.0) or ``min_sigma`` sets the seed's
     ``sigma_deviation`` rule; the dip rule (``min_dip_sigma``) runs next to it. ``recompute`` first
-    rebuilds ``variability_stats`` from ``photometry``. With ``use_composite_scoring`` each candidate
-    also carries the seed's ``composite_score`` and ``confidence``.
+    rebuilds the sums and ``variability_stats`` from ``photometry`` (O(history); the dip statistic
+    over the last ``dip_window_days``). With ``use_composite_scoring`` each candidate also carries
+    the seed's ``composite_score`` and ``confidence``.
     """
     engine = _engine(products_db)
     defaults = DetectionSettings()
@@ -69,7 +74,8 @@ def detect_ese_candidates(
         min_obs=defaults.min_obs if min_obs is None else min_obs)
     ids = [source_id] if source_id else None
     if recompute:
-        pipeline.recompute_variability(engine, ids, flux_scale_error=flux_scale_error)
+        pipeline.recompute_variability(engine, ids, flux_scale_error=flux_scale_error,
+                                       dip_window_days=dip_window_days)
     summary = pipeline.detect_candidates(engine, settings, source_ids=ids)
     if summary.flagged.empty:
         return []

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ese_assets.core.detection import PRESETS, DetectionSettings, resolve_min_sigma
+from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -26,6 +27,13 @@ def _env_float(name: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise ValueError(f"environment variable {name}={raw!r} is not a number") from None
+
+
+def _positive(name: str, default: float) -> float:
+    value = _env_float(name, default)
+    if not value > 0:
+        raise ValueError(f"environment variable {name}={value!r} must be > 0")
+    return value
 
 
 def _abspath(value: str) -> str:
@@ -46,6 +54,7 @@ class Settings:
     settle_seconds: float  # a file is complete when unmodified for this long
     min_flux_mjy: float  # catalog flux limit for forced photometry
     flux_scale_error: float  # fractional calibration floor used by the variability metrics
+    dip_window_days: float  # trailing window of the robust baseline and the dip statistic
     preset: str
     min_sigma: float
     min_dip_sigma: float
@@ -72,6 +81,7 @@ class Settings:
             settle_seconds=_env_float("ESE_SETTLE_SECONDS", 10.0),
             min_flux_mjy=_env_float("ESE_MIN_FLUX_MJY", 0.0),
             flux_scale_error=_env_float("ESE_FLUX_SCALE_ERROR", 0.02),
+            dip_window_days=_positive("ESE_DIP_WINDOW_DAYS", DEFAULT_DIP_WINDOW_DAYS),
             preset=preset,
             min_sigma=resolve_min_sigma(preset, float(min_sigma_env) if min_sigma_env else None),
             min_dip_sigma=_env_float("ESE_MIN_DIP_SIGMA", defaults.min_dip_sigma),

@@ -23,7 +23,8 @@ from ese_assets.storage import repository as repo
 from ese_assets.storage.engine import ensure_schema, make_engine
 from ese_assets_tests.survey import NIGHTS, make_workspace
 
-TABLES = ("images", "photometry", "variability_stats", "ese_candidates")
+TABLES = ("images", "photometry", "variability_stats", "ese_candidates", "source_night_sums",
+          "source_sums")
 # Processing timestamps differ between runs by design; everything else must be identical.
 VOLATILE = ("id", "measured_at", "updated_at", "flagged_at", "registered_at", "last_measured_at",
             "file_mtime")

@@ -94,7 +94,8 @@ def test_make_engine_sqlite_path_creates_dirs_and_sets_pragmas(tmp_path, monkeyp
         assert pragma == {"journal_mode": "wal", "busy_timeout": 2500, "foreign_keys": 1,
                           "synchronous": 1}  # 1 = NORMAL
         assert set(sa.inspect(engine).get_table_names()) == {
-            "images", "photometry", "variability_stats", "ese_candidates"}
+            "images", "photometry", "variability_stats", "ese_candidates", "source_night_sums",
+            "source_sums"}
     finally:
         dispose_engine(str(path))
 
@@ -481,3 +482,82 @@ def test_summaries_for_checks_and_sensor(engine):
     repo.apply_candidate_changes(engine, [_flag("A", significance=-1.0), _flag("B")], [])
     problems = repo.candidate_problems(engine)
     assert len(problems) == 1 and problems[0].startswith("A: candidate")
+
+
+# --------------------------------------------------------------------------------------------------
+# source_night_sums / source_sums
+# --------------------------------------------------------------------------------------------------
+
+def _sums_row(source_id: str, **values) -> dict:
+    row = {"source_id": source_id, "ra_deg": 10.0, "dec_deg": 20.0, "nvss_flux_mjy": 100.0,
+           "shift_mjy": 100.0, "flux_scale_error": 0.02, "n_obs": 2, "n_bad_err": 0,
+           "sum_d": 1.0, "sum_d2": 2.0, "sum_w": 3.0, "sum_wd": 4.0, "sum_wd2": 5.0,
+           "min_flux_mjy": 99.0, "max_flux_mjy": 102.0, "first_mjd": 61041.0, "last_mjd": 61042.0,
+           "last_measured_at": 1.0e9}
+    row.update(values)
+    return row
+
+
+def test_add_source_sums_adds_and_widens(engine):
+    with repo.sums_transaction(engine) as conn:
+        repo.add_source_sums(conn, pd.DataFrame([_sums_row("B"), _sums_row("A", ra_deg=1.0)]))
+    delta = _sums_row("A", ra_deg=2.0, n_obs=3, sum_d=-0.5, sum_w=0.25, min_flux_mjy=98.0,
+                      max_flux_mjy=101.0, first_mjd=61043.0, last_mjd=61044.0, shift_mjy=7.0)
+    older = _sums_row("B", ra_deg=5.0, n_obs=-1, sum_d=-1.0, min_flux_mjy=np.nan,
+                      max_flux_mjy=np.nan, first_mjd=np.nan, last_mjd=61000.0)
+    with repo.sums_transaction(engine) as conn:
+        assert repo.add_source_sums(conn, pd.DataFrame([delta, older])) == 2
+    got = repo.read_source_sums(engine).set_index("source_id")
+    a, b = got.loc["A"], got.loc["B"]
+    assert (a["n_obs"], a["sum_d"], a["sum_w"], a["sum_d2"]) == (5, 0.5, 3.25, 4.0)
+    assert (a["min_flux_mjy"], a["max_flux_mjy"]) == (98.0, 102.0)  # widened, never narrowed
+    assert (a["first_mjd"], a["last_mjd"], a["ra_deg"]) == (61041.0, 61044.0, 2.0)  # newer epochs
+    assert a["shift_mjy"] == 100.0  # a source's shift never changes
+    assert (b["n_obs"], b["sum_d"], b["ra_deg"]) == (1, 0.0, 10.0)  # older epochs: catalog kept
+    assert (b["min_flux_mjy"], b["last_mjd"]) == (99.0, 61042.0)  # missing extremes keep stored
+
+
+def test_replace_night_sums_refresh_extremes_and_delete(engine):
+    nights = pd.DataFrame([
+        {**_sums_row("A"), "night": "2026-01-01", "min_flux_mjy": 90.0, "last_mjd": 61041.5},
+        {**_sums_row("A"), "night": "2026-01-02", "max_flux_mjy": 120.0},
+        {**_sums_row("B"), "night": "2026-01-01"},
+    ])
+    with repo.sums_transaction(engine) as conn:
+        assert repo.replace_night_sums(conn, nights, nights=["2026-01-01", "2026-01-02"]) == 3
+        repo.put_source_sums(conn, pd.DataFrame([_sums_row("A"), _sums_row("B", n_obs=0)]))
+        repo.refresh_source_extremes(conn, ["A"])
+        assert repo.delete_source_sums(conn, ["A", "B"], only_empty=True) == 1
+    a = repo.read_source_sums(engine).set_index("source_id").loc["A"]
+    assert (a["min_flux_mjy"], a["max_flux_mjy"], a["last_mjd"]) == (90.0, 120.0, 61042.0)
+    assert repo.read_source_sums(engine)["source_id"].tolist() == ["A"]
+    # Replacing a night removes its rows of every source, then inserts the given ones.
+    with repo.sums_transaction(engine) as conn:
+        repo.replace_night_sums(conn, nights.iloc[[2]], nights=["2026-01-01"])
+    got = repo.night_sums(engine, nights=["2026-01-01", "2026-01-02"])
+    assert list(zip(got["source_id"], got["night"])) == [("A", "2026-01-02"), ("B", "2026-01-01")]
+    assert got["n_obs"].dtype == np.int64
+    with repo.sums_transaction(engine) as conn:
+        repo.replace_night_sums(conn, nights.iloc[:0], source_ids=["A"])
+    assert repo.night_sums(engine, source_ids=["A", "B"])["source_id"].tolist() == ["B"]
+    with pytest.raises(ValueError, match="either"):
+        repo.night_sums(engine)
+
+
+def test_night_photometry_window_and_counts(engine):
+    _measure(engine, "/d/a.fits", ["S1", "S2"], NIGHTS[0], 61041.1)
+    _measure(engine, "/d/b.fits", ["S1"], NIGHTS[1], 61042.1)
+    _measure(engine, "/d/c.fits", ["S1", "S2"], NIGHTS[2], 61050.1)
+    rows = repo.night_photometry(engine, [NIGHTS[2], NIGHTS[0]])
+    assert list(rows.columns) == list(repo.NIGHT_PHOTOMETRY_COLUMNS)
+    assert list(zip(rows["source_id"], rows["night"])) == [
+        ("S1", NIGHTS[0]), ("S1", NIGHTS[2]), ("S2", NIGHTS[0]), ("S2", NIGHTS[2])]
+    assert len(repo.source_photometry(engine, ["S1"])) == 3
+    assert repo.photometry_counts_by_source(engine, ["S1", "S2", "S9"]) == {"S1": 3, "S2": 2}
+    with repo.sums_transaction(engine) as conn:
+        repo.put_source_sums(conn, pd.DataFrame([_sums_row("S1", last_mjd=61050.1),
+                                                 _sums_row("S2", last_mjd=61050.1)]))
+    window = repo.window_photometry(engine, ["S1", "S2"], 8.5)  # mjd >= 61041.6
+    assert list(zip(window["source_id"], window["mjd"])) == [
+        ("S1", 61042.1), ("S1", 61050.1), ("S2", 61050.1)]
+    assert len(repo.window_photometry(engine, ["S1", "S2"], 100.0)) == 5

@@ -13,6 +13,7 @@ from sqlalchemy import Engine
 
 from ese_assets.core.catalog import Catalog, load_catalog_cached
 from ese_assets.core.detection import DetectionSettings
+from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS
 from ese_assets.settings import Settings
 from ese_assets.storage.engine import ensure_schema, make_engine
 
@@ -60,6 +61,7 @@ class DetectionResource(dg.ConfigurableResource):
     min_dip_sigma: float = DetectionSettings().min_dip_sigma
     min_obs: int = DetectionSettings().min_obs
     flux_scale_error: float = 0.02
+    dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS  # median/robust std/dip over this window
 
     def settings(self) -> DetectionSettings:
         return DetectionSettings(min_sigma=self.min_sigma, min_dip_sigma=self.min_dip_sigma,
@@ -87,5 +89,6 @@ def resources_from_settings(settings: Settings, *, bind_env: bool = True) -> dic
         "detection": DetectionResource(preset=settings.preset, min_sigma=settings.min_sigma,
                                        min_dip_sigma=settings.min_dip_sigma,
                                        min_obs=settings.min_obs,
-                                       flux_scale_error=settings.flux_scale_error),
+                                       flux_scale_error=settings.flux_scale_error,
+                                       dip_window_days=settings.dip_window_days),
     }

@@ -16,6 +16,7 @@ Rules every function follows:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
 import time
@@ -37,6 +38,8 @@ from ese_assets.storage.schema import (
     images,
     metadata,
     photometry,
+    source_night_sums,
+    source_sums,
 )
 from ese_assets.storage.schema import variability_stats as stats_table
 
@@ -180,6 +183,26 @@ def _read_chunked(conn: Connection, make_stmt: Callable[[list[Any]], sa.Select[A
     if len(frames) == 1:
         return frames[0]
     return pd.concat(frames, ignore_index=True)
+
+
+@contextlib.contextmanager
+def _writing(bind: Engine | Connection) -> Iterator[Connection]:
+    """A connection to write with: the caller's (inside its transaction) or a new write unit."""
+    if isinstance(bind, Connection):
+        yield bind
+    else:
+        with begin_write(bind) as conn:
+            yield conn
+
+
+@contextlib.contextmanager
+def _reading(bind: Engine | Connection) -> Iterator[Connection]:
+    """A connection to read with: the caller's (sees its uncommitted writes) or a new one."""
+    if isinstance(bind, Connection):
+        yield bind
+    else:
+        with bind.connect() as conn:
+            yield conn
 
 
 def _dialect_insert(conn: Connection, table: sa.Table):  # noqa: ANN202
@@ -559,13 +582,14 @@ def night_photometry_summary(engine: Engine, nights: Iterable[str]) -> dict[str,
 # variability_stats
 # --------------------------------------------------------------------------------------------------
 
-def upsert_variability_stats(engine: Engine, stats: pd.DataFrame) -> int:
+def upsert_variability_stats(engine: Engine | Connection, stats: pd.DataFrame) -> int:
     """Insert or update one ``variability_stats`` row per source; returns the rows written.
 
     ``INSERT ... ON CONFLICT (source_id) DO UPDATE SET`` every given column (columns of ``stats``
     that are not table columns are ignored; ``updated_at`` defaults to now). Rows are written in
     source_id order so concurrent transactions lock rows in the same order and cannot deadlock
-    (PostgreSQL). Duplicate source_ids raise ValueError. NaN becomes NULL.
+    (PostgreSQL). Duplicate source_ids raise ValueError. NaN becomes NULL. ``engine`` may be a
+    Connection, to write inside the caller's transaction.
     """
     if "source_id" not in stats.columns:
         raise ValueError("upsert_variability_stats: stats has no source_id column")
@@ -582,7 +606,7 @@ def upsert_variability_stats(engine: Engine, stats: pd.DataFrame) -> int:
     frame = frame.sort_values("source_id", kind="mergesort")
     columns = [c for c in stats_table.c.keys() if c in frame.columns]
     records = _frame_records(frame, columns)
-    with begin_write(engine) as conn:
+    with _writing(engine) as conn:
         insert = _dialect_insert(conn, stats_table)
         stmt = insert.on_conflict_do_update(
             index_elements=[stats_table.c.source_id],
@@ -633,6 +657,270 @@ def stats_photometry_mismatches(engine: Engine, source_ids: Iterable[str]) -> in
                 .where(stats_table.c.source_id.in_(chunk))).all())
             mismatched += sum(int(n_rows.get(s, 0)) != int(n_obs.get(s) or 0) for s in chunk)
     return mismatched
+
+
+# --------------------------------------------------------------------------------------------------
+# source_night_sums / source_sums (incremental statistics; see pipeline.update_variability)
+# --------------------------------------------------------------------------------------------------
+
+#: Columns of :func:`night_photometry` / :func:`source_photometry`, in order.
+NIGHT_PHOTOMETRY_COLUMNS = ("source_id", "night", "mjd", "peak_jyb", "peak_err_jyb",
+                            "nvss_flux_mjy", "ra_deg", "dec_deg", "measured_at", "image_path")
+
+#: Additive columns of the sums tables (core.variability.SUM_COLUMNS).
+_ADDITIVE = ("n_obs", "n_bad_err", "sum_d", "sum_d2", "sum_w", "sum_wd", "sum_wd2")
+
+# Arbitrary constant key of the PostgreSQL advisory lock that serialises writers of the sums.
+_SUMS_LOCK_KEY = 0x45534556  # "ESEV"
+
+
+@contextlib.contextmanager
+def sums_transaction(engine: Engine) -> Iterator[Connection]:
+    """The write transaction of one statistics update: read photometry and sums, write sums and stats.
+
+    The update is read-compute-write (new night sums minus the stored ones), so two concurrent
+    updates touching the same source could both apply their difference to the same old state.
+    SQLite's ``BEGIN IMMEDIATE`` already serialises writers; on PostgreSQL a transaction-scoped
+    advisory lock does, and every read inside the transaction then sees the previous holder's
+    commit (READ COMMITTED). Released at commit or rollback, so a killed run leaves the old sums.
+    """
+    with begin_write(engine) as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SUMS_LOCK_KEY})
+        yield conn
+
+
+def _night_photometry_select() -> sa.Select[Any]:
+    return (sa.select(*(images.c.night if c == "night" else photometry.c[c]
+                        for c in NIGHT_PHOTOMETRY_COLUMNS))
+            .select_from(photometry.join(images, images.c.path == photometry.c.image_path))
+            .order_by(photometry.c.source_id, images.c.night, photometry.c.mjd,
+                      photometry.c.image_path))
+
+
+def _sorted_photometry(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.sort_values(["source_id", "night", "mjd", "image_path"],
+                             kind="mergesort").reset_index(drop=True)
+
+
+def night_photometry(bind: Engine | Connection, nights: Iterable[str]) -> pd.DataFrame:
+    """Photometry rows of the images of ``nights`` only, with their night (one join, O(rows)).
+
+    Columns :data:`NIGHT_PHOTOMETRY_COLUMNS`, ordered by source_id, night, mjd, image_path (a
+    deterministic order, so sums over these rows are bit-reproducible).
+    """
+    wanted = _unique_str(nights)
+    with _reading(bind) as conn:
+        if not wanted:
+            return _read(conn, _night_photometry_select().where(sa.false()))
+        frame = _read_chunked(conn, lambda chunk: _night_photometry_select()
+                              .where(images.c.night.in_(chunk)), wanted)
+    return _sorted_photometry(frame)
+
+
+def source_photometry(bind: Engine | Connection, source_ids: Iterable[str]) -> pd.DataFrame:
+    """The whole photometry history of ``source_ids`` with each row's night (the rebuild path).
+
+    Columns and order as :func:`night_photometry`.
+    """
+    wanted = _unique_str(source_ids)
+    with _reading(bind) as conn:
+        if not wanted:
+            return _read(conn, _night_photometry_select().where(sa.false()))
+        frame = _read_chunked(conn, lambda chunk: _night_photometry_select()
+                              .where(photometry.c.source_id.in_(chunk)), wanted)
+    return _sorted_photometry(frame)
+
+
+def photometry_counts_by_source(bind: Engine | Connection,
+                                source_ids: Iterable[str]) -> dict[str, int]:
+    """``{source_id: number of photometry rows}`` (sources without rows are absent)."""
+    counts: dict[str, int] = {}
+    with _reading(bind) as conn:
+        for chunk in _chunks(_unique_str(source_ids)):
+            counts.update((str(s), int(n)) for s, n in conn.execute(
+                sa.select(photometry.c.source_id, sa.func.count())
+                .where(photometry.c.source_id.in_(chunk)).group_by(photometry.c.source_id)))
+    return counts
+
+
+def night_sums(bind: Engine | Connection, nights: Iterable[str] | None = None,
+               source_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """``source_night_sums`` rows of ``nights`` or of ``source_ids`` (exactly one of them given),
+    ordered by source_id, night."""
+    if (nights is None) == (source_ids is None):
+        raise ValueError("night_sums: give either nights or source_ids")
+    column = source_night_sums.c.night if nights is not None else source_night_sums.c.source_id
+    wanted = _unique_str(nights if nights is not None else source_ids)
+
+    def make_stmt(chunk: list[str]) -> sa.Select[Any]:
+        return sa.select(source_night_sums).where(column.in_(chunk))
+
+    with _reading(bind) as conn:
+        frame = _read_chunked(conn, make_stmt, wanted) if wanted else _read(conn, make_stmt([]))
+    return frame.sort_values(["source_id", "night"], kind="mergesort").reset_index(drop=True)
+
+
+def read_source_sums(bind: Engine | Connection,
+                     source_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """``source_sums`` rows of ``source_ids`` (all when None), ordered by source_id."""
+    def make_stmt(chunk: list[str] | None) -> sa.Select[Any]:
+        stmt = sa.select(source_sums)
+        if chunk is not None:
+            stmt = stmt.where(source_sums.c.source_id.in_(chunk))
+        return stmt.order_by(source_sums.c.source_id)
+
+    with _reading(bind) as conn:
+        if source_ids is None:
+            return _read(conn, make_stmt(None))
+        wanted = _unique_str(source_ids)
+        frame = _read_chunked(conn, make_stmt, wanted) if wanted else _read(conn, make_stmt([]))
+    return frame.reset_index(drop=True)
+
+
+def _insert_rows(conn: Connection, table: sa.Table, rows: pd.DataFrame,
+                 keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of ``rows`` as insert parameters for ``table`` (its columns only), sorted by ``keys``
+    so concurrent writers lock rows in the same order (no deadlocks on PostgreSQL)."""
+    frame = rows[[c for c in table.c.keys() if c in rows.columns]].copy()
+    frame["source_id"] = frame["source_id"].astype(str)
+    frame = frame.sort_values(list(keys), kind="mergesort")
+    return _frame_records(frame, list(frame.columns))
+
+
+def replace_night_sums(conn: Connection, rows: pd.DataFrame, *,
+                       nights: Iterable[str] | None = None,
+                       source_ids: Iterable[str] | None = None) -> int:
+    """Delete the ``source_night_sums`` rows of ``nights`` or of ``source_ids`` and insert ``rows``.
+
+    Runs in the caller's transaction (``conn``), so the night rows change together with the
+    ``source_sums`` they were added to. Returns the rows inserted.
+    """
+    if (nights is None) == (source_ids is None):
+        raise ValueError("replace_night_sums: give either nights or source_ids")
+    column = source_night_sums.c.night if nights is not None else source_night_sums.c.source_id
+    for chunk in _chunks(_unique_str(nights if nights is not None else source_ids)):
+        conn.execute(source_night_sums.delete().where(column.in_(chunk)))
+    records = _insert_rows(conn, source_night_sums, rows, ("source_id", "night"))
+    for chunk in _chunks(records, 1000):
+        conn.execute(source_night_sums.insert(), chunk)
+    return len(records)
+
+
+def _keep_smaller(column: str, excluded: Any) -> sa.ColumnElement[Any]:
+    """``min(stored, new)`` with a missing new value keeping the stored one (portable CASE)."""
+    old, new = source_sums.c[column], excluded[column]
+    return sa.case((sa.or_(new < old, old.is_(None)), new), else_=old)
+
+
+def _keep_larger(column: str, excluded: Any) -> sa.ColumnElement[Any]:
+    old, new = source_sums.c[column], excluded[column]
+    return sa.case((sa.or_(new > old, old.is_(None)), new), else_=old)
+
+
+def add_source_sums(conn: Connection, deltas: pd.DataFrame) -> int:
+    """Add per-source changes to ``source_sums`` in the caller's transaction; returns rows written.
+
+    ``deltas``: one row per source with ``source_id, ra_deg, dec_deg, nvss_flux_mjy, shift_mjy,
+    flux_scale_error``, the additive columns (amounts to ADD), ``min_flux_mjy, max_flux_mjy,
+    first_mjd, last_mjd, last_measured_at`` of the new epochs (NaN when none). A new source is
+    inserted as given. An existing one gets ``col = col + delta`` for the additive columns (in SQL,
+    so the stored value is never read back and re-rounded in Python), its extremes widened
+    (min/first can only fall, max/last/last_measured_at only rise; shrinking is
+    :func:`refresh_source_extremes`), and its catalog columns taken from the newer epochs. Its
+    ``shift_mjy`` and ``flux_scale_error`` are never changed here (the caller checks they match).
+    """
+    records = _insert_rows(conn, source_sums, deltas, ("source_id",))
+    if not records:
+        return 0
+    insert = _dialect_insert(conn, source_sums)
+    ex = insert.excluded
+    newer = ex.last_mjd >= source_sums.c.last_mjd
+    set_: dict[str, Any] = {c: source_sums.c[c] + ex[c] for c in _ADDITIVE}
+    set_.update({c: _keep_smaller(c, ex) for c in ("min_flux_mjy", "first_mjd")})
+    set_.update({c: _keep_larger(c, ex) for c in ("max_flux_mjy", "last_mjd", "last_measured_at")})
+    # SET expressions see the stored row, so `newer` compares against the old last_mjd.
+    set_.update({c: sa.case((newer, ex[c]), else_=source_sums.c[c])
+                 for c in ("ra_deg", "dec_deg", "nvss_flux_mjy")})
+    stmt = insert.on_conflict_do_update(index_elements=[source_sums.c.source_id], set_=set_)
+    for chunk in _chunks(records, 1000):
+        conn.execute(stmt, chunk)
+    return len(records)
+
+
+def put_source_sums(conn: Connection, rows: pd.DataFrame) -> int:
+    """Insert or overwrite whole ``source_sums`` rows (the rebuild path), in the caller's transaction."""
+    records = _insert_rows(conn, source_sums, rows, ("source_id",))
+    if not records:
+        return 0
+    insert = _dialect_insert(conn, source_sums)
+    stmt = insert.on_conflict_do_update(
+        index_elements=[source_sums.c.source_id],
+        set_={c: insert.excluded[c] for c in records[0] if c != "source_id"})
+    for chunk in _chunks(records, 1000):
+        conn.execute(stmt, chunk)
+    return len(records)
+
+
+def refresh_source_extremes(conn: Connection, source_ids: Iterable[str]) -> None:
+    """Recompute min/max flux, first/last mjd and last_measured_at of ``source_ids`` in
+    ``source_sums`` from their ``source_night_sums`` rows (one aggregate per source: O(nights)).
+
+    Needed only when a night's extremes changed (re-measured photometry), since a stored minimum
+    cannot be un-taken by arithmetic; the additive columns never need it.
+    """
+    night = source_night_sums.alias("n")
+
+    def agg(func: Any, column: str) -> sa.ScalarSelect[Any]:
+        return (sa.select(func(night.c[column])).where(night.c.source_id == source_sums.c.source_id)
+                .scalar_subquery())
+
+    values = {"min_flux_mjy": agg(sa.func.min, "min_flux_mjy"),
+              "max_flux_mjy": agg(sa.func.max, "max_flux_mjy"),
+              "first_mjd": agg(sa.func.min, "first_mjd"), "last_mjd": agg(sa.func.max, "last_mjd"),
+              "last_measured_at": agg(sa.func.max, "last_measured_at")}
+    for chunk in _chunks(_unique_str(source_ids)):
+        conn.execute(source_sums.update().where(source_sums.c.source_id.in_(chunk))
+                     .values(**values))
+
+
+def delete_source_sums(conn: Connection, source_ids: Iterable[str], *,
+                       only_empty: bool = False) -> int:
+    """Delete the ``source_sums`` rows of ``source_ids`` (only those with n_obs <= 0 when
+    ``only_empty``: every epoch of the source was removed); returns rows deleted."""
+    deleted = 0
+    for chunk in _chunks(_unique_str(source_ids)):
+        stmt = source_sums.delete().where(source_sums.c.source_id.in_(chunk))
+        if only_empty:
+            stmt = stmt.where(source_sums.c.n_obs <= 0)
+        deleted += conn.execute(stmt).rowcount
+    return deleted
+
+
+def window_photometry(bind: Engine | Connection, source_ids: Iterable[str],
+                      window_days: float) -> pd.DataFrame:
+    """Each source's epochs within ``window_days`` of its latest epoch (``source_sums.last_mjd``).
+
+    ``WHERE photometry.mjd >= source_sums.last_mjd - :window``: a range scan of
+    ix_photometry_source_mjd per source, so the rows read are bounded by the window, not by the
+    history. Columns source_id, mjd, peak_jyb, peak_err_jyb; ordered by source_id, mjd, image_path.
+    """
+    window = float(window_days)
+    order = (photometry.c.source_id, photometry.c.mjd, photometry.c.image_path)
+
+    def make_stmt(chunk: list[str]) -> sa.Select[Any]:
+        return (sa.select(photometry.c.source_id, photometry.c.mjd, photometry.c.peak_jyb,
+                          photometry.c.peak_err_jyb)
+                .select_from(photometry.join(source_sums,
+                                             source_sums.c.source_id == photometry.c.source_id))
+                .where(photometry.c.source_id.in_(chunk),
+                       photometry.c.mjd >= source_sums.c.last_mjd - window)
+                .order_by(*order))
+
+    wanted = _unique_str(source_ids)
+    with _reading(bind) as conn:
+        frame = _read_chunked(conn, make_stmt, wanted) if wanted else _read(conn, make_stmt([]))
+    return frame.reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -814,7 +1102,8 @@ def candidate_problems(engine: Engine, limit: int = 20) -> list[str]:
 
 #: Natural keys that :func:`table_snapshot` sorts by first (readable diffs), then all other columns.
 _SNAPSHOT_SORT_KEYS = {"images": ("path",), "photometry": ("image_path", "source_id"),
-                       "variability_stats": ("source_id",), "ese_candidates": ("source_id",)}
+                       "variability_stats": ("source_id",), "ese_candidates": ("source_id",),
+                       "source_night_sums": ("source_id", "night"), "source_sums": ("source_id",)}
 
 
 def table_snapshot(engine: Engine, table_name: str,

@@ -100,6 +100,57 @@ variability_stats = sa.Table(
     sa.Column("first_mjd", sa.Float, nullable=True),
 )
 
+def _sums_columns() -> list[sa.Column]:
+    """Columns shared by ``source_night_sums`` and ``source_sums`` (see core.variability).
+
+    ``shift_mjy`` is the source's constant shift c (its catalog flux, 0 when unknown): the sums are of
+    d = flux_mjy - c so that sums of squares do not cancel, and c never changes for a source, so
+    sums of different nights add exactly. w = 1 / (err^2 + (flux_scale_error * f)^2); the
+    ``flux_scale_error`` the weights were computed with is stored so a change of the setting is
+    noticed (and the sums rebuilt) instead of mixing weights.
+    """
+    return [
+        sa.Column("shift_mjy", sa.Float, nullable=False),
+        sa.Column("n_obs", sa.Integer, nullable=False),
+        sa.Column("n_bad_err", sa.Integer, nullable=False, server_default="0"),  # sigma <= 0 / NaN
+        sa.Column("sum_d", sa.Float, nullable=False),
+        sa.Column("sum_d2", sa.Float, nullable=False),
+        sa.Column("sum_w", sa.Float, nullable=False),
+        sa.Column("sum_wd", sa.Float, nullable=False),
+        sa.Column("sum_wd2", sa.Float, nullable=False),
+        sa.Column("min_flux_mjy", sa.Float, nullable=True),
+        sa.Column("max_flux_mjy", sa.Float, nullable=True),
+        sa.Column("first_mjd", sa.Float, nullable=True),
+        sa.Column("last_mjd", sa.Float, nullable=True),
+        sa.Column("last_measured_at", sa.Float, nullable=True),
+        sa.Column("flux_scale_error", sa.Float, nullable=False),
+    ]
+
+
+#: Partial sums of one source's epochs in one night (added by this project). Replaced whenever the
+#: night's statistics stage runs, so the difference to the previous row is what changed.
+source_night_sums = sa.Table(
+    "source_night_sums",
+    metadata,
+    sa.Column("source_id", sa.Text, primary_key=True),
+    sa.Column("night", sa.String(10), primary_key=True),
+    *_sums_columns(),
+)
+sa.Index("ix_source_night_sums_night", source_night_sums.c.night)
+
+#: The same sums over ALL nights of a source (added by this project): the whole-history moments of
+#: variability_stats come from this one row, whatever the length of the history.
+source_sums = sa.Table(
+    "source_sums",
+    metadata,
+    sa.Column("source_id", sa.Text, primary_key=True),
+    sa.Column("ra_deg", sa.Float, nullable=False),
+    sa.Column("dec_deg", sa.Float, nullable=False),
+    sa.Column("nvss_flux_mjy", sa.Float, nullable=True),
+    *_sums_columns(),
+)
+
+
 #: Candidate workflow. ``active`` and ``investigated`` are open; at most one open row per source.
 CANDIDATE_STATUSES = ("active", "investigated", "dismissed")
 
