@@ -703,19 +703,25 @@ def _sorted_photometry(frame: pd.DataFrame) -> pd.DataFrame:
                              kind="mergesort").reset_index(drop=True)
 
 
+def _photometry_with_night_where(bind: Engine | Connection, column: sa.ColumnElement[Any],
+                                 values: Iterable[str]) -> pd.DataFrame:
+    """Photometry rows (with their night) whose ``column`` is one of ``values``, chunked IN."""
+    wanted = _unique_str(values)
+    with _reading(bind) as conn:
+        if not wanted:
+            return _read(conn, _night_photometry_select().where(sa.false()))
+        frame = _read_chunked(conn, lambda chunk: _night_photometry_select()
+                              .where(column.in_(chunk)), wanted)
+    return _sorted_photometry(frame)
+
+
 def night_photometry(bind: Engine | Connection, nights: Iterable[str]) -> pd.DataFrame:
     """Photometry rows of the images of ``nights`` only, with their night (one join, O(rows)).
 
     Columns :data:`NIGHT_PHOTOMETRY_COLUMNS`, ordered by source_id, night, mjd, image_path (a
     deterministic order, so sums over these rows are bit-reproducible).
     """
-    wanted = _unique_str(nights)
-    with _reading(bind) as conn:
-        if not wanted:
-            return _read(conn, _night_photometry_select().where(sa.false()))
-        frame = _read_chunked(conn, lambda chunk: _night_photometry_select()
-                              .where(images.c.night.in_(chunk)), wanted)
-    return _sorted_photometry(frame)
+    return _photometry_with_night_where(bind, images.c.night, nights)
 
 
 def source_photometry(bind: Engine | Connection, source_ids: Iterable[str]) -> pd.DataFrame:
@@ -723,13 +729,7 @@ def source_photometry(bind: Engine | Connection, source_ids: Iterable[str]) -> p
 
     Columns and order as :func:`night_photometry`.
     """
-    wanted = _unique_str(source_ids)
-    with _reading(bind) as conn:
-        if not wanted:
-            return _read(conn, _night_photometry_select().where(sa.false()))
-        frame = _read_chunked(conn, lambda chunk: _night_photometry_select()
-                              .where(photometry.c.source_id.in_(chunk)), wanted)
-    return _sorted_photometry(frame)
+    return _photometry_with_night_where(bind, photometry.c.source_id, source_ids)
 
 
 def photometry_counts_by_source(bind: Engine | Connection,
