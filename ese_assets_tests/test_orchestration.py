@@ -210,16 +210,16 @@ def test_nightly_schedule_runs_the_night_that_just_ended(tmp_path, small_survey)
 KILLABLE_RUN = textwrap.dedent("""
     import dataclasses, json, sys, time
     import dagster as dg
-    from ese_assets import pipeline
     from ese_assets.definitions import build_definitions
+    from ese_assets.pipeline import measurement
     from ese_assets.settings import Settings
 
-    measure = pipeline.measure_image
+    measure = measurement.measure_image
     def slow_measure(*args, **kwargs):  # slow enough for the parent to kill us half-way
         result = measure(*args, **kwargs)
         time.sleep(1.0)
         return result
-    pipeline.measure_image = slow_measure
+    measurement.measure_image = slow_measure
 
     settings = dataclasses.replace(Settings.from_env(), **json.loads(sys.argv[1]))
     job = build_definitions(settings, bind_env=False).resolve_job_def("ese_pipeline")

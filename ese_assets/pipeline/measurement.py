@@ -1,0 +1,102 @@
+"""Measurement: forced photometry of images, one transaction per image.
+
+Each image's photometry rows are replaced and its ``images`` row marked ``measured`` together, so a
+run killed half-way leaves whole images only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Engine
+
+from ese_assets.core.catalog import Catalog
+from ese_assets.core.fits_image import ImageError, load_image
+from ese_assets.core.photometry import forced_photometry
+from ese_assets.pipeline.progress import Progress, silent
+from ese_assets.storage import repository as repo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageResult:
+    path: str
+    status: str  # measured | rejected | failed
+    n_sources: int = 0
+    median_rms_jyb: float | None = None
+    reason: str | None = None
+    n_flagged: int = 0
+
+
+def measure_image(engine: Engine, catalog: Catalog, path: str, *, min_flux_mjy: float = 0.0,
+                  now: float | None = None) -> ImageResult:
+    """Forced photometry of every catalog source in one image, stored in one transaction.
+
+    The file is read once. Unusable data (e.g. an all-NaN image, a file that became corrupt after
+    registration) marks the image ``rejected``; unexpected errors mark it ``failed`` so the nightly
+    run retries it. Either way the error is recorded and the caller moves on to the next image.
+    """
+    now = time.time() if now is None else now
+    try:
+        image = load_image(path)
+    except ImageError as exc:
+        repo.set_image_status(engine, [path], "rejected", reason=exc.reason)
+        return ImageResult(path, "rejected", reason=exc.reason)
+    except OSError as exc:
+        reason = f"cannot read file ({exc})"
+        repo.mark_image_failed(engine, path, reason)
+        return ImageResult(path, "failed", reason=reason)
+
+    info = image.info
+    idx = catalog.select_in_footprint(info.wcs, info.shape, min_flux_mjy=min_flux_mjy)
+    phot = forced_photometry(image.data, info.wcs, info.beam,
+                             catalog.ra_deg[idx], catalog.dec_deg[idx])
+    good = np.isfinite(phot.peak_jyb) & np.isfinite(phot.peak_err_jyb) & (phot.peak_err_jyb > 0)
+    rows = pd.DataFrame({
+        "image_path": path,
+        "ra_deg": catalog.ra_deg[idx][good],
+        "dec_deg": catalog.dec_deg[idx][good],
+        "nvss_flux_mjy": catalog.flux_mjy[idx][good],
+        "peak_jyb": phot.peak_jyb[good],
+        "peak_err_jyb": phot.peak_err_jyb[good],
+        "measured_at": now,
+        "source_id": catalog.source_id[idx][good],
+        "mjd": info.mjd,
+        "local_rms_jyb": phot.local_rms_jyb[good],
+        "background_jyb": phot.background_jyb[good],
+        "quality_flag": phot.quality_flag[good].astype(int),
+    })
+    rms = phot.local_rms_jyb[good]
+    median_rms = float(np.median(rms)) if rms.size else None
+    repo.replace_image_photometry(engine, path, rows, {
+        "mjd": info.mjd, "median_rms_jyb": median_rms, "n_sources": int(good.sum()),
+    })
+    return ImageResult(path, "measured", n_sources=int(good.sum()), median_rms_jyb=median_rms,
+                       n_flagged=int((phot.quality_flag[good] != 0).sum()))
+
+
+def measure_images(engine: Engine, catalog: Catalog, paths: Sequence[str], *,
+                   min_flux_mjy: float = 0.0, progress: Progress = silent) -> list[ImageResult]:
+    """:func:`measure_image` for each path; one bad image never stops the others."""
+    results = []
+    for i, path in enumerate(paths, start=1):
+        try:
+            res = measure_image(engine, catalog, path, min_flux_mjy=min_flux_mjy)
+        except Exception as exc:  # noqa: BLE001 - recorded, and the night goes on
+            log.exception("measuring %s failed", path)
+            reason = f"{type(exc).__name__}: {exc}"
+            repo.mark_image_failed(engine, path, reason)
+            res = ImageResult(path, "failed", reason=reason)
+        results.append(res)
+        detail = (f"{res.n_sources} sources" if res.status == "measured" else res.reason)
+        progress(f"[{i}/{len(paths)}] {Path(path).name}: {res.status} ({detail})")
+    return results
+
+

@@ -1,0 +1,215 @@
+"""Registration: new files in ``images``, usable ones ``pending``, the rest ``rejected`` with a reason.
+
+Reads only FITS headers, in batches of :data:`REGISTER_BATCH` files per transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Engine
+
+from ese_assets.core.fits_image import ImageError, ImageInfo, read_image_info
+from ese_assets.core.nights import night_of_mjd
+from ese_assets.pipeline.progress import Progress, silent
+from ese_assets.storage import repository as repo
+
+log = logging.getLogger(__name__)
+
+#: Files with these endings are partial copies by convention (rsync, browsers, editors): never
+#: inspected, so a transfer in progress is not rejected.
+PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", ".lock", ".filepart")
+
+#: Two registrations closer than this in time (days) and pointing (degrees) are the same observation.
+DUPLICATE_MJD_TOL_DAYS = 1.0 / 86400.0
+DUPLICATE_POINTING_TOL_DEG = 1.0 / 3600.0
+
+#: New files whose headers are read and registered per transaction.
+REGISTER_BATCH = 500
+
+
+@dataclass
+class ScanResult:
+    """Outcome of looking at a directory (or an explicit list of files)."""
+
+    registered: list[str] = field(default_factory=list)  # new usable images, status pending
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    waiting: list[str] = field(default_factory=list)  # still being written; looked at next time
+    already_known: int = 0
+    deferred: int = 0  # new files left for the next call (``limit``)
+
+
+def _candidate_files(directory: Path) -> list[os.DirEntry]:
+    """Regular, visible files of ``directory`` (not recursive), partial-transfer names excluded."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"incoming directory {directory} does not exist")
+    with os.scandir(directory) as entries:
+        return sorted(
+            (e for e in entries
+             if e.is_file(follow_symlinks=True) and not e.name.startswith(".")
+             and not e.name.lower().endswith(PARTIAL_SUFFIXES)),
+            key=lambda e: e.name,
+        )
+
+
+def _image_record(info: ImageInfo, *, night: str, size: int, mtime: float, now: float) -> dict:
+    return {
+        "path": info.path, "night": night, "mjd": info.mjd, "date_obs": info.date_obs,
+        "beam_maj_deg": info.beam.major_deg, "beam_min_deg": info.beam.minor_deg,
+        "beam_pa_deg": info.beam.pa_deg, "freq_hz": info.freq_hz,
+        "ra_center_deg": info.center_ra_deg, "dec_center_deg": info.center_dec_deg,
+        "radius_deg": info.radius_deg, "naxis1": info.shape[1], "naxis2": info.shape[0],
+        "status": "pending", "reason": None, "file_size": size, "file_mtime": mtime,
+        "registered_at": now,
+    }
+
+
+def _rejected_record(path: str, reason: str, *, size: int | None, mtime: float | None,
+                     now: float, night: str | None = None, mjd: float | None = None) -> dict:
+    return {"path": path, "night": night, "mjd": mjd, "status": "rejected", "reason": reason,
+            "file_size": size, "file_mtime": mtime, "registered_at": now}
+
+
+def _is_duplicate(rec: dict, others: pd.DataFrame) -> str | None:
+    """Path of an already registered image with the same observation time and pointing, if any."""
+    if others.empty:
+        return None
+    dra = (others["ra_center_deg"] - rec["ra_center_deg"] + 180.0) % 360.0 - 180.0
+    same = ((others["mjd"] - rec["mjd"]).abs() < DUPLICATE_MJD_TOL_DAYS) \
+        & ((dra * np.cos(np.radians(rec["dec_center_deg"]))).abs() < DUPLICATE_POINTING_TOL_DEG) \
+        & ((others["dec_center_deg"] - rec["dec_center_deg"]).abs() < DUPLICATE_POINTING_TOL_DEG) \
+        & (others["path"] != rec["path"])
+    hits = others.loc[same, "path"]
+    return str(hits.iloc[0]) if len(hits) else None
+
+
+def inspect_files(
+    engine: Engine,
+    paths: Iterable[str],
+    *,
+    timezone: str,
+    first_night: str,
+    settle_seconds: float = 0.0,
+    now: float | None = None,
+    limit: int | None = None,
+    progress: Progress = silent,
+) -> ScanResult:
+    """Register the given files in ``images``: usable images as ``pending``, others ``rejected``.
+
+    Files already in ``images`` are left alone, except rejected files whose size or modification
+    time changed since (they are examined again). A file modified less than ``settle_seconds`` ago is
+    still being written and is left for the next look. A file is rejected (with a reason that names
+    the file and the problem) when it is not a readable FITS image with WCS, beam and time, when its
+    night precedes ``first_night`` (the first partition), or when it duplicates an image already
+    registered (same observation time and pointing, e.g. the same file copied under another name).
+
+    Headers are read and registered in batches of :data:`REGISTER_BATCH` files, each batch in one
+    transaction, so a large backlog makes steady progress. ``limit`` caps the new files examined in
+    this call (the sensor's tick must stay short); the rest are counted in ``result.deferred``.
+    """
+    now = time.time() if now is None else now
+    paths = [str(Path(p).expanduser().resolve()) for p in paths]
+    _release_rewritten_rejections(engine, paths)
+    known = repo.known_image_paths(engine, paths)
+    result = ScanResult(already_known=len(known))
+    new = [p for p in paths if p not in known]
+    if limit is not None and len(new) > limit:
+        result.deferred = len(new) - limit
+        new = new[:limit]
+    for start in range(0, len(new), REGISTER_BATCH):
+        _register_batch(engine, new[start:start + REGISTER_BATCH], result, timezone=timezone,
+                        first_night=first_night, settle_seconds=settle_seconds, now=now,
+                        progress=progress)
+        if len(new) > REGISTER_BATCH:
+            progress(f"examined {min(start + REGISTER_BATCH, len(new))}/{len(new)} new files")
+    return result
+
+
+def _register_batch(engine: Engine, paths: list[str], result: ScanResult, *, timezone: str,
+                    first_night: str, settle_seconds: float, now: float,
+                    progress: Progress) -> None:
+    records: list[dict] = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            continue  # vanished between listing and inspection: nothing to register
+        if now - stat.st_mtime < settle_seconds:
+            result.waiting.append(path)
+            continue
+        records.append(_inspect_one(path, stat, timezone=timezone, first_night=first_night, now=now))
+    _reject_duplicates(engine, [r for r in records if r["status"] == "pending"])
+    repo.register_images(engine, records)
+    for rec in records:
+        if rec["status"] == "pending":
+            result.registered.append(rec["path"])
+        else:
+            result.rejected.append((rec["path"], rec["reason"]))
+            log.warning("rejected %s: %s", rec["path"], rec["reason"])
+            progress(f"rejected {rec['path']}: {rec['reason']}")
+
+
+def _reject_duplicates(engine: Engine, usable: list[dict]) -> None:
+    """Mark records that repeat an observation already registered (or earlier in ``usable``)."""
+    if not usable:
+        return
+    mjds = [r["mjd"] for r in usable]
+    registered = repo.images_near_mjd(engine, min(mjds) - DUPLICATE_MJD_TOL_DAYS,
+                                      max(mjds) + DUPLICATE_MJD_TOL_DAYS)
+    accepted: list[dict] = []  # duplicates may also arrive together in one batch
+    for rec in usable:
+        twin = _is_duplicate(rec, registered) or _is_duplicate(rec, pd.DataFrame(accepted))
+        if twin is None:
+            accepted.append(rec)
+        else:
+            rec.update(status="rejected",
+                       reason=f"duplicate of {twin} (same observation time and pointing)")
+
+
+def _release_rewritten_rejections(engine: Engine, paths: list[str]) -> None:
+    """Forget rejections of files that changed since (e.g. a transfer that stalled past the settle
+    time and then completed), so they are examined again instead of staying rejected forever."""
+    changed = []
+    for path, (size, mtime) in repo.rejected_file_states(engine, paths).items():
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            continue
+        if size != stat.st_size or mtime is None or abs(mtime - stat.st_mtime) > 1e-6:
+            changed.append(path)
+    if changed:
+        repo.forget_rejected_images(engine, changed)
+        log.info("re-examining %d rejected files that changed: %s", len(changed), changed[:5])
+
+
+def _inspect_one(path: str, stat: os.stat_result, *, timezone: str, first_night: str,
+                 now: float) -> dict:
+    try:
+        info = read_image_info(path)
+    except ImageError as exc:
+        return _rejected_record(path, exc.reason, size=stat.st_size, mtime=stat.st_mtime, now=now)
+    except OSError as exc:  # permissions and the like: record, never stop the scan
+        return _rejected_record(path, f"cannot read file ({exc})", size=stat.st_size,
+                                mtime=stat.st_mtime, now=now)
+    night = night_of_mjd(info.mjd, timezone)
+    if night < first_night:
+        return _rejected_record(
+            path, f"observation night {night} precedes the first partition {first_night} "
+                  f"(set ESE_PARTITION_START)", size=stat.st_size, mtime=stat.st_mtime,
+            now=now, night=night, mjd=info.mjd)
+    return _image_record(info, night=night, size=stat.st_size, mtime=stat.st_mtime, now=now)
+
+
+def scan_directory(engine: Engine, directory: str | Path, **kwargs) -> ScanResult:
+    """:func:`inspect_files` over the files of ``directory`` (see there for the rules)."""
+    entries = _candidate_files(Path(directory).expanduser().resolve())
+    return inspect_files(engine, [e.path for e in entries], **kwargs)
+
+

@@ -1,0 +1,263 @@
+"""Variability statistics of the sources measured in some nights, in one transaction.
+
+Additive per-night sums give the whole-history moments, a trailing window the dip statistic, so a
+night costs the same whatever the length of the history; :func:`recompute_variability` rebuilds
+them from the whole history on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import Engine
+
+from ese_assets.core.variability import (
+    DEFAULT_DIP_WINDOW_DAYS,
+    EXTREME_COLUMNS,
+    METRIC_COLUMNS,
+    SUM_COLUMNS,
+    WINDOW_COLUMNS,
+    combine_partial_sums,
+    metrics_from_sums,
+    night_partial_sums,
+    variability_metrics,
+)
+from ese_assets.pipeline.progress import Progress, silent
+from ese_assets.storage import repository as repo
+
+log = logging.getLogger(__name__)
+
+#
+# variability_stats holds two kinds of statistics (see README "Tables"):
+#
+# * whole-history moments (n_obs, mean, std, min/max, weighted mean, chi2_nu, eta, V,
+#   sigma_deviation, first/last mjd) from additive sums: one source_night_sums row per source and
+#   night, one source_sums row per source (core.variability.night_partial_sums, metrics_from_sums);
+# * the robust baseline and the dip statistic (median, robust std, dip_*) from the epochs of a
+#   trailing window of ``dip_window_days`` ending at the source's latest epoch: order statistics and
+#   a time-ordered scan cannot come from sums, and an ESE (14-180 days) fits in a year.
+#
+# A night therefore costs its own photometry rows, one sums row per source and the window rows,
+# whatever the length of the history. recompute_variability is the O(history) rebuild, on demand.
+
+#: Columns of variability_stats that are not metrics: catalog values and processing times.
+_STATS_EXTRA_COLUMNS = ("ra_deg", "dec_deg", "nvss_flux_mjy", "last_measured_at")
+
+
+def _flux_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Photometry rows as the measurement table of core.variability (Jy/beam -> mJy)."""
+    out = pd.DataFrame({
+        "source_id": rows["source_id"].to_numpy(),
+        "mjd": rows["mjd"].to_numpy(float),
+        "flux_mjy": rows["peak_jyb"].to_numpy(float) * 1e3,
+        "flux_err_mjy": rows["peak_err_jyb"].to_numpy(float) * 1e3,
+    })
+    if "night" in rows.columns:
+        out["night"] = rows["night"].to_numpy()
+    return out
+
+
+def _latest_catalog_values(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per source (index): catalog position and flux of its latest row, last measured_at."""
+    return (rows.sort_values(["source_id", "mjd"], kind="mergesort")
+            .groupby("source_id", sort=True)
+            .agg(ra_deg=("ra_deg", "last"), dec_deg=("dec_deg", "last"),
+                 nvss_flux_mjy=("nvss_flux_mjy", "last"),
+                 last_measured_at=("measured_at", "max")))
+
+
+def _catalog_shifts(rows: pd.DataFrame) -> pd.Series:
+    """Shift c of each source's sums: its catalog flux (0 when unknown).
+
+    Why the catalog flux: it is known before the first epoch and close to the mean of nearly every
+    source, so sums of d = f - c keep their precision (core.variability, "Additive partial sums"),
+    and it stays the same for ever, so sums of different nights add.
+    """
+    flux = _latest_catalog_values(rows)["nvss_flux_mjy"]
+    return flux.where(np.isfinite(flux), 0.0).astype(float)
+
+
+def _night_sums_of_rows(rows: pd.DataFrame, shifts: pd.Series, *,
+                        flux_scale_error: float) -> pd.DataFrame:
+    """``source_night_sums`` rows of photometry rows (each source shifted by ``shifts[source]``)."""
+    table = _flux_table(rows)
+    table["shift_mjy"] = shifts.reindex(table["source_id"]).to_numpy(float)
+    sums = night_partial_sums(table, flux_scale_error=flux_scale_error)
+    measured = rows.groupby(["source_id", "night"], sort=True)["measured_at"].max()
+    sums["last_measured_at"] = measured.reindex(
+        pd.MultiIndex.from_frame(sums[["source_id", "night"]])).to_numpy(float)
+    sums["flux_scale_error"] = float(flux_scale_error)
+    return sums
+
+
+def _rebuild_sums(conn, source_ids: Sequence[str], *, flux_scale_error: float) -> None:
+    """Rebuild the night rows and the total of ``source_ids`` from their whole photometry history.
+
+    O(history): used on demand (recompute) and when the stored sums cannot be updated (a new
+    flux_scale_error, or a source with history older than its sums, e.g. after an upgrade).
+    """
+    rows = repo.source_photometry(conn, source_ids)
+    nights = _night_sums_of_rows(rows, _catalog_shifts(rows), flux_scale_error=flux_scale_error)
+    repo.replace_night_sums(conn, nights, source_ids=source_ids)
+    repo.delete_source_sums(conn, source_ids)  # sources left without photometry have no sums
+    if len(nights):
+        totals = combine_partial_sums(nights)
+        totals = totals.join(_latest_catalog_values(rows), on="source_id")
+        totals["flux_scale_error"] = float(flux_scale_error)
+        repo.put_source_sums(conn, totals)
+
+
+def _sources_to_rebuild(conn, rows: pd.DataFrame, stored: pd.DataFrame, *,
+                        flux_scale_error: float) -> list[str]:
+    """Sources whose stored sums cannot take a difference: a different flux_scale_error (other
+    weights), or no sums yet although photometry exists outside these rows."""
+    stale = set(stored.loc[stored["flux_scale_error"] != float(flux_scale_error), "source_id"])
+    new = sorted(set(rows["source_id"]) - set(stored["source_id"]))
+    if new:
+        in_rows = rows.groupby("source_id").size()
+        in_table = repo.photometry_counts_by_source(conn, new)
+        stale.update(s for s in new if in_table.get(s, 0) > in_rows[s])
+    return sorted(stale)
+
+
+def _apply_night_changes(conn, nights: list[str], rows: pd.DataFrame, old: pd.DataFrame,
+                         stored: pd.DataFrame, *, flux_scale_error: float) -> None:
+    """Steps (b)-(d) of :func:`update_variability`: new night sums, difference to the stored ones
+    added to ``source_sums``, night rows replaced. The caller's transaction makes them atomic."""
+    shifts = _catalog_shifts(rows)
+    known = stored.set_index("source_id")["shift_mjy"]
+    shifts.update(known)  # a source keeps its shift for ever: its sums must keep adding
+    new = _night_sums_of_rows(rows, shifts, flux_scale_error=flux_scale_error)
+
+    keys = ["source_id", "night"]
+    both = new.merge(old[keys + list(SUM_COLUMNS) + list(EXTREME_COLUMNS)], on=keys, how="outer",
+                     suffixes=("", "_old"), indicator=True, sort=True)
+    # new - old: exactly 0 when a night is re-run on unchanged photometry, so re-runs leave
+    # source_sums bit-identical. A pair that vanished (a source no longer measured) subtracts.
+    delta = both[keys + list(EXTREME_COLUMNS)].copy()
+    for col in SUM_COLUMNS:
+        delta[col] = both[col].fillna(0) - both[f"{col}_old"].fillna(0)
+    for col in ("n_obs", "n_bad_err"):
+        delta[col] = delta[col].astype(np.int64)
+    totals = combine_partial_sums(delta)
+    catalog = _latest_catalog_values(rows)
+    stored_catalog = stored.set_index("source_id")[list(_STATS_EXTRA_COLUMNS)]
+    totals = totals.join(catalog.combine_first(stored_catalog), on="source_id")
+    totals["shift_mjy"] = shifts.combine_first(known).reindex(totals["source_id"]).to_numpy()
+    totals["flux_scale_error"] = float(flux_scale_error)
+
+    # A stored minimum (maximum...) cannot be taken back by arithmetic: sources one of whose night
+    # extremes changed or vanished get theirs re-aggregated from their night rows (rare).
+    had_old = both["_merge"] != "left_only"
+    differs = both["_merge"] == "right_only"
+    for col in EXTREME_COLUMNS:
+        differs |= both[col] != both[f"{col}_old"]
+    refresh = sorted(set(both.loc[had_old & differs, "source_id"]))
+
+    repo.add_source_sums(conn, totals)
+    repo.replace_night_sums(conn, new, nights=nights)
+    if refresh:
+        repo.refresh_source_extremes(conn, refresh)
+    repo.delete_source_sums(conn, totals["source_id"], only_empty=True)
+
+
+def _store_stats(conn, source_ids: Sequence[str], *, flux_scale_error: float,
+                 dip_window_days: float, now: float) -> pd.DataFrame:
+    """Steps (e)-(g): variability_stats of ``source_ids`` from their sums and their window."""
+    sums = repo.read_source_sums(conn, source_ids)
+    if sums.empty:
+        return pd.DataFrame()
+    moments = metrics_from_sums(sums)
+    window = _flux_table(repo.window_photometry(conn, sums["source_id"], dip_window_days))
+    robust = variability_metrics(window, flux_scale_error=flux_scale_error)[list(WINDOW_COLUMNS)]
+    stats = (moments.merge(robust, on="source_id", how="left")
+             .merge(sums[["source_id", *_STATS_EXTRA_COLUMNS]], on="source_id", how="left"))
+    stats = stats[[*METRIC_COLUMNS, *_STATS_EXTRA_COLUMNS]]
+    stats["updated_at"] = now
+    repo.upsert_variability_stats(conn, stats)
+    return stats
+
+
+def stats_from_lightcurves(lightcurves: pd.DataFrame, *, flux_scale_error: float,
+                           now: float | None = None) -> pd.DataFrame:
+    """``variability_stats`` rows computed directly from whole photometry histories (Jy/beam rows).
+
+    The reference the incremental path is tested against (every metric over every epoch, no
+    window); the pipeline itself uses :func:`update_variability` / :func:`recompute_variability`.
+    """
+    now = time.time() if now is None else now
+    if lightcurves.empty:
+        return pd.DataFrame()
+    stats = variability_metrics(_flux_table(lightcurves), flux_scale_error=flux_scale_error)
+    stats = stats.merge(_latest_catalog_values(lightcurves), left_on="source_id",
+                        right_index=True, how="left")
+    stats["updated_at"] = now
+    return stats
+
+
+def update_variability(engine: Engine, nights: Sequence[str], *, flux_scale_error: float,
+                       dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
+                       now: float | None = None) -> pd.DataFrame:
+    """Update the statistics of every source measured in ``nights``, at a cost bounded by the
+    nights, the sources and the dip window -- not by the length of the history.
+
+    In ONE transaction (:func:`repository.sums_transaction`): (a) read the photometry of the
+    nights' images only; (b) their per-(source, night) partial sums; (c) the stored night rows of
+    those nights; (d) add new - old to ``source_sums`` and replace the night rows; (e) the
+    whole-history moments from ``source_sums``; (f) median, robust std and dip statistic over each
+    source's last ``dip_window_days``; (g) upsert ``variability_stats``. Sources whose sums cannot be
+    updated (another ``flux_scale_error``, or history without sums) are rebuilt from their whole
+    history instead. A killed run leaves the previous state; a re-run on unchanged photometry
+    leaves every table identical. Returns the rows written to ``variability_stats``.
+    """
+    now = time.time() if now is None else now
+    nights = sorted({str(n) for n in nights})
+    with repo.sums_transaction(engine) as conn:
+        rows = repo.night_photometry(conn, nights)
+        old = repo.night_sums(conn, nights=nights)
+        touched = sorted(set(rows["source_id"]) | set(old["source_id"]))
+        stored = repo.read_source_sums(conn, touched)
+        rebuild = _sources_to_rebuild(conn, rows, stored, flux_scale_error=flux_scale_error)
+        if rebuild:
+            log.info("rebuilding the sums of %d sources from their whole history", len(rebuild))
+            rows, old, stored = (df[~df["source_id"].isin(rebuild)] for df in (rows, old, stored))
+        if len(rows) or len(old):
+            _apply_night_changes(conn, nights, rows, old, stored,
+                                 flux_scale_error=flux_scale_error)
+        if rebuild:  # after the night rows of `nights` were replaced: this rewrites all of theirs
+            _rebuild_sums(conn, rebuild, flux_scale_error=flux_scale_error)
+        return _store_stats(conn, touched, flux_scale_error=flux_scale_error,
+                            dip_window_days=dip_window_days, now=now)
+
+
+def recompute_variability(engine: Engine, source_ids: Sequence[str] | None = None, *,
+                          flux_scale_error: float,
+                          dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS, chunk: int = 2000,
+                          progress: Progress = silent) -> int:
+    """Rebuild sums and statistics of ``source_ids`` (all sources when None) from ``photometry``.
+
+    The full O(history) path (``ese detect --recompute``, the API): per chunk of sources, one
+    transaction rewrites their ``source_night_sums`` and ``source_sums`` rows from their whole
+    history, then their ``variability_stats``. Returns the number of sources with statistics.
+    """
+    if source_ids is None:
+        ids = sorted(set(repo.measured_source_ids(engine))
+                     | set(repo.read_source_sums(engine)["source_id"]))
+    else:
+        ids = sorted({str(s) for s in source_ids})
+    done = 0
+    for start in range(0, len(ids), chunk):
+        part = ids[start:start + chunk]
+        with repo.sums_transaction(engine) as conn:
+            _rebuild_sums(conn, part, flux_scale_error=flux_scale_error)
+            stats = _store_stats(conn, part, flux_scale_error=flux_scale_error,
+                                 dip_window_days=dip_window_days, now=time.time())
+        done += len(stats)
+        progress(f"variability statistics: {min(start + chunk, len(ids))}/{len(ids)} sources")
+    return done
+
+
