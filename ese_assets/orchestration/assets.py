@@ -53,6 +53,12 @@ class PhotometryConfig(dg.Config):
     )
 
 
+def night_asset(**kwargs):
+    """``dg.asset`` partitioned by night, batched by the backfill policy, in the ``ese`` group."""
+    return dg.asset(partitions_def=nights_partitions, backfill_policy=nights_backfill_policy,
+                    group_name=GROUP, kinds={"python", "sql"}, **kwargs)
+
+
 def _check(name: str, asset: str, description: str) -> dg.AssetCheckSpec:
     return dg.AssetCheckSpec(name, asset=asset, description=description,
                              partitions_def=nights_partitions)
@@ -95,11 +101,7 @@ def _images_to_measure(engine, nights: list[str], config: PhotometryConfig,
     return sorted(paths)
 
 
-@dg.asset(
-    partitions_def=nights_partitions,
-    backfill_policy=nights_backfill_policy,
-    group_name=GROUP,
-    kinds={"python", "sql"},
+@night_asset(
     check_specs=[
         _check("images_measured", "photometry",
                "Every usable image of the night has been measured (none pending or failed)."),
@@ -153,12 +155,8 @@ def photometry(context: dg.AssetExecutionContext, config: PhotometryConfig,
     )
 
 
-@dg.asset(
+@night_asset(
     deps=[photometry],
-    partitions_def=nights_partitions,
-    backfill_policy=nights_backfill_policy,
-    group_name=GROUP,
-    kinds={"python", "sql"},
     check_specs=[_check("consistent_with_photometry", "variability_stats",
                         "n_obs of every source (accumulated in the incremental sums) equals its "
                         "number of photometry rows.")],
@@ -197,12 +195,8 @@ def variability_stats(context: dg.AssetExecutionContext, products_db: ProductsDa
     )
 
 
-@dg.asset(
+@night_asset(
     deps=[variability_stats],
-    partitions_def=nights_partitions,
-    backfill_policy=nights_backfill_policy,
-    group_name=GROUP,
-    kinds={"python", "sql"},
     check_specs=[_check("candidates_sane", "ese_candidates",
                         "At most one open candidate per source; every candidate has statistics "
                         "and a finite, positive significance.")],

@@ -205,6 +205,18 @@ def _reading(bind: Engine | Connection) -> Iterator[Connection]:
             yield conn
 
 
+def _read_all_or_chunked(engine: Engine, make_stmt: Callable[[list[Any] | None], sa.Select[Any]],
+                         values: Iterable[str] | None) -> pd.DataFrame:
+    """``make_stmt(None)`` (no filter) when ``values`` is None, else chunked ``make_stmt(chunk)``."""
+    with engine.connect() as conn:
+        if values is None:
+            return _read(conn, make_stmt(None))
+        wanted = _unique_str(values)
+        if not wanted:
+            return _read(conn, make_stmt([]))
+        return _read_chunked(conn, make_stmt, wanted)
+
+
 def _dialect_insert(conn: Connection, table: sa.Table):  # noqa: ANN202
     name = conn.dialect.name
     if name == "sqlite":
@@ -629,13 +641,7 @@ def variability_stats(engine: Engine, source_ids: Iterable[str] | None = None,
             stmt = stmt.where(table.c.n_obs >= int(min_n_obs))
         return stmt.order_by(table.c.source_id)
 
-    with engine.connect() as conn:
-        if source_ids is None:
-            return _read(conn, make_stmt(None))
-        wanted = _unique_str(source_ids)
-        if not wanted:
-            return _read(conn, make_stmt([]))
-        return _read_chunked(conn, make_stmt, wanted).reset_index(drop=True)
+    return _read_all_or_chunked(engine, make_stmt, source_ids).reset_index(drop=True)
 
 
 def stats_photometry_mismatches(engine: Engine, source_ids: Iterable[str]) -> int:
@@ -947,13 +953,7 @@ def candidates(engine: Engine, status: str | Iterable[str] | None = None,
             stmt = stmt.where(ese_candidates.c.source_id.in_(chunk))
         return stmt.order_by(ese_candidates.c.significance.desc(), ese_candidates.c.id)
 
-    with engine.connect() as conn:
-        if source_ids is None:
-            return _read(conn, make_stmt(None))
-        wanted = _unique_str(source_ids)
-        if not wanted:
-            return _read(conn, make_stmt([]))
-        frame = _read_chunked(conn, make_stmt, wanted)
+    frame = _read_all_or_chunked(engine, make_stmt, source_ids)
     return frame.sort_values(["significance", "id"], ascending=[False, True],
                              kind="mergesort").reset_index(drop=True)
 
