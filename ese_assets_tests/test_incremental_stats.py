@@ -272,3 +272,32 @@ def test_failed_update_leaves_the_previous_sums(engine, monkeypatch):
     after = {**_sums(engine), "variability_stats": _stats(engine)}
     for table in before:
         pd.testing.assert_frame_equal(before[table], after[table], check_exact=True, obj=table)
+
+
+def test_bounded_night_check_catches_what_the_full_check_catches(engine):
+    import sqlalchemy as sa
+
+    from ese_assets.storage.schema import source_night_sums
+    from ese_assets.storage.schema import variability_stats as stats_table
+
+    _fill(engine, NIGHTS[:3])
+    for night in NIGHTS[:3]:
+        pipeline.update_variability(engine, [night], flux_scale_error=FSE)
+    assert repo.night_stats_mismatches(engine, NIGHTS[:3]) == 0
+    # New photometry of a night whose statistics have not run yet: the night's sums are stale.
+    _measure(engine, NIGHTS[1], 0, seed=555, sources=SOURCES[:-3])
+    assert repo.night_stats_mismatches(engine, [NIGHTS[1]]) == 3
+    assert repo.night_stats_mismatches(engine, [NIGHTS[0]]) == 0  # other nights are not read
+    pipeline.update_variability(engine, [NIGHTS[1]], flux_scale_error=FSE)
+    assert repo.night_stats_mismatches(engine, NIGHTS[:3]) == 0
+    # Statistics that disagree with the accumulated sums, and a night's sums that disagree with
+    # its photometry, are both counted.
+    with engine.begin() as conn:
+        conn.execute(sa.update(stats_table).where(stats_table.c.source_id == SOURCES[0])
+                     .values(n_obs=stats_table.c.n_obs + 1))
+        conn.execute(sa.update(source_night_sums)
+                     .where(source_night_sums.c.source_id == SOURCES[1],
+                            source_night_sums.c.night == NIGHTS[2])
+                     .values(n_obs=source_night_sums.c.n_obs - 1))
+    assert repo.night_stats_mismatches(engine, [NIGHTS[2]]) == 2
+    assert repo.stats_photometry_mismatches(engine, SOURCES) == 1  # the stats row, via photometry

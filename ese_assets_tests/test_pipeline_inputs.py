@@ -123,3 +123,15 @@ def test_database_lock_becomes_a_dagster_retry():
     with pytest.raises(sa_exc.OperationalError):
         with retry_if_database_locked():
             raise other
+
+
+def test_copy_arriving_after_the_original_is_rejected(tmp_path, small_survey):
+    settings = make_workspace(tmp_path, small_survey)
+    engine, first = _scan(settings)
+    assert len(first.registered) == 12 and not first.rejected
+    original = Path(sorted(first.registered)[3])
+    shutil.copy(original, Path(settings.incoming_dir) / "late_copy.fits")
+    _, later = _scan(settings)
+    assert not later.registered
+    assert [(Path(p).name, str(original) in r) for p, r in later.rejected] == [
+        ("late_copy.fits", True)]

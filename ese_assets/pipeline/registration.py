@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from sqlalchemy import Engine
 
 from ese_assets.core.fits_image import ImageError, ImageInfo, read_image_info
@@ -77,17 +76,11 @@ def _rejected_record(path: str, reason: str, *, size: int | None, mtime: float |
             "file_size": size, "file_mtime": mtime, "registered_at": now}
 
 
-def _is_duplicate(rec: dict, others: pd.DataFrame) -> str | None:
-    """Path of an already registered image with the same observation time and pointing, if any."""
-    if others.empty:
-        return None
-    dra = (others["ra_center_deg"] - rec["ra_center_deg"] + 180.0) % 360.0 - 180.0
-    same = ((others["mjd"] - rec["mjd"]).abs() < DUPLICATE_MJD_TOL_DAYS) \
-        & ((dra * np.cos(np.radians(rec["dec_center_deg"]))).abs() < DUPLICATE_POINTING_TOL_DEG) \
-        & ((others["dec_center_deg"] - rec["dec_center_deg"]).abs() < DUPLICATE_POINTING_TOL_DEG) \
-        & (others["path"] != rec["path"])
-    hits = others.loc[same, "path"]
-    return str(hits.iloc[0]) if len(hits) else None
+def _same_pointing(a: dict, b: dict) -> bool:
+    """Observation centres closer than :data:`DUPLICATE_POINTING_TOL_DEG` on both axes."""
+    dra = (a["ra_center_deg"] - b["ra_center_deg"] + 180.0) % 360.0 - 180.0
+    return (abs(dra * np.cos(np.radians(a["dec_center_deg"]))) < DUPLICATE_POINTING_TOL_DEG
+            and abs(a["dec_center_deg"] - b["dec_center_deg"]) < DUPLICATE_POINTING_TOL_DEG)
 
 
 def inspect_files(
@@ -157,17 +150,32 @@ def _register_batch(engine: Engine, paths: list[str], result: ScanResult, *, tim
 
 
 def _reject_duplicates(engine: Engine, usable: list[dict]) -> None:
-    """Mark records that repeat an observation already registered (or earlier in ``usable``)."""
+    """Mark records that repeat an observation already registered (or earlier in ``usable``).
+
+    Observations are indexed by their start time in whole seconds, so each record is compared
+    only with the few observations within a second of it.
+    """
     if not usable:
         return
     mjds = [r["mjd"] for r in usable]
     registered = repo.images_near_mjd(engine, min(mjds) - DUPLICATE_MJD_TOL_DAYS,
                                       max(mjds) + DUPLICATE_MJD_TOL_DAYS)
-    accepted: list[dict] = []  # duplicates may also arrive together in one batch
+    by_second: dict[int, list[dict]] = {}
+
+    def second(rec: dict) -> int:
+        return int(round(rec["mjd"] * 86400.0))
+
+    for rec in registered.to_dict("records"):
+        by_second.setdefault(second(rec), []).append(rec)
     for rec in usable:
-        twin = _is_duplicate(rec, registered) or _is_duplicate(rec, pd.DataFrame(accepted))
+        near = (o for k in (second(rec) - 1, second(rec), second(rec) + 1)
+                for o in by_second.get(k, ()))
+        twin = next((o["path"] for o in near
+                     if o["path"] != rec["path"]
+                     and abs(o["mjd"] - rec["mjd"]) < DUPLICATE_MJD_TOL_DAYS
+                     and _same_pointing(o, rec)), None)
         if twin is None:
-            accepted.append(rec)
+            by_second.setdefault(second(rec), []).append(rec)  # duplicates may arrive together
         else:
             rec.update(status="rejected",
                        reason=f"duplicate of {twin} (same observation time and pointing)")

@@ -665,6 +665,41 @@ def stats_photometry_mismatches(engine: Engine, source_ids: Iterable[str]) -> in
     return mismatched
 
 
+def night_stats_mismatches(engine: Engine, nights: Iterable[str]) -> int:
+    """Inconsistencies the statistics stage of ``nights`` could have introduced, found at a cost
+    bounded by those nights (the full-history check is :func:`stats_photometry_mismatches`).
+
+    Counts (source, night) pairs of ``nights`` whose ``source_night_sums.n_obs`` differs from
+    that night's photometry rows (a row missing on either side counts), plus sources of those
+    nights whose ``variability_stats.n_obs`` differs from their ``source_sums.n_obs``.
+    """
+    wanted = _unique_str(nights)
+    mismatched = 0
+    with engine.connect() as conn:
+        for chunk in _chunks(wanted):
+            rows = dict(((r.source_id, r.night), r.n) for r in conn.execute(
+                sa.select(photometry.c.source_id, images.c.night, sa.func.count().label("n"))
+                .join(images, images.c.path == photometry.c.image_path)
+                .where(images.c.night.in_(chunk))
+                .group_by(photometry.c.source_id, images.c.night)))
+            sums = dict(((r.source_id, r.night), r.n_obs) for r in conn.execute(
+                sa.select(source_night_sums.c.source_id, source_night_sums.c.night,
+                          source_night_sums.c.n_obs)
+                .where(source_night_sums.c.night.in_(chunk))))
+            mismatched += sum(rows.get(k, 0) != sums.get(k, 0) for k in rows.keys() | sums.keys())
+            night_sources = sa.select(source_night_sums.c.source_id).where(
+                source_night_sums.c.night.in_(chunk))
+            mismatched += conn.execute(
+                sa.select(sa.func.count()).select_from(
+                    stats_table.join(source_sums,
+                                     source_sums.c.source_id == stats_table.c.source_id,
+                                     isouter=True))
+                .where(stats_table.c.source_id.in_(night_sources),
+                       sa.or_(source_sums.c.n_obs.is_(None),
+                              source_sums.c.n_obs != stats_table.c.n_obs))).scalar_one()
+    return mismatched
+
+
 # --------------------------------------------------------------------------------------------------
 # source_night_sums / source_sums (incremental statistics; see pipeline.update_variability)
 # --------------------------------------------------------------------------------------------------
