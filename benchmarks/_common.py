@@ -30,7 +30,8 @@ from ese_assets.core import simulate as sim
 from ese_assets.core.catalog import Catalog
 from ese_assets.core.fits_image import Beam
 from ese_assets.core.source_ids import iau_source_ids
-from ese_assets.storage import repository as repo
+from ese_assets.storage import images as images_db
+from ese_assets.storage import photometry as photometry_db
 from ese_assets.storage.engine import dispose_engine, ensure_schema, make_engine
 
 # --------------------------------------------------------------------------------------------
@@ -287,8 +288,8 @@ def close_products_db(path: Path) -> None:
 def fill_products_db(engine, lightcurves: pd.DataFrame, ra_deg: dict, dec_deg: dict, *,
                      progress: Callable[[int, int], None] | None = None) -> int:
     """Store a synthetic long table as the pipeline would: one fake image per distinct mjd,
-    registered with :func:`repo.register_images`, its rows written with
-    :func:`repo.replace_image_photometry` (one transaction per image). Returns the images written.
+    registered with :func:`images_db.register_images`, its rows written with
+    :func:`photometry_db.replace_image_photometry` (one transaction per image). Returns the images written.
 
     ``lightcurves`` has ``source_id, mjd, flux_mjy, flux_err_mjy``; ``ra_deg``/``dec_deg`` map a
     source_id to its position. Fake paths such as ``/bench/img_59000.083333.fits`` never exist.
@@ -296,7 +297,7 @@ def fill_products_db(engine, lightcurves: pd.DataFrame, ra_deg: dict, dec_deg: d
     by_epoch = lightcurves.sort_values(["mjd", "source_id"]).groupby("mjd", sort=True)
     records = [{"path": f"/bench/img_{mjd:.6f}.fits", "night": night_of(mjd), "mjd": float(mjd),
                 "status": "queued"} for mjd in by_epoch.groups]
-    repo.register_images(engine, records)
+    images_db.register_images(engine, records)
     for i, (record, (mjd, rows)) in enumerate(zip(records, by_epoch), start=1):
         ids = rows["source_id"].to_numpy(dtype=object)
         frame = pd.DataFrame({
@@ -309,7 +310,7 @@ def fill_products_db(engine, lightcurves: pd.DataFrame, ra_deg: dict, dec_deg: d
             "background_jyb": 0.0, "quality_flag": 0,
         })
         rms = float(np.median(frame["local_rms_jyb"]))
-        repo.replace_image_photometry(engine, record["path"], frame,
+        photometry_db.replace_image_photometry(engine, record["path"], frame,
                                       {"mjd": float(mjd), "median_rms_jyb": rms,
                                        "n_sources": len(frame)})
         if progress is not None:

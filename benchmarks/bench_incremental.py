@@ -1,7 +1,7 @@
 """Cost of processing ONE new night as the history grows ("ten days vs ten years").
 
 For each history length H (nights), a fresh SQLite products database is filled with H nights of
-synthetic photometry (``repository.register_images`` + ``replace_image_photometry``, fake image
+synthetic photometry (``images_db.register_images`` + ``photometry_db.replace_image_photometry``, fake image
 paths, no FITS), for the same sources as a real simulated image, and its statistics sums are built
 once with ``pipeline.recompute_variability`` (the O(history) rebuild; its time is printed). Then
 one new night is processed exactly as a Dagster run does it, and each stage is timed:
@@ -39,7 +39,8 @@ from _common import (
 )
 from ese_assets import pipeline
 from ese_assets.core.detection import DetectionSettings
-from ese_assets.storage import repository as repo
+from ese_assets.storage import images as images_db
+from ese_assets.storage import photometry as photometry_db
 
 FIRST_MJD = 58849.0  # 2020-01-01, the default first partition
 FLUX_SCALE_ERROR = 0.02
@@ -122,8 +123,8 @@ def process_new_night(engine, fld: Field, image_path: str, repeat: int, windows:
     cost.stages["detect"] = time_call(lambda: pipeline.detect_candidates(
         engine, settings, source_ids=sources, night=night), repeat, MAX_SECONDS_PER_STAGE)
     # The variability stage's reads (once each), and the full-history alternative.
-    night_rows = time_call(lambda: repo.night_photometry(engine, [night]))
-    window_rows = time_call(lambda: repo.window_photometry(engine, sources, windows[0]))
+    night_rows = time_call(lambda: photometry_db.night_photometry(engine, [night]))
+    window_rows = time_call(lambda: photometry_db.window_photometry(engine, sources, windows[0]))
     cost.stages.update(zip(READS, (night_rows, window_rows)))
     cost.stages[FULL] = time_call(lambda: pipeline.recompute_variability(
         engine, sources, flux_scale_error=FLUX_SCALE_ERROR, dip_window_days=windows[0]))
@@ -133,7 +134,7 @@ def process_new_night(engine, fld: Field, image_path: str, repeat: int, windows:
 
 def night_of_image(engine, path: str) -> str:
     """The night the pipeline assigned to a registered image."""
-    images = repo.images_near_mjd(engine, -1e9, 1e9)
+    images = images_db.images_near_mjd(engine, -1e9, 1e9)
     return str(images.loc[images["path"] == path, "night"].iloc[0])
 
 

@@ -35,7 +35,10 @@ from ese_assets import pipeline
 from ese_assets.core.catalog import load_catalog
 from ese_assets.core.simulate import SurveyConfig, simulate_survey
 from ese_assets.settings import Settings
-from ese_assets.storage import repository as repo
+from ese_assets.storage import candidates as candidates_db
+from ese_assets.storage import images as images_db
+from ese_assets.storage import photometry as photometry_db
+from ese_assets.storage import statistics as statistics_db
 
 PARTITION_START = "2020-01-01"
 TIMEZONE = "UTC"
@@ -103,13 +106,13 @@ def run_bare(settings: Settings) -> int:
     pipeline.scan_directory(engine, settings.incoming_dir, timezone=TIMEZONE,
                             first_night=PARTITION_START, settle_seconds=0.0)
     catalog = load_catalog(settings.catalog_path)
-    pending = repo.pending_images(engine)
+    pending = images_db.pending_images(engine)
     for night, group in pending.groupby("night", sort=True):
         pipeline.measure_images(engine, catalog, sorted(group["path"]),
                                 min_flux_mjy=settings.min_flux_mjy)
         pipeline.update_variability(engine, [night], flux_scale_error=settings.flux_scale_error)
         pipeline.detect_candidates(engine, settings.detection(),
-                                   source_ids=repo.sources_measured_in_nights(engine, [night]),
+                                   source_ids=photometry_db.sources_measured_in_nights(engine, [night]),
                                    night=night)
     return pending["night"].nunique()
 
@@ -117,8 +120,8 @@ def run_bare(settings: Settings) -> int:
 def products_summary(settings: Settings) -> tuple[int, int, int]:
     """(photometry rows, variability_stats rows, candidates) of a finished run."""
     engine = open_products_db(Path(settings.products_db))
-    result = (repo.photometry_counts(engine), len(repo.variability_stats(engine)),
-              len(repo.candidates(engine)))
+    result = (photometry_db.photometry_counts(engine), len(statistics_db.variability_stats(engine)),
+              len(candidates_db.candidates(engine)))
     close_products_db(Path(settings.products_db))
     return result
 

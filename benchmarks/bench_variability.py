@@ -10,10 +10,10 @@ Part 1, metrics (in memory, N sources x M epochs, rows shuffled):
 * ``variability_metrics`` called once per source, timed on a sample and extrapolated.
 
 Part 2, reading light curves from an SQLite products database (built in a temporary directory
-through ``repository.register_images`` + ``replace_image_photometry``, one fake image per epoch):
+through ``images_db.register_images`` + ``photometry_db.replace_image_photometry``, one fake image per epoch):
 
-* ``repository.lightcurves_for_nights`` over all nights: one query (baseline);
-* the seed's pattern: one query per source (``repository.lightcurves(engine, [source_id])``);
+* ``photometry_db.lightcurves_for_nights`` over all nights: one query (baseline);
+* the seed's pattern: one query per source (``photometry_db.lightcurves(engine, [source_id])``);
 * the same, with plain SQL per source (no pandas per query);
 * diagnostic: the single query's SQL with rows turned into tuples before the DataFrame is built.
 
@@ -35,7 +35,7 @@ from _common import (
     quiet_logging, synthetic_lightcurves, synthetic_source_ids, temp_dir, time_call,
 )
 from ese_assets.core.variability import MAD_TO_SIGMA, variability_metrics, window_ladder
-from ese_assets.storage import repository as repo
+from ese_assets.storage import photometry as photometry_db
 
 FLUX_SCALE_ERROR = 0.02  # the project's default (ESE_FLUX_SCALE_ERROR)
 FIRST_MJD = 60676.0  # 2025-01-01
@@ -156,7 +156,7 @@ def max_relative_difference(ref: pd.DataFrame, other: pd.DataFrame) -> tuple[flo
 # Part 2: database reads
 # --------------------------------------------------------------------------------------------
 
-#: The SQL of repository.lightcurves_for_nights, for the diagnostic rows.
+#: The SQL of photometry_db.lightcurves_for_nights, for the diagnostic rows.
 NIGHTS_SQL = (
     "SELECT source_id, mjd, peak_jyb, peak_err_jyb, ra_deg, dec_deg, nvss_flux_mjy, image_path, "
     "measured_at, quality_flag FROM photometry WHERE source_id IN (SELECT DISTINCT p.source_id "
@@ -176,9 +176,9 @@ def read_nights_as_tuples(engine, nights: list[str]) -> pd.DataFrame:
         return pd.DataFrame.from_records([tuple(r) for r in result.fetchall()], columns=columns)
 
 
-def read_per_source_repo(engine, source_ids) -> int:
+def read_per_source(engine, source_ids) -> int:
     """The seed's pattern through the project's reader: one query per source."""
-    return sum(len(repo.lightcurves(engine, [sid])) for sid in source_ids)
+    return sum(len(photometry_db.lightcurves(engine, [sid])) for sid in source_ids)
 
 
 def read_per_source_sql(engine, source_ids) -> int:
@@ -237,9 +237,9 @@ def bench_reads(args, rng) -> None:
                                                    progress=progress_printer("images", 100)))
         print(f"  built in {fmt_seconds(build.median)} ({fmt_rate(len(lc), build.median, 'rows/s')}, "
               f"one transaction per image)\n")
-        single = time_call(lambda: repo.lightcurves_for_nights(engine, nights), args.repeat)
+        single = time_call(lambda: photometry_db.lightcurves_for_nights(engine, nights), args.repeat)
         tuples = time_call(lambda: read_nights_as_tuples(engine, nights), args.repeat)
-        per_repo = time_call(lambda: read_per_source_repo(engine, ids))
+        per_source = time_call(lambda: read_per_source(engine, ids))
         per_sql = time_call(lambda: read_per_source_sql(engine, ids))
         size_mib = path.stat().st_size / 2**20
         close_products_db(path)
@@ -248,7 +248,7 @@ def bench_reads(args, rng) -> None:
     base = single.median
     rows = [
         ("lightcurves_for_nights: one query (baseline)", single.median, n_rows),
-        ("seed: repo.lightcurves per source", per_repo.median, per_repo.value),
+        ("seed: photometry_db.lightcurves per source", per_source.median, per_source.value),
         ("seed: plain SQL query per source (tuples)", per_sql.median, per_sql.value),
         ("diagnostic: one query, tuples -> DataFrame", tuples.median, len(tuples.value)),
     ]

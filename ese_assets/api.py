@@ -18,7 +18,9 @@ from sqlalchemy import Engine
 from ese_assets import pipeline
 from ese_assets.core.detection import DetectionSettings, composite_score, resolve_min_sigma
 from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS
-from ese_assets.storage import repository as repo
+from ese_assets.storage import candidates as candidates_db
+from ese_assets.storage import photometry as photometry_db
+from ese_assets.storage import statistics as statistics_db
 from ese_assets.storage.engine import ensure_schema, make_engine
 
 DEFAULT_FLUX_SCALE_ERROR = 0.02
@@ -79,7 +81,7 @@ def detect_ese_candidates(
     summary = pipeline.detect_candidates(engine, settings, source_ids=ids)
     if summary.flagged.empty:
         return []
-    stats = repo.variability_stats(engine, source_ids=summary.flagged["source_id"].tolist())
+    stats = statistics_db.variability_stats(engine, source_ids=summary.flagged["source_id"].tolist())
     merged = summary.flagged.merge(stats, on="source_id", how="left",
                                    suffixes=("", "_stats"))
     merged = merged.sort_values("significance", ascending=False)
@@ -125,15 +127,15 @@ class Source:
     @property
     def measurements(self) -> pd.DataFrame:
         """All measurements ordered by observation time (MJD), fluxes also in mJy."""
-        lc = repo.lightcurves(_engine(self.products_db), [self.source_id])
+        lc = photometry_db.lightcurves(_engine(self.products_db), [self.source_id])
         return lc.assign(flux_mjy=lc["peak_jyb"] * 1e3, flux_err_mjy=lc["peak_err_jyb"] * 1e3)
 
     @property
     def variability(self) -> dict | None:
-        stats = repo.variability_stats(_engine(self.products_db), source_ids=[self.source_id])
+        stats = statistics_db.variability_stats(_engine(self.products_db), source_ids=[self.source_id])
         return {k: _plain(v) for k, v in stats.iloc[0].items()} if len(stats) else None
 
     def mark(self, status: str, notes: str | None = None, by: str = "user") -> None:
         """Set this source's open candidate to ``investigated`` or ``dismissed``."""
-        repo.set_candidate_status(_engine(self.products_db), self.source_id, status,
+        candidates_db.set_candidate_status(_engine(self.products_db), self.source_id, status,
                                   notes=notes, by=by)

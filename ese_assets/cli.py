@@ -100,13 +100,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_candidates(args: argparse.Namespace) -> int:
-    from ese_assets.storage import repository as repo
+    from ese_assets.storage import candidates as candidates_db
     from ese_assets.storage.engine import ensure_schema, make_engine
 
     engine = make_engine(_settings(args).products_db)
     ensure_schema(engine)
     status = {"open": ("active", "investigated"), "all": None}.get(args.status, (args.status,))
-    df = repo.candidates(engine, status=status)
+    df = candidates_db.candidates(engine, status=status)
     if args.format == "json":
         print(df.to_json(orient="records", indent=2))
     elif args.format == "csv":

@@ -12,7 +12,7 @@ import pandas as pd
 from ese_assets.core.simulate import SurveyConfig, simulate_survey
 from ese_assets.ingest import ingest_directory
 from ese_assets.settings import Settings
-from ese_assets.storage import repository as repo
+from ese_assets.storage import candidates as candidates_db
 from ese_assets.storage.engine import make_engine
 
 #: The acceptance rule of the demo: these injected events must be found.
@@ -70,7 +70,7 @@ def run_demo(out_dir: str | Path, *, fresh: bool = False, config: SurveyConfig |
     settings = demo_settings(out_dir)
     print_(f"ingesting {settings.incoming_dir} through the Dagster instance ...")
     ingest_directory(settings, settings.incoming_dir, progress=print_)
-    candidates = repo.candidates(make_engine(settings.products_db))
+    candidates = candidates_db.candidates(make_engine(settings.products_db))
     truth = pd.read_csv(out_dir / "truth_sources.csv")
     print_(f"\ncandidates ({len(candidates)}) next to the injected truth:")
     ok = print_report(compare_with_truth(candidates, truth), print_)

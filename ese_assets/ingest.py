@@ -24,7 +24,7 @@ from ese_assets.orchestration.partitions import (
 )
 from ese_assets.orchestration.sensors import night_run_requests
 from ese_assets.settings import Settings
-from ese_assets.storage import repository as repo
+from ese_assets.storage import images as images_db
 from ese_assets.storage.engine import ensure_schema, make_engine
 
 
@@ -70,7 +70,7 @@ def ingest_directory(settings: Settings, directory: str | Path, *, settle_second
                                    progress=progress)
     progress(f"{directory}: {len(scan.registered)} new images, {len(scan.rejected)} rejected, "
              f"{scan.already_known} already known, {len(scan.waiting)} still being written")
-    requests = night_run_requests(repo.pending_images(engine),
+    requests = night_run_requests(images_db.pending_images(engine),
                                   nights_partitions.get_last_partition_key())
     if not requests:
         return scan, []
@@ -79,7 +79,7 @@ def ingest_directory(settings: Settings, directory: str | Path, *, settle_second
     runs = []
     for i, request in enumerate(requests, start=1):
         paths = request.run_config["ops"]["photometry"]["config"]["image_paths"]
-        repo.set_image_status(engine, paths, "queued")  # keep a running sensor off these files
+        images_db.set_image_status(engine, paths, "queued")  # keep a running sensor off these files
         started = time.monotonic()
         result = job.execute_in_process(
             partition_key=request.partition_key,

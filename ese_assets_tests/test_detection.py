@@ -14,9 +14,9 @@ from ese_assets.core.detection import (
     composite_score,
     flag_candidates,
     max_sigma_deviation,
-    plan_candidate_changes,
     resolve_min_sigma,
 )
+from ese_assets.core.candidates import plan_candidate_changes
 from ese_assets.core.variability import variability_metrics
 
 # ----------------------------------------- presets ------------------------------------------

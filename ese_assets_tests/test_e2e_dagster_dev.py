@@ -21,7 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from ese_assets.storage import repository as repo
+from ese_assets.storage import candidates as candidates_db
+from ese_assets.storage import images as images_db
+from ese_assets.storage import photometry as photometry_db
+from ese_assets.storage import statistics as statistics_db
 from ese_assets.storage.engine import make_engine
 from ese_assets_tests.survey import NIGHTS
 
@@ -119,7 +122,7 @@ def test_files_dropped_into_incoming_flow_through_a_real_dagster_instance(dagste
                        if any(t["key"] == "ese/trigger" and t["value"] == "sensor" for t in r["tags"])]
         failed = [r for r in sensor_runs if r["status"] in ("FAILURE", "CANCELED")]
         assert not failed, f"runs failed: {failed}\n" + log.read_text()[-4000:]
-        all_measured = repo.image_counts_by_status(engine).get("measured") == 12
+        all_measured = images_db.image_counts_by_status(engine).get("measured") == 12
         done = sensor_runs and all(r["status"] == "SUCCESS" for r in sensor_runs)
         return sensor_runs if done and all_measured else None
 
@@ -127,11 +130,11 @@ def test_files_dropped_into_incoming_flow_through_a_real_dagster_instance(dagste
     nights = {t["value"] for r in runs for t in r["tags"] if t["key"] == "dagster/partition"}
     assert nights == set(NIGHTS)
 
-    counts = repo.image_counts_by_status(engine)
+    counts = images_db.image_counts_by_status(engine)
     assert counts.get("measured") == 12 and counts.get("rejected") == 2, counts
-    rejected = repo.rejected_images(engine).set_index("path")["reason"]
+    rejected = images_db.rejected_images(engine).set_index("path")["reason"]
     assert all(reason for reason in rejected)
     assert "not a FITS file" in rejected[str(incoming / "README.txt")]
-    assert repo.photometry_counts(engine) > 300
-    assert len(repo.variability_stats(engine)) > 30
-    assert len(repo.candidates(engine)) >= 1
+    assert photometry_db.photometry_counts(engine) > 300
+    assert len(statistics_db.variability_stats(engine)) > 30
+    assert len(candidates_db.candidates(engine)) >= 1

@@ -22,7 +22,10 @@ from ese_assets.core.variability import (
     night_partial_sums,
     variability_metrics,
 )
-from ese_assets.storage import repository as repo
+from ese_assets.storage import images as images_db
+from ese_assets.storage import photometry as photometry_db
+from ese_assets.storage import statistics as statistics_db
+from ese_assets_tests import snapshots
 from ese_assets_tests.test_variability import _lc, _random_table
 
 FSE = 0.02
@@ -149,8 +152,8 @@ def _photometry(night: str, j: int, seed: int, sources=SOURCES) -> pd.DataFrame:
 
 def _measure(engine, night: str, j: int, seed: int, sources=SOURCES) -> None:
     path = _path(night, j)
-    repo.register_images(engine, [{"path": path, "night": night, "mjd": _mjd(night, j)}])
-    repo.replace_image_photometry(engine, path, _photometry(night, j, seed, sources))
+    images_db.register_images(engine, [{"path": path, "night": night, "mjd": _mjd(night, j)}])
+    photometry_db.replace_image_photometry(engine, path, _photometry(night, j, seed, sources))
 
 
 def _fill(engine, nights=NIGHTS) -> None:
@@ -160,11 +163,11 @@ def _fill(engine, nights=NIGHTS) -> None:
 
 
 def _stats(engine) -> pd.DataFrame:
-    return repo.table_snapshot(engine, "variability_stats", exclude=STATS_VOLATILE)
+    return snapshots.table_snapshot(engine, "variability_stats", exclude=STATS_VOLATILE)
 
 
 def _sums(engine) -> dict[str, pd.DataFrame]:
-    return {t: repo.table_snapshot(engine, t, exclude=("last_measured_at",))
+    return {t: snapshots.table_snapshot(engine, t, exclude=("last_measured_at",))
             for t in ("source_night_sums", "source_sums")}
 
 
@@ -189,10 +192,10 @@ def test_incremental_in_any_order_with_remeasured_images_equals_rebuild(engine):
     incremental, incremental_sums = _stats(engine), _sums(engine)
 
     # Full-history reference straight from photometry (the window holds every epoch here).
-    ref = pipeline.stats_from_lightcurves(repo.lightcurves(engine), flux_scale_error=FSE)
+    ref = pipeline.stats_from_lightcurves(photometry_db.lightcurves(engine), flux_scale_error=FSE)
     ref = ref.set_index("source_id").loc[incremental["source_id"]]
     assert (incremental["n_obs"].to_numpy() == ref["n_obs"].to_numpy()).all()
-    assert repo.stats_photometry_mismatches(engine, SOURCES) == 0
+    assert statistics_db.stats_photometry_mismatches(engine, SOURCES) == 0
     for col in ("mean_flux_mjy", "std_flux_mjy", "min_flux_mjy", "max_flux_mjy", "chi2_nu",
                 "eta_metric", "weighted_mean_flux_mjy", "sigma_deviation", "median_flux_mjy",
                 "dip_significance", "first_mjd", "last_mjd"):
@@ -223,10 +226,10 @@ def test_flux_scale_error_change_rebuilds_the_sources(engine):
         pipeline.update_variability(engine, [night], flux_scale_error=FSE)
     stats = pipeline.update_variability(engine, [NIGHTS[4]], flux_scale_error=0.05)
     assert len(stats) == len(SOURCES)
-    night_rows = repo.night_sums(engine, source_ids=SOURCES)
+    night_rows = statistics_db.night_sums(engine, source_ids=SOURCES)
     assert len(night_rows) == 5 * len(SOURCES) and (night_rows["flux_scale_error"] == 0.05).all()
-    assert (repo.read_source_sums(engine)["flux_scale_error"] == 0.05).all()
-    ref = pipeline.stats_from_lightcurves(repo.lightcurves(engine), flux_scale_error=0.05)
+    assert (statistics_db.source_sums(engine)["flux_scale_error"] == 0.05).all()
+    ref = pipeline.stats_from_lightcurves(photometry_db.lightcurves(engine), flux_scale_error=0.05)
     np.testing.assert_allclose(_stats(engine)["chi2_nu"], ref["chi2_nu"], rtol=1e-9)
     assert (_stats(engine)["n_obs"] == 5 * IMAGES_PER_NIGHT).all()
 
@@ -236,7 +239,7 @@ def test_history_without_sums_is_rebuilt_on_first_update(engine):
     _fill(engine, NIGHTS[:4])
     pipeline.update_variability(engine, [NIGHTS[3]], flux_scale_error=FSE)
     assert (_stats(engine)["n_obs"] == 4 * IMAGES_PER_NIGHT).all()
-    assert len(repo.night_sums(engine, source_ids=SOURCES)) == 4 * len(SOURCES)
+    assert len(statistics_db.night_sums(engine, source_ids=SOURCES)) == 4 * len(SOURCES)
 
 
 def test_dip_statistics_cover_the_trailing_window_only(engine):
@@ -246,7 +249,7 @@ def test_dip_statistics_cover_the_trailing_window_only(engine):
         pipeline.update_variability(engine, [night], flux_scale_error=FSE,
                                     dip_window_days=window_days)
     stats = _stats(engine).set_index("source_id")
-    lc = repo.lightcurves(engine)
+    lc = photometry_db.lightcurves(engine)
     last = lc.groupby("source_id")["mjd"].transform("max")
     recent = lc[lc["mjd"] >= last - window_days]
     ref = pipeline.stats_from_lightcurves(recent, flux_scale_error=FSE).set_index("source_id")
@@ -266,7 +269,7 @@ def test_failed_update_leaves_the_previous_sums(engine, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(repo, "upsert_variability_stats", crash)  # after the sums were written
+    monkeypatch.setattr(statistics_db, "upsert_variability_stats", crash)  # after the sums were written
     with pytest.raises(RuntimeError, match="killed"):
         pipeline.update_variability(engine, [NIGHTS[2]], flux_scale_error=FSE)
     after = {**_sums(engine), "variability_stats": _stats(engine)}
@@ -283,13 +286,13 @@ def test_bounded_night_check_catches_what_the_full_check_catches(engine):
     _fill(engine, NIGHTS[:3])
     for night in NIGHTS[:3]:
         pipeline.update_variability(engine, [night], flux_scale_error=FSE)
-    assert repo.night_stats_mismatches(engine, NIGHTS[:3]) == 0
+    assert statistics_db.night_stats_mismatches(engine, NIGHTS[:3]) == 0
     # New photometry of a night whose statistics have not run yet: the night's sums are stale.
     _measure(engine, NIGHTS[1], 0, seed=555, sources=SOURCES[:-3])
-    assert repo.night_stats_mismatches(engine, [NIGHTS[1]]) == 3
-    assert repo.night_stats_mismatches(engine, [NIGHTS[0]]) == 0  # other nights are not read
+    assert statistics_db.night_stats_mismatches(engine, [NIGHTS[1]]) == 3
+    assert statistics_db.night_stats_mismatches(engine, [NIGHTS[0]]) == 0  # other nights are not read
     pipeline.update_variability(engine, [NIGHTS[1]], flux_scale_error=FSE)
-    assert repo.night_stats_mismatches(engine, NIGHTS[:3]) == 0
+    assert statistics_db.night_stats_mismatches(engine, NIGHTS[:3]) == 0
     # Statistics that disagree with the accumulated sums, and a night's sums that disagree with
     # its photometry, are both counted.
     with engine.begin() as conn:
@@ -299,5 +302,5 @@ def test_bounded_night_check_catches_what_the_full_check_catches(engine):
                      .where(source_night_sums.c.source_id == SOURCES[1],
                             source_night_sums.c.night == NIGHTS[2])
                      .values(n_obs=source_night_sums.c.n_obs - 1))
-    assert repo.night_stats_mismatches(engine, [NIGHTS[2]]) == 2
-    assert repo.stats_photometry_mismatches(engine, SOURCES) == 1  # the stats row, via photometry
+    assert statistics_db.night_stats_mismatches(engine, [NIGHTS[2]]) == 2
+    assert statistics_db.stats_photometry_mismatches(engine, SOURCES) == 1  # the stats row, via photometry

@@ -14,7 +14,8 @@ import pytest
 
 from ese_assets import cli
 from ese_assets.api import Source, detect_ese_candidates
-from ese_assets.storage import repository as repo
+from ese_assets.storage import candidates as candidates_db
+from ese_assets.storage import images as images_db
 from ese_assets.storage.engine import make_engine
 from ese_assets_tests.survey import NIGHTS, make_workspace
 from ese_assets_tests.test_orchestration import run_night
@@ -51,11 +52,11 @@ def test_detect_is_idempotent_and_dismissal_sticks(processed):
     ese = truth.loc[truth["kind"] == "ese", "name"].iloc[0]
     first = detect_ese_candidates(settings.products_db, preset="conservative")
     engine = make_engine(settings.products_db)
-    n_rows = len(repo.candidates(engine))
+    n_rows = len(candidates_db.candidates(engine))
     Source(ese, settings.products_db).mark("dismissed", notes="instrumental")
     again = detect_ese_candidates(settings.products_db, preset="conservative")
     assert [c["source_id"] for c in again] == [c["source_id"] for c in first]
-    rows = repo.candidates(engine)
+    rows = candidates_db.candidates(engine)
     assert len(rows) == n_rows  # no new row for the dismissed source
     assert rows.set_index("source_id").loc[ese, "status"] == "dismissed"
 
@@ -92,7 +93,7 @@ def test_ingest_records_runs_in_the_persistent_instance(tmp_path, small_survey, 
         runs = instance.get_runs()
         assert len(runs) == 3 and all(r.is_success for r in runs)
         assert {r.tags["dagster/partition"] for r in runs} == set(NIGHTS)
-    assert repo.image_counts_by_status(make_engine(settings.products_db))["measured"] == 12
+    assert images_db.image_counts_by_status(make_engine(settings.products_db))["measured"] == 12
 
 
 def test_definitions_validate_command(tmp_path):

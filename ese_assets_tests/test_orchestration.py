@@ -19,7 +19,10 @@ import pytest
 
 from ese_assets.definitions import build_definitions
 from ese_assets.orchestration.resources import resources_from_settings
-from ese_assets.storage import repository as repo
+from ese_assets.storage import candidates as candidates_db
+from ese_assets.storage import images as images_db
+from ese_assets.storage import statistics as statistics_db
+from ese_assets_tests import snapshots
 from ese_assets.storage.engine import ensure_schema, make_engine
 from ese_assets_tests.survey import NIGHTS, make_workspace
 
@@ -31,7 +34,7 @@ VOLATILE = ("id", "measured_at", "updated_at", "flagged_at", "registered_at", "l
 
 
 def snapshot(engine) -> dict[str, pd.DataFrame]:
-    return {t: repo.table_snapshot(engine, t, exclude=VOLATILE).reset_index(drop=True)
+    return {t: snapshots.table_snapshot(engine, t, exclude=VOLATILE).reset_index(drop=True)
             for t in TABLES}
 
 
@@ -91,10 +94,10 @@ def test_sensor_registers_files_and_requests_one_run_per_night(tmp_path, small_s
             assert len(paths) == 4 and all(r.partition_key.replace("-", "") in Path(p).name
                                            for p in paths)
         engine = make_engine(settings.products_db)
-        rejected = repo.rejected_images(engine).set_index("path")["reason"]
+        rejected = images_db.rejected_images(engine).set_index("path")["reason"]
         assert set(Path(p).name for p in rejected.index) == {"corrupt.fits", "observing_log.txt"}
         assert "not a FITS file" in rejected[str(incoming / "observing_log.txt")]
-        assert repo.image_counts_by_status(engine)["queued"] == 12
+        assert images_db.image_counts_by_status(engine)["queued"] == 12
 
         # Nothing new: the next tick skips, and does not request the same work again.
         again = sensor(dg.build_sensor_context(
@@ -166,7 +169,7 @@ def test_injected_ese_is_flagged_and_materializations_have_metadata(tmp_path, sm
         assert checks and all(c.passed for c in checks)
     truth = pd.read_csv(small_survey / "truth_sources.csv")
     ese_names = set(truth.loc[truth["kind"] == "ese", "name"])
-    flagged = set(repo.candidates(make_engine(settings.products_db))["source_id"])
+    flagged = set(candidates_db.candidates(make_engine(settings.products_db))["source_id"])
     assert ese_names <= flagged
     stable = set(truth.loc[truth["kind"] == "stable", "name"])
     assert len(flagged & stable) <= 1
@@ -184,8 +187,8 @@ def test_ranged_backfill_run_processes_every_night(tmp_path, small_survey):
                 if m.asset_key.to_user_string() == "photometry"]
         assert sorted(m.partition for m in mats) == list(NIGHTS)
     engine = make_engine(settings.products_db)
-    assert repo.image_counts_by_status(engine)["measured"] == 12
-    stats = repo.variability_stats(engine)
+    assert images_db.image_counts_by_status(engine)["measured"] == 12
+    stats = statistics_db.variability_stats(engine)
     assert stats["n_obs"].max() == 12
 
 
@@ -248,7 +251,7 @@ def test_killed_run_then_rerun_equals_one_clean_run(tmp_path, small_survey):
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            counts = repo.image_counts_by_status(engine)
+            counts = images_db.image_counts_by_status(engine)
             if counts.get("measured", 0) >= 5:  # night 1 (4) + at least one of night 2
                 break
             assert proc.poll() is None, "the run finished before it could be killed"
@@ -256,7 +259,7 @@ def test_killed_run_then_rerun_equals_one_clean_run(tmp_path, small_survey):
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
-    half = repo.image_counts_by_status(engine)
+    half = images_db.image_counts_by_status(engine)
     assert 5 <= half["measured"] < 8, half  # killed half-way through the night
 
     with dg.instance_for_test() as instance:
@@ -302,7 +305,7 @@ def test_a_rejected_file_is_examined_again_once_it_changes(tmp_path, small_surve
     dst.write_bytes(data)  # the transfer completed
     again = scan()
     assert again.registered == [str(dst)] and not again.rejected
-    assert repo.image_counts_by_status(engine)["rejected"] == 0
+    assert images_db.image_counts_by_status(engine)["rejected"] == 0
 
 
 def test_a_backlog_is_registered_over_several_limited_passes(tmp_path, small_survey):
@@ -319,4 +322,4 @@ def test_a_backlog_is_registered_over_several_limited_passes(tmp_path, small_sur
     assert (len(first.registered), first.deferred) == (5, 7)
     assert (len(second.registered), second.deferred) == (5, 2)
     assert (len(third.registered), third.deferred) == (2, 0)
-    assert repo.image_counts_by_status(engine)["pending"] == 12
+    assert images_db.image_counts_by_status(engine)["pending"] == 12

@@ -14,7 +14,8 @@ from sqlalchemy import exc as sa_exc
 from ese_assets import pipeline
 from ese_assets.core.catalog import CatalogError, load_catalog
 from ese_assets.orchestration.assets import retry_if_database_locked
-from ese_assets.storage import repository as repo
+from ese_assets.storage import images as images_db
+from ese_assets.storage import photometry as photometry_db
 from ese_assets.storage.engine import ensure_schema, make_engine
 from ese_assets_tests.survey import NIGHTS, make_workspace
 from ese_assets_tests.test_orchestration import run_night
@@ -63,9 +64,9 @@ def test_all_nan_image_is_rejected_at_measurement_and_the_night_goes_on(tmp_path
     with dg.instance_for_test() as instance:
         run_night(settings, NIGHTS[0], instance)
     engine = make_engine(settings.products_db)
-    counts = repo.image_counts_by_status(engine, night=NIGHTS[0])
+    counts = images_db.image_counts_by_status(engine, night=NIGHTS[0])
     assert counts["measured"] == 3 and counts["rejected"] == 1
-    reason = repo.rejected_images(engine, night=NIGHTS[0])["reason"].iloc[0]
+    reason = images_db.rejected_images(engine, night=NIGHTS[0])["reason"].iloc[0]
     assert "NaN" in reason
 
 
@@ -86,7 +87,7 @@ def test_cube_and_plain_images_are_both_measured(tmp_path, small_survey):
     settings = make_workspace(tmp_path, small_survey)
     with dg.instance_for_test() as instance:
         run_night(settings, NIGHTS[0], instance)
-    counts = repo.image_counts_by_status(make_engine(settings.products_db), night=NIGHTS[0])
+    counts = images_db.image_counts_by_status(make_engine(settings.products_db), night=NIGHTS[0])
     assert counts["measured"] == 4
 
 
@@ -110,8 +111,8 @@ def test_malformed_catalog_fails_the_run_with_the_file_named(tmp_path, small_sur
         assert "bad_catalog.csv" in failure.event_specific_data.error.to_string()
     # Nothing was half-written; the images wait for the next run with a fixed catalog.
     engine = make_engine(settings.products_db)
-    assert repo.photometry_counts(engine) == 0
-    assert repo.image_counts_by_status(engine)["measured"] == 0
+    assert photometry_db.photometry_counts(engine) == 0
+    assert images_db.image_counts_by_status(engine)["measured"] == 0
 
 
 def test_database_lock_becomes_a_dagster_retry():

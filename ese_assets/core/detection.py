@@ -1,4 +1,4 @@
-"""ESE candidate flagging from per-source variability metrics, and the pure candidate workflow.
+"""ESE candidate flagging from per-source variability metrics.
 
 Two rules (both need at least ``min_obs`` epochs):
 
@@ -18,9 +18,7 @@ Two rules (both need at least ``min_obs`` epochs):
 
 Composite score (seed's ``use_composite_scoring``): :func:`composite_score`.
 
-Candidate workflow (``ese_candidates.status`` in active / investigated / dismissed):
-:func:`plan_candidate_changes` turns this night's flagged sources and the existing candidate rows
-into row inserts and updates, without touching the database itself.
+The candidate workflow (what happens to flagged sources' rows) is :mod:`ese_assets.core.candidates`.
 """
 
 from __future__ import annotations
@@ -39,11 +37,6 @@ DEFAULT_PRESET = "conservative"
 
 #: Calibrated default threshold on |dip_significance| (false-alarm rate << 1e-3 per constant source).
 DEFAULT_MIN_DIP_SIGMA = 6.0
-
-#: Candidate statuses counted as open (at most one open row per source in the database).
-OPEN_STATUSES = ("active", "investigated")
-
-_FLAGGED_COLUMNS = ["source_id", "significance", "flag_type", "sigma_deviation", "dip_significance"]
 
 
 def resolve_min_sigma(preset: str | None = None, min_sigma: float | None = None) -> float:
@@ -170,125 +163,3 @@ def composite_score(sigma_deviation, chi2_nu, eta):
     if score.ndim == 0:
         return float(score), str(confidence)
     return score, confidence
-
-
-def _py(value):
-    """Plain Python scalar for a database row (NaN/NA -> None)."""
-    if value is None or value is pd.NA:
-        return None
-    if isinstance(value, (np.floating, float)):
-        return None if math.isnan(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.str_):
-        return str(value)
-    return value
-
-
-def _latest_night(previous, night: str | None) -> str | None:
-    """The later of two ``YYYY-MM-DD`` nights (ISO dates sort as strings); None/NaN ignored."""
-    known = [n for n in (previous, night) if isinstance(n, str) and n]
-    return max(known) if known else None
-
-
-def plan_candidate_changes(
-    flagged: pd.DataFrame,
-    existing: pd.DataFrame | None,
-    *,
-    night: str | None,
-    now: float,
-    regrow_factor: float = 1.25,
-) -> tuple[list[dict], list[dict]]:
-    """Decide candidate-table inserts and updates for this night's flagged sources (pure function).
-
-    ``flagged``: output of :func:`flag_candidates`. ``existing``: all ``ese_candidates`` rows of the
-    flagged sources, columns ``id, source_id, status, significance, dismissed_at`` (may be empty or
-    None). Per flagged source:
-
-    * an open candidate (status active or investigated) exists -> update it: keys ``id,
-      significance, flag_type, sigma_deviation, dip_significance, last_night``; the status is left
-      alone (an investigated candidate stays investigated). ``last_night`` is the latest night that
-      confirmed the candidate (``existing`` may carry it), so re-running an older night (a backfill)
-      does not move it backwards. Should several open rows exist (legacy
-      data), the most recent one (largest id) is updated.
-    * no open candidate, the most recent row (largest id) is dismissed -> nothing, unless
-      ``significance >= regrow_factor * dismissed significance``; then insert a new active row whose
-      notes say why (the person's dismissal is respected unless the signal grows).
-    * no candidate rows -> insert ``source_id, flagged_at=now, flagged_by="auto", significance,
-      flag_type, status="active", night, last_night=night, sigma_deviation, dip_significance,
-      notes=None``.
-
-    Sources not flagged tonight are left alone (people resolve open candidates). Idempotent: after
-    the inserts are applied, planning the same flagged set again yields only updates with the same
-    values. Returns ``(inserts, updates)``, lists of dicts of plain Python values (NaN -> None).
-    """
-    if not regrow_factor > 0:
-        raise ValueError(f"regrow_factor must be > 0, got {regrow_factor!r}")
-    inserts: list[dict] = []
-    updates: list[dict] = []
-    if flagged is None or len(flagged) == 0:
-        return inserts, updates
-    flagged = flagged[_FLAGGED_COLUMNS].drop_duplicates("source_id", keep="last")
-    flagged = flagged.assign(source_id=flagged["source_id"].astype(object))
-
-    if existing is None or len(existing) == 0:
-        existing = pd.DataFrame({"id": pd.Series([], dtype="int64"),
-                                 "source_id": pd.Series([], dtype=object),
-                                 "status": pd.Series([], dtype=object),
-                                 "significance": pd.Series([], dtype="float64")})
-    if "last_night" not in existing:
-        existing = existing.assign(last_night=None)
-    ex = existing[["id", "source_id", "status", "significance", "last_night"]].copy()
-    ex["source_id"] = ex["source_id"].astype(object)
-    ex = ex.sort_values("id", kind="stable")
-    is_open = ex["status"].isin(OPEN_STATUSES)
-    # Most recent open row per source, and most recent row of any status per source.
-    open_rows = ex[is_open].drop_duplicates("source_id", keep="last")
-    latest = ex.drop_duplicates("source_id", keep="last")
-
-    merged = flagged.merge(
-        open_rows[["source_id", "id", "last_night"]].rename(
-            columns={"id": "open_id", "last_night": "open_last_night"}), on="source_id", how="left"
-    ).merge(
-        latest[["source_id", "id", "status", "significance"]].rename(
-            columns={"id": "latest_id", "status": "latest_status", "significance": "latest_sig"}),
-        on="source_id", how="left",
-    )
-    has_open = merged["open_id"].notna()
-    has_any = merged["latest_id"].notna()
-    # No open row but some rows: every row is dismissed (the schema allows three statuses).
-    regrow = has_any & ~has_open & (merged["significance"] >= regrow_factor * merged["latest_sig"])
-    insert = ~has_any | regrow
-
-    for rec in merged[has_open].to_dict("records"):
-        updates.append({
-            "id": int(rec["open_id"]),
-            "significance": _py(rec["significance"]),
-            "flag_type": _py(rec["flag_type"]),
-            "sigma_deviation": _py(rec["sigma_deviation"]),
-            "dip_significance": _py(rec["dip_significance"]),
-            "last_night": _latest_night(rec["open_last_night"], night),
-        })
-
-    for rec, again in zip(merged[insert].to_dict("records"), regrow[insert]):
-        notes = None
-        if again:
-            notes = (
-                f"re-flagged after dismissal: significance {rec['significance']:.2f} >= "
-                f"{regrow_factor:g} x {rec['latest_sig']:.2f} of dismissed candidate "
-                f"id {int(rec['latest_id'])}"
-            )
-        inserts.append({
-            "source_id": _py(rec["source_id"]),
-            "flagged_at": float(now),
-            "flagged_by": "auto",
-            "significance": _py(rec["significance"]),
-            "flag_type": _py(rec["flag_type"]),
-            "status": "active",
-            "night": night,
-            "last_night": night,
-            "sigma_deviation": _py(rec["sigma_deviation"]),
-            "dip_significance": _py(rec["dip_significance"]),
-            "notes": notes,
-        })
-    return inserts, updates

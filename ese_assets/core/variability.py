@@ -371,8 +371,12 @@ def variability_metrics(
 # error of about eps * ((mean - c) / std)^2 in var and eps * max((d/sigma)^2) / chi2 in chi2_nu; the
 # flux-scale error bounds d/sigma by |d| / (k |f|), i.e. ~50 x the fractional offset of c for k = 0.02.
 
-#: Additive columns of a partial-sums row (sums over the epochs of the row's group).
-SUM_COLUMNS = ("n_obs", "n_bad_err", "sum_d", "sum_d2", "sum_w", "sum_wd", "sum_wd2")
+#: Integer counts of a partial-sums row: epochs, and epochs whose error is unusable (NaN or <= 0).
+COUNT_COLUMNS = ("n_obs", "n_bad_err")
+
+#: Additive columns of a partial-sums row (sums over the epochs of the row's group): the counts,
+#: then sums of d = f - c, d^2, w, w d and w d^2 (float).
+SUM_COLUMNS = (*COUNT_COLUMNS, "sum_d", "sum_d2", "sum_w", "sum_wd", "sum_wd2")
 
 #: Extreme columns of a partial-sums row: combined with min (min_*, first_*) or max (max_*, last_*).
 EXTREME_COLUMNS = ("min_flux_mjy", "max_flux_mjy", "first_mjd", "last_mjd")

@@ -22,7 +22,10 @@ from ese_assets.orchestration.partitions import (
 from ese_assets.orchestration.resources import (
     DetectionResource, IncomingDirectory, ProductsDatabase, SourceCatalogResource,
 )
-from ese_assets.storage import repository as repo
+from ese_assets.storage import candidates as candidates_db
+from ese_assets.storage import images as images_db
+from ese_assets.storage import photometry as photometry_db
+from ese_assets.storage import statistics as statistics_db
 
 GROUP = "ese"
 
@@ -92,7 +95,7 @@ def _images_to_measure(engine, nights: list[str], config: PhotometryConfig,
         wanted = None
     paths: list[str] = []
     for night in nights:
-        usable = repo.night_images(engine, night)["path"].tolist()
+        usable = images_db.night_images(engine, night)["path"].tolist()
         paths += [p for p in usable if wanted is None or p in wanted]
     if wanted is not None:
         for p in sorted(wanted - set(paths)):
@@ -128,9 +131,9 @@ def photometry(context: dg.AssetExecutionContext, config: PhotometryConfig,
 
     measured = [r for r in results if r.status == "measured"]
     rms = [r.median_rms_jyb for r in measured if r.median_rms_jyb is not None]
-    rejected = pd.concat([repo.rejected_images(engine, night=n) for n in nights], ignore_index=True)
-    counts = repo.image_counts_by_status(engine, nights=nights)
-    summary = repo.night_photometry_summary(engine, nights)
+    rejected = pd.concat([images_db.rejected_images(engine, night=n) for n in nights], ignore_index=True)
+    counts = images_db.image_counts_by_status(engine, nights=nights)
+    summary = photometry_db.night_photometry_summary(engine, nights)
     not_done = counts.get("pending", 0) + counts.get("queued", 0) + counts.get("failed", 0)
     metadata = {
         "images_measured": len(measured),
@@ -177,7 +180,7 @@ def variability_stats(context: dg.AssetExecutionContext, products_db: ProductsDa
                                             flux_scale_error=detection.flux_scale_error,
                                             dip_window_days=detection.dip_window_days)
     # Bounded by the nights, like the stage itself (a whole-history COUNT would undo that).
-    mismatched = repo.night_stats_mismatches(engine, nights)
+    mismatched = statistics_db.night_stats_mismatches(engine, nights)
     metadata: dict = {"sources": len(stats)}
     if len(stats):
         metadata.update(
@@ -207,11 +210,11 @@ def ese_candidates(context: dg.AssetExecutionContext, products_db: ProductsDatab
     nights = list(context.partition_keys)
     engine = products_db.get_engine()
     with retry_if_database_locked():
-        source_ids = repo.sources_measured_in_nights(engine, nights)
+        source_ids = photometry_db.sources_measured_in_nights(engine, nights)
         summary = pipeline.detect_candidates(engine, detection.settings(), source_ids=source_ids,
                                              night=nights[-1])
-    open_now = repo.candidates(engine, status=("active", "investigated"))
-    problems = repo.candidate_problems(engine)
+    open_now = candidates_db.candidates(engine, status=("active", "investigated"))
+    problems = candidates_db.candidate_problems(engine)
     metadata: dict = {
         "sources_examined": len(source_ids),
         "flagged_tonight": len(summary.flagged),

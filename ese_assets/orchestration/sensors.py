@@ -18,7 +18,7 @@ from ese_assets.orchestration.partitions import (
 )
 from ese_assets.orchestration.resources import IncomingDirectory, ProductsDatabase
 from ese_assets.settings import Settings
-from ese_assets.storage import repository as repo
+from ese_assets.storage import images as images_db
 
 #: Upper bound on images per run, so one run of a busy night stays minutes long, not hours.
 MAX_IMAGES_PER_RUN = 400
@@ -64,11 +64,11 @@ def incoming_images_sensor(context: dg.SensorEvaluationContext, products_db: Pro
         return dg.SkipReason(str(exc))
     for path, reason in scan.rejected:
         context.log.warning(f"rejected {path}: {reason}")
-    pending = repo.pending_images(engine)
+    pending = images_db.pending_images(engine)
     last_night = nights_partitions.get_last_partition_key()
     requests = night_run_requests(pending, last_night)
     requested = [p for r in requests for p in r.run_config["ops"]["photometry"]["config"]["image_paths"]]
-    repo.set_image_status(engine, requested, "queued")
+    images_db.set_image_status(engine, requested, "queued")
     if not requests:
         waiting = f", {len(scan.waiting)} still being written" if scan.waiting else ""
         return dg.SkipReason(f"no new images ({len(scan.rejected)} rejected{waiting})")

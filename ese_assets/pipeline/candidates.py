@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import pandas as pd
 from sqlalchemy import Engine
 
-from ese_assets.core.detection import DetectionSettings, flag_candidates, plan_candidate_changes
-from ese_assets.storage import repository as repo
+from ese_assets.core.candidates import plan_candidate_changes
+from ese_assets.core.detection import DetectionSettings, flag_candidates
+from ese_assets.storage import candidates as candidates_db
+from ese_assets.storage import statistics as statistics_db
 
 
 @dataclass
@@ -29,12 +31,12 @@ def detect_candidates(engine: Engine, settings: DetectionSettings, *,
     candidates are updated in place, dismissed ones stay dismissed unless their significance grew.
     """
     now = time.time() if now is None else now
-    stats = repo.variability_stats(engine, source_ids=source_ids)
+    stats = statistics_db.variability_stats(engine, source_ids=source_ids)
     flagged = flag_candidates(stats, settings) if not stats.empty else pd.DataFrame(
         columns=["source_id", "significance", "flag_type", "sigma_deviation", "dip_significance"])
     if flagged.empty:
         return DetectionSummary(flagged, 0, 0)
-    existing = repo.existing_candidates(engine, flagged["source_id"].tolist())
+    existing = candidates_db.existing_candidates(engine, flagged["source_id"].tolist())
     inserts, updates = plan_candidate_changes(flagged, existing, night=night, now=now)
-    repo.apply_candidate_changes(engine, inserts, updates)
+    candidates_db.apply_candidate_changes(engine, inserts, updates)
     return DetectionSummary(flagged, len(inserts), len(updates))

@@ -20,7 +20,8 @@ from ese_assets.core.catalog import Catalog
 from ese_assets.core.fits_image import ImageError, load_image
 from ese_assets.core.photometry import forced_photometry
 from ese_assets.pipeline.progress import Progress, silent
-from ese_assets.storage import repository as repo
+from ese_assets.storage import images as images_db
+from ese_assets.storage import photometry as photometry_db
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,11 @@ def measure_image(engine: Engine, catalog: Catalog, path: str, *, min_flux_mjy: 
     try:
         image = load_image(path)
     except ImageError as exc:
-        repo.set_image_status(engine, [path], "rejected", reason=exc.reason)
+        images_db.set_image_status(engine, [path], "rejected", reason=exc.reason)
         return ImageResult(path, "rejected", reason=exc.reason)
     except OSError as exc:
         reason = f"cannot read file ({exc})"
-        repo.mark_image_failed(engine, path, reason)
+        images_db.mark_image_failed(engine, path, reason)
         return ImageResult(path, "failed", reason=reason)
 
     info = image.info
@@ -75,7 +76,7 @@ def measure_image(engine: Engine, catalog: Catalog, path: str, *, min_flux_mjy: 
     })
     rms = phot.local_rms_jyb[good]
     median_rms = float(np.median(rms)) if rms.size else None
-    repo.replace_image_photometry(engine, path, rows, {
+    photometry_db.replace_image_photometry(engine, path, rows, {
         "mjd": info.mjd, "median_rms_jyb": median_rms, "n_sources": int(good.sum()),
     })
     return ImageResult(path, "measured", n_sources=int(good.sum()), median_rms_jyb=median_rms,
@@ -92,7 +93,7 @@ def measure_images(engine: Engine, catalog: Catalog, paths: Sequence[str], *,
         except Exception as exc:  # noqa: BLE001 - recorded, and the night goes on
             log.exception("measuring %s failed", path)
             reason = f"{type(exc).__name__}: {exc}"
-            repo.mark_image_failed(engine, path, reason)
+            images_db.mark_image_failed(engine, path, reason)
             res = ImageResult(path, "failed", reason=reason)
         results.append(res)
         detail = (f"{res.n_sources} sources" if res.status == "measured" else res.reason)

@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from ese_assets.core.fits_image import ImageError, ImageInfo, read_image_info
 from ese_assets.core.nights import night_of_mjd
 from ese_assets.pipeline.progress import Progress, silent
-from ese_assets.storage import repository as repo
+from ese_assets.storage import images as images_db
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def inspect_files(
     now = time.time() if now is None else now
     paths = [str(Path(p).expanduser().resolve()) for p in paths]
     _release_rewritten_rejections(engine, paths)
-    known = repo.known_image_paths(engine, paths)
+    known = images_db.known_image_paths(engine, paths)
     result = ScanResult(already_known=len(known))
     new = [p for p in paths if p not in known]
     if limit is not None and len(new) > limit:
@@ -139,7 +139,7 @@ def _register_batch(engine: Engine, paths: list[str], result: ScanResult, *, tim
             continue
         records.append(_inspect_one(path, stat, timezone=timezone, first_night=first_night, now=now))
     _reject_duplicates(engine, [r for r in records if r["status"] == "pending"])
-    repo.register_images(engine, records)
+    images_db.register_images(engine, records)
     for rec in records:
         if rec["status"] == "pending":
             result.registered.append(rec["path"])
@@ -158,7 +158,7 @@ def _reject_duplicates(engine: Engine, usable: list[dict]) -> None:
     if not usable:
         return
     mjds = [r["mjd"] for r in usable]
-    registered = repo.images_near_mjd(engine, min(mjds) - DUPLICATE_MJD_TOL_DAYS,
+    registered = images_db.images_near_mjd(engine, min(mjds) - DUPLICATE_MJD_TOL_DAYS,
                                       max(mjds) + DUPLICATE_MJD_TOL_DAYS)
     by_second: dict[int, list[dict]] = {}
 
@@ -185,7 +185,7 @@ def _release_rewritten_rejections(engine: Engine, paths: list[str]) -> None:
     """Forget rejections of files that changed since (e.g. a transfer that stalled past the settle
     time and then completed), so they are examined again instead of staying rejected forever."""
     changed = []
-    for path, (size, mtime) in repo.rejected_file_states(engine, paths).items():
+    for path, (size, mtime) in images_db.rejected_file_states(engine, paths).items():
         try:
             stat = os.stat(path)
         except FileNotFoundError:
@@ -193,7 +193,7 @@ def _release_rewritten_rejections(engine: Engine, paths: list[str]) -> None:
         if size != stat.st_size or mtime is None or abs(mtime - stat.st_mtime) > 1e-6:
             changed.append(path)
     if changed:
-        repo.forget_rejected_images(engine, changed)
+        images_db.forget_rejected_images(engine, changed)
         log.info("re-examining %d rejected files that changed: %s", len(changed), changed[:5])
 
 

@@ -27,7 +27,8 @@ from ese_assets.core.variability import (
     variability_metrics,
 )
 from ese_assets.pipeline.progress import Progress, silent
-from ese_assets.storage import repository as repo
+from ese_assets.storage import photometry as photometry_db
+from ese_assets.storage import statistics as statistics_db
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +101,15 @@ def _rebuild_sums(conn, source_ids: Sequence[str], *, flux_scale_error: float) -
     O(history): used on demand (recompute) and when the stored sums cannot be updated (a new
     flux_scale_error, or a source with history older than its sums, e.g. after an upgrade).
     """
-    rows = repo.source_photometry(conn, source_ids)
+    rows = photometry_db.source_photometry(conn, source_ids)
     nights = _night_sums_of_rows(rows, _catalog_shifts(rows), flux_scale_error=flux_scale_error)
-    repo.replace_night_sums(conn, nights, source_ids=source_ids)
-    repo.delete_source_sums(conn, source_ids)  # sources left without photometry have no sums
+    statistics_db.replace_night_sums(conn, nights, source_ids=source_ids)
+    statistics_db.delete_source_sums(conn, source_ids)  # sources left without photometry have no sums
     if len(nights):
         totals = combine_partial_sums(nights)
         totals = totals.join(_latest_catalog_values(rows), on="source_id")
         totals["flux_scale_error"] = float(flux_scale_error)
-        repo.put_source_sums(conn, totals)
+        statistics_db.put_source_sums(conn, totals)
 
 
 def _sources_to_rebuild(conn, rows: pd.DataFrame, stored: pd.DataFrame, *,
@@ -119,7 +120,7 @@ def _sources_to_rebuild(conn, rows: pd.DataFrame, stored: pd.DataFrame, *,
     new = sorted(set(rows["source_id"]) - set(stored["source_id"]))
     if new:
         in_rows = rows.groupby("source_id").size()
-        in_table = repo.photometry_counts_by_source(conn, new)
+        in_table = photometry_db.photometry_counts_by_source(conn, new)
         stale.update(s for s in new if in_table.get(s, 0) > in_rows[s])
     return sorted(stale)
 
@@ -158,27 +159,27 @@ def _apply_night_changes(conn, nights: list[str], rows: pd.DataFrame, old: pd.Da
         differs |= both[col] != both[f"{col}_old"]
     refresh = sorted(set(both.loc[had_old & differs, "source_id"]))
 
-    repo.add_source_sums(conn, totals)
-    repo.replace_night_sums(conn, new, nights=nights)
+    statistics_db.add_source_sums(conn, totals)
+    statistics_db.replace_night_sums(conn, new, nights=nights)
     if refresh:
-        repo.refresh_source_extremes(conn, refresh)
-    repo.delete_source_sums(conn, totals["source_id"], only_empty=True)
+        statistics_db.refresh_source_extremes(conn, refresh)
+    statistics_db.delete_source_sums(conn, totals["source_id"], only_empty=True)
 
 
 def _store_stats(conn, source_ids: Sequence[str], *, flux_scale_error: float,
                  dip_window_days: float, now: float) -> pd.DataFrame:
     """Steps (e)-(g): variability_stats of ``source_ids`` from their sums and their window."""
-    sums = repo.read_source_sums(conn, source_ids)
+    sums = statistics_db.source_sums(conn, source_ids)
     if sums.empty:
         return pd.DataFrame()
     moments = metrics_from_sums(sums)
-    window = _flux_table(repo.window_photometry(conn, sums["source_id"], dip_window_days))
+    window = _flux_table(photometry_db.window_photometry(conn, sums["source_id"], dip_window_days))
     robust = variability_metrics(window, flux_scale_error=flux_scale_error)[list(WINDOW_COLUMNS)]
     stats = (moments.merge(robust, on="source_id", how="left")
              .merge(sums[["source_id", *_STATS_EXTRA_COLUMNS]], on="source_id", how="left"))
     stats = stats[[*METRIC_COLUMNS, *_STATS_EXTRA_COLUMNS]]
     stats["updated_at"] = now
-    repo.upsert_variability_stats(conn, stats)
+    statistics_db.upsert_variability_stats(conn, stats)
     return stats
 
 
@@ -205,7 +206,7 @@ def update_variability(engine: Engine, nights: Sequence[str], *, flux_scale_erro
     """Update the statistics of every source measured in ``nights``, at a cost bounded by the
     nights, the sources and the dip window -- not by the length of the history.
 
-    In ONE transaction (:func:`repository.sums_transaction`): (a) read the photometry of the
+    In ONE transaction (:func:`storage.statistics.sums_transaction`): (a) read the photometry of the
     nights' images only; (b) their per-(source, night) partial sums; (c) the stored night rows of
     those nights; (d) add new - old to ``source_sums`` and replace the night rows; (e) the
     whole-history moments from ``source_sums``; (f) median, robust std and dip statistic over each
@@ -216,11 +217,11 @@ def update_variability(engine: Engine, nights: Sequence[str], *, flux_scale_erro
     """
     now = time.time() if now is None else now
     nights = sorted({str(n) for n in nights})
-    with repo.sums_transaction(engine) as conn:
-        rows = repo.night_photometry(conn, nights)
-        old = repo.night_sums(conn, nights=nights)
+    with statistics_db.sums_transaction(engine) as conn:
+        rows = photometry_db.night_photometry(conn, nights)
+        old = statistics_db.night_sums(conn, nights=nights)
         touched = sorted(set(rows["source_id"]) | set(old["source_id"]))
-        stored = repo.read_source_sums(conn, touched)
+        stored = statistics_db.source_sums(conn, touched)
         rebuild = _sources_to_rebuild(conn, rows, stored, flux_scale_error=flux_scale_error)
         if rebuild:
             log.info("rebuilding the sums of %d sources from their whole history", len(rebuild))
@@ -245,14 +246,14 @@ def recompute_variability(engine: Engine, source_ids: Sequence[str] | None = Non
     history, then their ``variability_stats``. Returns the number of sources with statistics.
     """
     if source_ids is None:
-        ids = sorted(set(repo.measured_source_ids(engine))
-                     | set(repo.read_source_sums(engine)["source_id"]))
+        ids = sorted(set(photometry_db.measured_source_ids(engine))
+                     | set(statistics_db.source_sums(engine)["source_id"]))
     else:
         ids = sorted({str(s) for s in source_ids})
     done = 0
     for start in range(0, len(ids), chunk):
         part = ids[start:start + chunk]
-        with repo.sums_transaction(engine) as conn:
+        with statistics_db.sums_transaction(engine) as conn:
             _rebuild_sums(conn, part, flux_scale_error=flux_scale_error)
             stats = _store_stats(conn, part, flux_scale_error=flux_scale_error,
                                  dip_window_days=dip_window_days, now=time.time())

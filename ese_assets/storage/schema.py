@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from ese_assets.core.candidates import CANDIDATE_STATUSES, OPEN_STATUSES
+from ese_assets.core.variability import COUNT_COLUMNS, EXTREME_COLUMNS, SUM_COLUMNS
+
 metadata = sa.MetaData()
 
 #: Image lifecycle: ``pending`` (registered, waiting for a run) -> ``queued`` (a run was requested)
@@ -42,8 +45,7 @@ images = sa.Table(
     sa.Column("file_mtime", sa.Float, nullable=True),
     sa.Column("registered_at", sa.Float, nullable=False),
     sa.Column("measured_at", sa.Float, nullable=True),
-    sa.CheckConstraint("status IN ('pending','queued','measured','failed','rejected')",
-                       name="ck_images_status"),
+    sa.CheckConstraint(sa.column("status").in_(IMAGE_STATUSES), name="ck_images_status"),
 )
 sa.Index("ix_images_night_status", images.c.night, images.c.status)
 
@@ -100,6 +102,7 @@ variability_stats = sa.Table(
     sa.Column("first_mjd", sa.Float, nullable=True),
 )
 
+
 def _sums_columns() -> list[sa.Column]:
     """Columns shared by ``source_night_sums`` and ``source_sums`` (see core.variability).
 
@@ -109,22 +112,12 @@ def _sums_columns() -> list[sa.Column]:
     ``flux_scale_error`` the weights were computed with is stored so a change of the setting is
     noticed (and the sums rebuilt) instead of mixing weights.
     """
-    return [
-        sa.Column("shift_mjy", sa.Float, nullable=False),
-        sa.Column("n_obs", sa.Integer, nullable=False),
-        sa.Column("n_bad_err", sa.Integer, nullable=False, server_default="0"),  # sigma <= 0 / NaN
-        sa.Column("sum_d", sa.Float, nullable=False),
-        sa.Column("sum_d2", sa.Float, nullable=False),
-        sa.Column("sum_w", sa.Float, nullable=False),
-        sa.Column("sum_wd", sa.Float, nullable=False),
-        sa.Column("sum_wd2", sa.Float, nullable=False),
-        sa.Column("min_flux_mjy", sa.Float, nullable=True),
-        sa.Column("max_flux_mjy", sa.Float, nullable=True),
-        sa.Column("first_mjd", sa.Float, nullable=True),
-        sa.Column("last_mjd", sa.Float, nullable=True),
-        sa.Column("last_measured_at", sa.Float, nullable=True),
-        sa.Column("flux_scale_error", sa.Float, nullable=False),
-    ]
+    counts = [sa.Column(c, sa.Integer, nullable=False, server_default="0") for c in COUNT_COLUMNS]
+    sums = [sa.Column(c, sa.Float, nullable=False) for c in SUM_COLUMNS if c not in COUNT_COLUMNS]
+    extremes = [sa.Column(c, sa.Float, nullable=True)
+                for c in (*EXTREME_COLUMNS, "last_measured_at")]
+    return [sa.Column("shift_mjy", sa.Float, nullable=False), *counts, *sums, *extremes,
+            sa.Column("flux_scale_error", sa.Float, nullable=False)]
 
 
 #: Partial sums of one source's epochs in one night (added by this project). Replaced whenever the
@@ -151,9 +144,7 @@ source_sums = sa.Table(
 )
 
 
-#: Candidate workflow. ``active`` and ``investigated`` are open; at most one open row per source.
-CANDIDATE_STATUSES = ("active", "investigated", "dismissed")
-
+# Candidate statuses and which of them are open: ese_assets.core.candidates (the workflow rule).
 ese_candidates = sa.Table(
     "ese_candidates",
     metadata,
@@ -172,11 +163,11 @@ ese_candidates = sa.Table(
     sa.Column("last_night", sa.String(10), nullable=True),  # partition that last confirmed it
     sa.Column("sigma_deviation", sa.Float, nullable=True),
     sa.Column("dip_significance", sa.Float, nullable=True),
-    sa.CheckConstraint("status IN ('active','investigated','dismissed')",
+    sa.CheckConstraint(sa.column("status").in_(CANDIDATE_STATUSES),
                        name="ck_ese_candidates_status"),
 )
 sa.Index("ix_ese_candidates_source", ese_candidates.c.source_id)
 # At most one open candidate per source (partial unique index; SQLite >= 3.8 and PostgreSQL).
-_OPEN = sa.text("status IN ('active', 'investigated')")
+_OPEN = ese_candidates.c.status.in_(OPEN_STATUSES)
 sa.Index("uq_ese_candidates_open_source", ese_candidates.c.source_id, unique=True,
          sqlite_where=_OPEN, postgresql_where=_OPEN)
