@@ -35,7 +35,8 @@ Noise in a synthesis image is correlated on the scale of the beam: the noise aut
     Var(F) = rms^2 sum_ij K_i K_j rho_ij / (sum_i K_i^2)^2.                             (1)
 
 Well-sampled limit (pixel area A, sums -> integrals / A; take C = diag(sx^2, sy^2) w.l.o.g.):
-``sum K^2 = pi sx sy / A``; the autocorrelation of K is ``(K*K)(tau) = pi sx sy exp(-tau^T C^-1 tau / 4)``,
+``sum K^2 = pi sx sy / A``; the autocorrelation of K is
+``(K*K)(tau) = pi sx sy exp(-tau^T C^-1 tau / 4)``,
 so ``sum_ij K_i K_j rho_ij = (1/A^2) int (K*K)(tau) rho(tau) dtau
 = (pi sx sy / A^2) int exp(-3 tau^T C^-1 tau / 4) dtau = (pi sx sy / A^2)(4 pi sx sy / 3)``, hence::
 
@@ -65,23 +66,41 @@ A coarse mesh of boxes of ``box_pix`` ~ ``mesh_beams`` beam majors: per box the 
 median (background) and 1.4826 * MAD (RMS; astropy ``SigmaClippedStats`` with
 ``stdfunc='mad_std'``, corrected for the clipping bias), NaN-aware, on blocks obtained by
 reshaping/fancy-indexing the image (no Python loop over boxes), using every
-floor(BMAJ_pix / 2.5)-th pixel (neighbouring pixels of beam-correlated noise are redundant). When the image size is not a multiple of the box, the boxes are spread evenly from edge to
+floor(BMAJ_pix / 2.5)-th pixel (neighbouring pixels of beam-correlated noise are redundant).
+When the image size is not a multiple of the box, the boxes are spread evenly from edge to
 edge so every box holds box_pix^2 pixels. The mesh is interpolated bilinearly (numpy) between box
 centres and extrapolated linearly over the last half box to the image edge. The stamps of the
 measured positions are excluded from the mesh (their wings would bias it).
 
 Flags and close pairs
 ---------------------
+Bits of ``quality_flag`` (defined in :mod:`ese_assets.core.quality`):
 ``FLAG_EDGE``: the stamp leaves the image (or the position is not finite): peak NaN.
-``FLAG_NAN``: some stamp pixels are NaN; they get zero weight. All-NaN stamps give a NaN peak.
+``FLAG_NAN``: some stamp pixels are NaN; they get zero weight (the error is eq. (1) over the
+unblanked pixels).
+``FLAG_BLANK``: the source's own pixel (the one nearest its position) is NaN, or the NaN pixels
+carry a fraction ``f_blank = sum_{NaN} K^2 / sum_{stamp} K^2 > MAX_BLANK_FRACTION`` (0.5) of the
+beam weight: peak NaN. Why: with only the beam's wings left, ``F = sum(d K) / sum(K^2)`` divides
+the noise of a few far pixels by a vanishing ``sum K^2`` (K ~ 1e-5 in a stamp corner), which made
+finite fluxes of 1e5 Jy out of 0.05 Jy/beam noise. The bit is set together with ``FLAG_NAN``.
 ``FLAG_BLENDED``: another source of the input list lies within 1.5 beam majors. Clusters are
 found with friends-of-friends (linking length 1.5 BMAJ in pixels) on a hash grid, and the
 amplitudes of each cluster are solved jointly (the model is linear in the amplitudes with fixed
-positions and shapes): ``A a = b``, ``A_mn = sum K_m K_n w``, ``b_m = sum d K_m w`` over the union of
-the members' stamps, with covariance ``rms^2 A^-1 B A^-1``, ``B_mn = sum_ij K_mi K_nj rho_ij w_i w_j``
+positions and shapes): ``A a = b``, ``A_mn = sum K_m K_n w``, ``b_m = sum d K_m w`` over the
+union of the members' stamps, with covariance ``rms^2 A^-1 B A^-1``,
+``B_mn = sum_ij K_mi K_nj rho_ij w_i w_j``
 (``B = A`` for white noise). Clusters are processed in batches of equal membership. For
 clusters, ``K_n conv rho`` in B is taken in closed form (Gaussian convolution, exact for a
 well-sampled beam; see ``_smoothed_kernel``), while A and b are exact pixel sums.
+Members that are not measured (``FLAG_BLANK``, ``FLAG_EDGE``) stay in the system as nuisance
+amplitudes when it stays well conditioned, so that their flux spilling onto the observed pixels
+does not bias their neighbours; their own amplitude is reported as NaN. The system is solved in
+Jacobi-scaled form ``A_s = D^-1/2 A D^-1/2`` (D = diag A, so the blanking of a member's pixels does
+not masquerade as ill-conditioning), and a cluster whose ``cond(A_s)`` exceeds
+``MAX_BLEND_CONDITION`` is solved again without its unmeasured members; if it is still
+ill-conditioned (members at almost the same position) all its amplitudes are NaN. For two members
+whose kernels correlate by r, ``cond(A_s) = (1 + r)/(1 - r)`` and the amplitude errors grow by
+``1/sqrt(1 - r^2) ~ sqrt(cond/2)``, so the limit caps that growth at ~70.
 
 Pixel conventions: arrays are indexed ``[y, x]``, pixel coordinates are 0-based (astropy
 ``origin = 0``), pixel covariances are ``[[Cxx, Cxy], [Cxy, Cyy]]``.
@@ -99,15 +118,18 @@ from astropy.stats import SigmaClippedStats
 from astropy.wcs import WCS
 
 from ese_assets.core.beam import FWHM_PER_SIGMA, beam_covariance_sky
+from ese_assets.core.quality import (
+    FLAG_BLANK,
+    FLAG_BLENDED,
+    FLAG_EDGE,
+    FLAG_NAN,
+    MAX_BLANK_FRACTION,
+)
 
-#: The stamp reaches beyond the image (or the position is not finite): peak is NaN.
-FLAG_EDGE = 1
-#: NaN pixels in the stamp (given zero weight); an all-NaN stamp gives a NaN peak.
-FLAG_NAN = 2
-#: Another measured source within 1.5 beam majors; amplitudes fitted jointly.
-FLAG_BLENDED = 4
+#: Largest condition number of a cluster's Jacobi-scaled normal matrix that is solved (amplitude
+#: errors grow by ~sqrt(cond / 2) over an isolated fit, i.e. <= ~70; see the module docstring).
+MAX_BLEND_CONDITION = 1e4
 
-#: FWHM / sigma of a Gaussian.
 #: Linking length of the blend search, in beam majors (science brief: pairs closer than ~1.5 BMAJ
 #: bias each other; at that separation the cross-talk sum(K1 K2)/sum(K1^2) is ~4 %).
 BLEND_BEAMS = 1.5
@@ -156,7 +178,7 @@ def _mesh_layout(n: int, box_pix: int) -> tuple[int, np.ndarray]:
     every box has the same size and the centres are >= box/2 apart. A single box covers the whole
     axis (n < 1.5 box_pix).
     """
-    nb = max(1, int(math.floor(n / int(box_pix) + 0.5)))
+    nb = max(1, math.floor(n / int(box_pix) + 0.5))
     if nb == 1:
         return n, np.zeros(1, dtype=np.int64)
     box = int(box_pix)
@@ -194,7 +216,8 @@ def clipped_mad_std_bias(sigma: float) -> float:
     """Expected ratio (1.4826 * MAD of the sigma-clipped sample) / true sigma for Gaussian data.
 
     Clipping at +-k s (s the current estimate) removes the tails, so the MAD of the kept pixels is
-    that of a normal truncated at c = k s: the median m of |x| obeys 2 Phi(m) - 1 = (2 Phi(c) - 1)/2.
+    that of a normal truncated at c = k s: the median m of |x| obeys
+    2 Phi(m) - 1 = (2 Phi(c) - 1)/2.
     Iterating s = 1.4826 m to its fixed point (what sigma_clip converges to) gives the ratio:
     0.9968 for k = 3 (the plain std of the clipped pixels, which ``sigma_clipped_stats`` returns,
     would be 0.987: a 1.3 % underestimate of every error bar).
@@ -233,7 +256,7 @@ def background_and_rms(
     maxiters: int = 5,
     min_valid_frac: float = 0.1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Coarse background and RMS meshes of a 2-D image, each of shape (round(ny/box), round(nx/box)).
+    """Coarse background and RMS meshes of a 2-D image, each (round(ny/box), round(nx/box)).
 
     Per box: sigma-clipped (``sigma``, ``maxiters``) median -> background, and 1.4826 * MAD of the
     clipped pixels -> RMS (astropy ``SigmaClippedStats(..., stdfunc='mad_std').mad_std()``, the
@@ -269,13 +292,16 @@ def background_and_rms(
     sub_x = np.arange(((bx - 1) % stride) // 2, bx, stride)
     rows = starts_y[:, None] + sub_y[None, :]  # (nby, by / stride)
     cols = starts_x[:, None] + sub_x[None, :]  # (nbx, bx / stride)
+
     def gather(image: np.ndarray) -> np.ndarray:
         if stride == 1 and ny % by == 0 and nx % bx == 0:
             # Pure reshape (a view) when the box tiles the image exactly.
             out = image.reshape(ny // by, by, nx // bx, bx)
         else:
             out = image[rows[:, :, None, None], cols[None, None, :, :]]  # (nby, by', nbx, bx')
-        return out.transpose(0, 2, 1, 3).reshape(rows.shape[0], cols.shape[0], rows.shape[1] * cols.shape[1])
+        return out.transpose(0, 2, 1, 3).reshape(
+            rows.shape[0], cols.shape[0], rows.shape[1] * cols.shape[1]
+        )
 
     # float64 statistics on the gathered pixels only (the image itself may be float32).
     blocks = gather(data).astype(float)
@@ -303,7 +329,9 @@ def background_and_rms(
     return background, rms
 
 
-def sample_mesh(grid: np.ndarray, box_pix: int, x, y, *, shape: tuple[int, int] | None = None) -> np.ndarray:
+def sample_mesh(
+    grid: np.ndarray, box_pix: int, x, y, *, shape: tuple[int, int] | None = None
+) -> np.ndarray:
     """Bilinear interpolation of a mesh from :func:`background_and_rms` at pixel positions (x, y).
 
     Box centres are at ``start + (box - 1)/2`` with the layout of :func:`background_and_rms`; this
@@ -320,7 +348,9 @@ def sample_mesh(grid: np.ndarray, box_pix: int, x, y, *, shape: tuple[int, int] 
     cy = _mesh_centres(int(shape[0]), box_pix)
     cx = _mesh_centres(int(shape[1]), box_pix)
     if cy.size != grid.shape[0] or cx.size != grid.shape[1]:
-        raise ValueError(f"grid shape {grid.shape} does not match image shape {shape} with box {box_pix}")
+        raise ValueError(
+            f"grid shape {grid.shape} does not match image shape {shape} with box {box_pix}"
+        )
 
     def axis_weights(c: np.ndarray, p: np.ndarray, n_axis: int):
         if c.size == 1:
@@ -349,8 +379,10 @@ def _celestial(wcs: WCS) -> WCS:
     return wcs if wcs.naxis == 2 else wcs.celestial
 
 
-def _world_to_pixel(wcs: WCS, ra_deg: np.ndarray, dec_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """0-based (x, y) of (ra, dec) for a 2-D celestial WCS, whatever the order of its lon/lat axes."""
+def _world_to_pixel(
+    wcs: WCS, ra_deg: np.ndarray, dec_deg: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """0-based (x, y) of (ra, dec) for a 2-D celestial WCS, whatever the order of its axes."""
     world = [None, None]
     world[wcs.wcs.lng] = ra_deg
     world[wcs.wcs.lat] = dec_deg
@@ -450,8 +482,8 @@ def _convolve_with_rho(a: np.ndarray, icov_pix: np.ndarray) -> np.ndarray:
     ``sum_ij a_i a_j rho_ij`` to ~1e-8."""
     ry, rx = a.shape[-2:]
     cov = _inverse_2x2(np.asarray(icov_pix, dtype=float))
-    hy = min(ry - 1, int(math.ceil(RHO_SIGMAS * math.sqrt(cov[1, 1]))))
-    hx = min(rx - 1, int(math.ceil(RHO_SIGMAS * math.sqrt(cov[0, 0]))))
+    hy = min(ry - 1, math.ceil(RHO_SIGMAS * math.sqrt(cov[1, 1])))
+    hx = min(rx - 1, math.ceil(RHO_SIGMAS * math.sqrt(cov[0, 0])))
     ly = np.arange(-hy, hy + 1, dtype=float)[:, None]
     lx = np.arange(-hx, hx + 1, dtype=float)[None, :]
     rho = _gaussian(icov_pix, lx, ly)
@@ -481,7 +513,9 @@ def _smoothed_kernel(icov_src: np.ndarray, icov_noise: np.ndarray, dx, dy) -> np
     return norm[..., None, None] * _gaussian(icov_sum, dx, dy)
 
 
-def correlated_noise_factor(beam_cov_pix, half_size_pix: int, noise_correlation: str = "beam") -> float:
+def correlated_noise_factor(
+    beam_cov_pix, half_size_pix: int, noise_correlation: str = "beam"
+) -> float:
     """sigma_F / rms of the beam-matched estimator on a (2h+1)^2 stamp with no blanked pixels.
 
     ``"beam"``: sqrt(sum_ij K_i K_j rho_ij) / sum K^2 (eq. 1 of the module docstring), rho the
@@ -490,7 +524,9 @@ def correlated_noise_factor(beam_cov_pix, half_size_pix: int, noise_correlation:
     averaged (in variance) over the sub-pixel offsets (0, 0), (1/2, 0), (0, 1/2), (1/2, 1/2).
     """
     if noise_correlation not in _NOISE_MODELS:
-        raise ValueError(f"noise_correlation must be one of {_NOISE_MODELS}, got {noise_correlation!r}")
+        raise ValueError(
+            f"noise_correlation must be one of {_NOISE_MODELS}, got {noise_correlation!r}"
+        )
     cov = np.asarray(beam_cov_pix, dtype=float)
     icov = _inverse_2x2(cov)
     h = int(half_size_pix)
@@ -590,14 +626,30 @@ def _stamp_offsets(h: int) -> np.ndarray:
     return np.arange(-h, h + 1, dtype=np.int64)
 
 
-def _measure_isolated(data, idx, x, y, cxi, cyi, icov, bkg, h, icov_centre, noise_correlation, chunk):
+def _measure_isolated(
+    data,
+    idx,
+    x,
+    y,
+    cxi,
+    cyi,
+    icov,
+    bkg,
+    h,
+    icov_centre,
+    noise_correlation,
+    chunk,
+    max_blank_fraction=MAX_BLANK_FRACTION,
+):
     """Single-source fits for sources ``idx`` (stamps fully inside the image).
-    Returns (peak, err_per_rms or NaN where the image factor applies, has_nan)."""
+    Returns (peak, err_per_rms or NaN where the image factor applies, has_nan, blank); blank
+    stamps (own pixel NaN, or NaN pixels carrying > max_blank_fraction of sum K^2) get NaN."""
     off = _stamp_offsets(h)
     n = idx.size
     peak = np.full(n, np.nan)
     err_unit = np.full(n, np.nan)
     has_nan = np.zeros(n, dtype=bool)
+    blank = np.zeros(n, dtype=bool)
     for s in range(0, n, chunk):
         sl = slice(s, min(s + chunk, n))
         ii = idx[sl]
@@ -612,10 +664,13 @@ def _measure_isolated(data, idx, x, y, cxi, cyi, icov, bkg, h, icov_centre, nois
         d = np.where(valid, stamp - bkg[ii][:, None, None], 0.0)
         num = np.einsum("cyx,cyx->c", kw, d)
         den = np.einsum("cyx,cyx->c", kw, k)
+        full = np.einsum("cyx,cyx->c", k, k)  # sum K^2 of the whole stamp, blanks included
+        is_blank = ~valid[:, h, h] | ~(den >= (1.0 - max_blank_fraction) * full)
         with np.errstate(invalid="ignore", divide="ignore"):
-            peak[sl] = np.where(den > 0, num / den, np.nan)
+            peak[sl] = np.where(is_blank, np.nan, num / np.where(is_blank, 1.0, den))
         nan_any = ~valid.all(axis=(1, 2))
         has_nan[sl] = nan_any
+        blank[sl] = is_blank
         if noise_correlation == "none":
             with np.errstate(divide="ignore"):
                 err_unit[sl] = np.where(den > 0, 1.0 / np.sqrt(den), np.nan)
@@ -630,12 +685,59 @@ def _measure_isolated(data, idx, x, y, cxi, cyi, icov, bkg, h, icov_centre, nois
             tmp = err_unit[sl]
             tmp[sub] = e
             err_unit[sl] = tmp
-    return peak, err_unit, has_nan
+    return peak, err_unit, has_nan, blank
 
 
-def _fit_clusters(data, members, x, y, cxi, cyi, icov, bkg, rms, h, icov_centre, noise_correlation, chunk_pix):
+def _solve_scaled(a_mat, b_vec, dead):
+    """Solve the normal equations ``A a = b`` of a stack of clusters, shapes (c, M, M) and (c, M).
+
+    Rows/columns of ``dead`` members (c, M) are replaced by the identity (amplitude 0, no coupling).
+    The system is Jacobi-scaled, ``A_s = D^-1/2 A D^-1/2`` with D = diag A, so that a member with
+    few unblanked pixels (small A_mm) is not mistaken for a degenerate one, and solved only where
+    ``cond(A_s) < MAX_BLEND_CONDITION``. Returns (solution, A^-1, good); the first two are
+    meaningless where good is False.
+    """
+    m = a_mat.shape[-1]
+    eye = np.eye(m, dtype=bool)[None]
+    a_mat = np.where(dead[:, :, None] | dead[:, None, :], np.where(eye, 1.0, 0.0), a_mat)
+    b_vec = np.where(dead, 0.0, b_vec)
+    diag = np.einsum("cmm->cm", a_mat)
+    finite = np.all(np.isfinite(a_mat), axis=(1, 2)) & np.all(np.isfinite(b_vec), axis=1)
+    scale = np.where(
+        finite[:, None] & (diag > 0), 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0)), 1.0
+    )
+    a_s = np.where(
+        finite[:, None, None], scale[:, :, None] * a_mat * scale[:, None, :], np.eye(m)[None]
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cond = np.linalg.cond(a_s)
+    good = finite & np.all(diag > 0, axis=1) & np.isfinite(cond) & (cond < MAX_BLEND_CONDITION)
+    a_s_inv = np.linalg.inv(np.where(good[:, None, None], a_s, np.eye(m)[None]))
+    a_inv = scale[:, :, None] * a_s_inv * scale[:, None, :]
+    sol = np.einsum("cmn,cn->cm", a_inv, np.where(good[:, None], b_vec, 0.0))
+    return sol, a_inv, good
+
+
+def _fit_clusters(
+    data,
+    members,
+    unmeasured,
+    x,
+    y,
+    cxi,
+    cyi,
+    icov,
+    bkg,
+    rms,
+    h,
+    icov_centre,
+    noise_correlation,
+    chunk_pix,
+):
     """Joint amplitude fits for clusters of equal size M; ``members`` is (n_clusters, M).
-    Returns (amp, err) of shape (n_clusters, M); NaN for singular systems."""
+    ``unmeasured`` (per source): blank or edge sources, fitted as nuisance amplitudes only.
+    Returns (amp, err) of shape (n_clusters, M); NaN for unmeasured members and for
+    ill-conditioned systems (see :func:`_solve_scaled`)."""
     ny, nx = data.shape
     nclu, m = members.shape
     amp = np.full((nclu, m), np.nan)
@@ -668,7 +770,8 @@ def _fit_clusters(data, members, x, y, cxi, cyi, icov, bkg, rms, h, icov_centre,
         in_stamp = (np.abs(rows[:, None, :] - cyi[mem][:, :, None]) <= h)[:, :, :, None] & (
             np.abs(cols[:, None, :] - cxi[mem][:, :, None]) <= h
         )[:, :, None, :]  # (c, M, Ry, Rx)
-        w = inside & np.isfinite(region) & in_stamp.any(axis=1)
+        in_union = in_stamp.any(axis=1)
+        w = inside & np.isfinite(region) & in_union
         d = np.where(w, region - bkg[mem].mean(axis=1)[:, None, None], 0.0)
         dx = cols[:, None, None, :] - x[mem][:, :, None, None]
         dy = rows[:, None, :, None] - y[mem][:, :, None, None]
@@ -677,19 +780,19 @@ def _fit_clusters(data, members, x, y, cxi, cyi, icov, bkg, rms, h, icov_centre,
         a_mat = np.einsum("cmyx,cnyx->cmn", kw, k)
         b_vec = np.einsum("cmyx,cyx->cm", kw, d)
         # Members with (almost) no pixels in the fit (e.g. far off the image edge) are dropped
-        # from the system so that it stays regular; their amplitude stays NaN.
+        # from the system so that it stays regular; their amplitude stays NaN. Unmeasured members
+        # (blank or edge) stay as nuisance amplitudes unless that makes the system ill-conditioned.
         diag = np.einsum("cmm->cm", a_mat)
-        dead = diag <= 1e-6 * diag.max(axis=1, keepdims=True)
-        eye = np.eye(m, dtype=bool)[None]
-        a_mat = np.where(dead[:, :, None] | dead[:, None, :], np.where(eye, 1.0, 0.0), a_mat)
-        b_vec = np.where(dead, 0.0, b_vec)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cond = np.linalg.cond(a_mat)
-        good = np.isfinite(cond) & (cond < 1e10)
+        dead = ~(diag > 1e-6 * diag.max(axis=1, keepdims=True))
+        sol, a_inv, good = _solve_scaled(a_mat, b_vec, dead)
+        retry = ~good & (unmeasured[mem] & ~dead).any(axis=1)
+        if retry.any():
+            dead[retry] |= unmeasured[mem[retry]]
+            sol[retry], a_inv[retry], good[retry] = _solve_scaled(
+                a_mat[retry], b_vec[retry], dead[retry]
+            )
         if not good.any():
             continue
-        a_inv = np.linalg.inv(np.where(good[:, None, None], a_mat, np.eye(m)[None]))
-        sol = np.einsum("cmn,cn->cm", a_inv, b_vec)
         if noise_correlation == "none":
             cov = a_inv
         else:
@@ -699,11 +802,20 @@ def _fit_clusters(data, members, x, y, cxi, cyi, icov, bkg, rms, h, icov_centre,
             kw_live = np.where(dead[:, :, None, None], 0.0, kw)
             g_live = np.where(dead[:, :, None, None], 0.0, g)
             b_mat = np.einsum("cmyx,cnyx->cmn", kw_live, g_live)
+            # The closed form convolves the whole kernel K_n, but only Kw_n (its unblanked pixels)
+            # enters the estimator: where blank or off-image pixels fall inside the union of the
+            # stamps, B = sum Kw_m (Kw_n conv rho) exactly (FFT), else A^-1 B A^-1 is not even
+            # positive for members with few unblanked pixels.
+            holes = (in_union & ~w).any(axis=(1, 2))
+            if holes.any():
+                kh = kw_live[holes]
+                b_mat[holes] = np.einsum("cmyx,cnyx->cmn", kh, _convolve_with_rho(kh, icov_centre))
             b_mat = 0.5 * (b_mat + np.swapaxes(b_mat, 1, 2))
             cov = a_inv @ b_mat @ a_inv
         var = np.einsum("cmm->cm", cov)
-        e = rms[mem] * np.sqrt(np.clip(var, 0.0, None))
-        ok = good[:, None] & ~dead
+        with np.errstate(invalid="ignore"):
+            e = rms[mem] * np.sqrt(var)
+        ok = good[:, None] & ~dead & ~unmeasured[mem] & (var > 0)
         amp[sel] = np.where(ok, sol, np.nan)
         err[sel] = np.where(ok, e, np.nan)
     return amp, err
@@ -722,6 +834,7 @@ def forced_photometry(
     flux_scale_error: float = 0.0,
     mask_sources: bool = True,
     blend_beams: float = BLEND_BEAMS,
+    max_blank_fraction: float = MAX_BLANK_FRACTION,
     chunk_size: int = 2000,
 ) -> ForcedPhotometry:
     """Beam-matched forced photometry of all positions (ra_deg, dec_deg) on one image.
@@ -741,6 +854,9 @@ def forced_photometry(
     ~0.1 rms in F -- and inflate the MAD). ``blend_beams``: FoF linking length in beam majors
     (default 1.5 as in the contract; in very crowded fields with white-noise errors a neighbour
     just beyond it still shifts F by up to ~4 % of its flux, so 2-2.5 may be preferable).
+    ``max_blank_fraction``: largest fraction of the stamp's beam weight sum(K^2) that blank (NaN)
+    pixels may carry before the position is flagged ``FLAG_BLANK`` and not measured (its own
+    pixel must be unblanked in any case).
     ``chunk_size``: sources per gather (bounds memory at
     ~ chunk_size x (2h+1)^2 x 8 bytes per temporary array).
 
@@ -748,7 +864,11 @@ def forced_photometry(
     estimator, the error model and the flags.
     """
     if noise_correlation not in _NOISE_MODELS:
-        raise ValueError(f"noise_correlation must be one of {_NOISE_MODELS}, got {noise_correlation!r}")
+        raise ValueError(
+            f"noise_correlation must be one of {_NOISE_MODELS}, got {noise_correlation!r}"
+        )
+    if not 0.0 <= max_blank_fraction < 1.0:
+        raise ValueError(f"max_blank_fraction must be in [0, 1), got {max_blank_fraction}")
     data = np.asarray(data)
     if not np.issubdtype(data.dtype, np.floating):  # float32 images stay float32 (no 2x copy)
         data = data.astype(float)
@@ -759,7 +879,8 @@ def forced_photometry(
     ny, nx = data.shape
     wcs = _celestial(wcs)
     ra, dec = np.broadcast_arrays(
-        np.atleast_1d(np.asarray(ra_deg, dtype=float)), np.atleast_1d(np.asarray(dec_deg, dtype=float))
+        np.atleast_1d(np.asarray(ra_deg, dtype=float)),
+        np.atleast_1d(np.asarray(dec_deg, dtype=float)),
     )
     ra, dec = ra.ravel(), dec.ravel()
     n = ra.size
@@ -771,8 +892,8 @@ def forced_photometry(
     cov_centre = beam_covariance_pixels(wcs, beam, ra_c, dec_c)[0]
     icov_centre = _inverse_2x2(cov_centre)
     major_pix = _major_fwhm_pix(cov_centre)
-    h = max(1, int(math.ceil(0.5 * stamp_beams * major_pix)))
-    box_pix = max(1, int(round(mesh_beams * major_pix)))
+    h = max(1, math.ceil(0.5 * stamp_beams * major_pix))
+    box_pix = max(1, round(mesh_beams * major_pix))
 
     x, y = _world_to_pixel(wcs, ra, dec) if n else (np.empty(0), np.empty(0))
     finite = np.isfinite(x) & np.isfinite(y)
@@ -785,8 +906,10 @@ def forced_photometry(
         # would hide more than half of a crowded image; then +-1 BMAJ (< 4 % outside).
         source_mask = _source_mask((ny, nx), x[finite], y[finite], h, chunk_size)
         if source_mask.mean() > 0.5:
-            source_mask = _source_mask((ny, nx), x[finite], y[finite], int(math.ceil(major_pix)), chunk_size)
-    stride = max(1, int(math.floor(major_pix / 2.5 + 1e-6)))  # >= 2.5 samples per FWHM
+            source_mask = _source_mask(
+                (ny, nx), x[finite], y[finite], math.ceil(major_pix), chunk_size
+            )
+    stride = max(1, math.floor(major_pix / 2.5 + 1e-6))  # >= 2.5 samples per FWHM
     bkg_grid, rms_grid = background_and_rms(data, box_pix, mask=source_mask, stride=stride)
     on_image = finite & (x > -0.5) & (x < nx - 0.5) & (y > -0.5) & (y < ny - 0.5)
     background = np.where(on_image, sample_mesh(bkg_grid, box_pix, x, y, shape=(ny, nx)), np.nan)
@@ -809,12 +932,25 @@ def forced_photometry(
 
     idx = np.flatnonzero(inside)
     if idx.size:
-        p, e, has_nan = _measure_isolated(
-            data, idx, x, y, cxi, cyi, icov, background, h, icov_centre, noise_correlation, chunk_size
+        p, e, has_nan, blank = _measure_isolated(
+            data,
+            idx,
+            x,
+            y,
+            cxi,
+            cyi,
+            icov,
+            background,
+            h,
+            icov_centre,
+            noise_correlation,
+            chunk_size,
+            max_blank_fraction,
         )
         peak[idx] = p
         err_unit[idx] = e
         flag[idx[has_nan]] |= FLAG_NAN
+        flag[idx[blank]] |= FLAG_BLANK
     if noise_correlation == "beam":
         # Unblanked stamps: the per-image factor (see module docstring).
         image_factor = correlated_noise_factor(cov_centre, h, "beam")
@@ -837,20 +973,33 @@ def forced_photometry(
             _, first, size = np.unique(lab, return_index=True, return_counts=True)
             rms_fit = np.where(np.isfinite(local_rms), local_rms, np.nanmedian(rms_grid))
             bkg_fit = np.where(np.isfinite(background), background, np.nanmedian(bkg_grid))
+            unmeasured = (flag & (FLAG_EDGE | FLAG_BLANK)) != 0
             for m in np.unique(size):  # loop over cluster sizes, not clusters
                 starts = first[size == m]
                 members = src[starts[:, None] + np.arange(m)[None, :]]
                 amp, err = _fit_clusters(
-                    data, members, x, y, cxi, cyi, icov, bkg_fit, rms_fit, h, icov_centre,
-                    noise_correlation, chunk_pix=1_000_000,  # ~8 MB per (cluster, member, pixel) array
+                    data,
+                    members,
+                    unmeasured,
+                    x,
+                    y,
+                    cxi,
+                    cyi,
+                    icov,
+                    bkg_fit,
+                    rms_fit,
+                    h,
+                    icov_centre,
+                    noise_correlation,
+                    chunk_pix=1_000_000,  # ~8 MB per (cluster, member, pixel) array
                 )
                 peak[members] = amp
                 peak_err[members] = err
 
-    # Stamps that leave the image are not measured, even when they were part of a joint fit.
-    edge = (flag & FLAG_EDGE) != 0
-    peak[edge] = np.nan
-    peak_err[edge | ~np.isfinite(peak)] = np.nan
+    # Stamps that leave the image or are blank are not measured, even in a joint fit.
+    unmeasured = (flag & (FLAG_EDGE | FLAG_BLANK)) != 0
+    peak[unmeasured] = np.nan
+    peak_err[unmeasured | ~np.isfinite(peak)] = np.nan
     if flux_scale_error:
         peak_err = np.sqrt(peak_err**2 + (float(flux_scale_error) * peak) ** 2)
     return ForcedPhotometry(
