@@ -102,8 +102,8 @@ def print_header(title: str, lines: Sequence[str] = ()) -> None:
     print("=" * 100)
     for line in lines:
         print(line)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"numpy {np.__version__}, pandas {pd.__version__}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}, numpy {np.__version__}, pandas {pd.__version__}")
     print()
 
 
@@ -114,7 +114,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
     def line(row: Sequence[str]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(row, widths)))
+                         for i, (c, w) in enumerate(zip(row, widths, strict=True)))
 
     print(line(cells[0]))
     print("  ".join("-" * w for w in widths))
@@ -289,7 +289,8 @@ def fill_products_db(engine, lightcurves: pd.DataFrame, ra_deg: dict, dec_deg: d
                      progress: Callable[[int, int], None] | None = None) -> int:
     """Store a synthetic long table as the pipeline would: one fake image per distinct mjd,
     registered with :func:`images_db.register_images`, its rows written with
-    :func:`photometry_db.replace_image_photometry` (one transaction per image). Returns the images written.
+    :func:`photometry_db.replace_image_photometry` (one transaction per image). Returns the
+    images written.
 
     ``lightcurves`` has ``source_id, mjd, flux_mjy, flux_err_mjy``; ``ra_deg``/``dec_deg`` map a
     source_id to its position. Fake paths such as ``/bench/img_59000.083333.fits`` never exist.
@@ -298,7 +299,7 @@ def fill_products_db(engine, lightcurves: pd.DataFrame, ra_deg: dict, dec_deg: d
     records = [{"path": f"/bench/img_{mjd:.6f}.fits", "night": night_of(mjd), "mjd": float(mjd),
                 "status": "queued"} for mjd in by_epoch.groups]
     images_db.register_images(engine, records)
-    for i, (record, (mjd, rows)) in enumerate(zip(records, by_epoch), start=1):
+    for i, (record, (mjd, rows)) in enumerate(zip(records, by_epoch, strict=True), start=1):
         ids = rows["source_id"].to_numpy(dtype=object)
         frame = pd.DataFrame({
             "ra_deg": [ra_deg[s] for s in ids], "dec_deg": [dec_deg[s] for s in ids],
@@ -319,7 +320,8 @@ def fill_products_db(engine, lightcurves: pd.DataFrame, ra_deg: dict, dec_deg: d
 
 
 def progress_printer(label: str, every: int = 500) -> Callable[[int, int], None]:
-    """A ``progress(i, n)`` callback printing ``label: i/n`` every ``every`` steps and at the end."""
+    """A ``progress(i, n)`` callback printing ``label: i/n`` every ``every`` steps and at the
+    end."""
     def report(i: int, n: int) -> None:
         if i == n or i % every == 0:
             print(f"  {label}: {i}/{n}", flush=True)

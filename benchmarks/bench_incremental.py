@@ -1,10 +1,11 @@
 """Cost of processing ONE new night as the history grows ("ten days vs ten years").
 
 For each history length H (nights), a fresh SQLite products database is filled with H nights of
-synthetic photometry (``images_db.register_images`` + ``photometry_db.replace_image_photometry``, fake image
-paths, no FITS), for the same sources as a real simulated image, and its statistics sums are built
-once with ``pipeline.recompute_variability`` (the O(history) rebuild; its time is printed). Then
-one new night is processed exactly as a Dagster run does it, and each stage is timed:
+synthetic photometry (``images_db.register_images`` +
+``photometry_db.replace_image_photometry``, fake image paths, no FITS), for the same sources as a
+real simulated image, and its statistics sums are built once with
+``pipeline.recompute_variability`` (the O(history) rebuild; its time is printed). Then one new
+night is processed exactly as a Dagster run does it, and each stage is timed:
 
 * register: ``pipeline.inspect_files`` (header read, duplicate check, insert);
 * measure: ``pipeline.measure_image`` (read FITS, forced photometry, one-transaction write);
@@ -31,12 +32,29 @@ import sys
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from _common import (
-    Field, Timing, add_common_arguments, close_products_db, epochs, fill_products_db, fmt_ratio,
-    fmt_seconds, iso_of, make_field, night_of, open_products_db, print_header, print_table,
-    progress_printer, quiet_logging, synthetic_lightcurves, temp_dir, time_call, write_field_fits,
+    Field,
+    Timing,
+    add_common_arguments,
+    close_products_db,
+    epochs,
+    fill_products_db,
+    fmt_ratio,
+    fmt_seconds,
+    iso_of,
+    make_field,
+    night_of,
+    open_products_db,
+    print_header,
+    print_table,
+    progress_printer,
+    quiet_logging,
+    synthetic_lightcurves,
+    temp_dir,
+    time_call,
+    write_field_fits,
 )
+
 from ese_assets import pipeline
 from ese_assets.core.detection import DetectionSettings
 from ese_assets.storage import images as images_db
@@ -91,12 +109,13 @@ class NightCost:
 
 def build_history(engine, fld: Field, n_nights: int, images_per_night: int,
                   rng: np.random.Generator) -> int:
-    """H nights of constant-flux photometry of the field's sources, written as the pipeline would."""
+    """H nights of constant-flux photometry of the field's sources, written as the pipeline
+    would."""
     cat = fld.catalog
     mjds = epochs(FIRST_MJD, n_nights, images_per_night)
     lc = synthetic_lightcurves(cat.source_id, mjds, rng, mean_mjy=cat.flux_mjy)
-    fill_products_db(engine, lc, dict(zip(cat.source_id, cat.ra_deg)),
-                     dict(zip(cat.source_id, cat.dec_deg)),
+    fill_products_db(engine, lc, dict(zip(cat.source_id, cat.ra_deg, strict=True)),
+                     dict(zip(cat.source_id, cat.dec_deg, strict=True)),
                      progress=progress_printer(f"H={n_nights}: history images", 1000))
     return len(lc)
 
@@ -115,8 +134,8 @@ def process_new_night(engine, fld: Field, image_path: str, repeat: int, windows:
         lambda: pipeline.measure_image(engine, fld.catalog, image_path), repeat, MAX_SECONDS_PER_STAGE)
     # Largest window last, so the stored statistics end as the default setting's.
     for window in sorted(windows, reverse=True):
-        cost.stages[variability_stage(window)] = time_call(lambda: pipeline.update_variability(
-            engine, [night], flux_scale_error=FLUX_SCALE_ERROR, dip_window_days=window),
+        cost.stages[variability_stage(window)] = time_call(lambda w=window: pipeline.update_variability(
+            engine, [night], flux_scale_error=FLUX_SCALE_ERROR, dip_window_days=w),
             repeat, MAX_SECONDS_PER_STAGE)
     stats = cost.stages[variability_stage(windows[0])].value
     sources = stats["source_id"].tolist()
@@ -125,7 +144,7 @@ def process_new_night(engine, fld: Field, image_path: str, repeat: int, windows:
     # The variability stage's reads (once each), and the full-history alternative.
     night_rows = time_call(lambda: photometry_db.night_photometry(engine, [night]))
     window_rows = time_call(lambda: photometry_db.window_photometry(engine, sources, windows[0]))
-    cost.stages.update(zip(READS, (night_rows, window_rows)))
+    cost.stages.update(zip(READS, (night_rows, window_rows), strict=True))
     cost.stages[FULL] = time_call(lambda: pipeline.recompute_variability(
         engine, sources, flux_scale_error=FLUX_SCALE_ERROR, dip_window_days=windows[0]))
     # Rows read: the night's photometry, one source_sums row per source, the dip window.
@@ -185,7 +204,7 @@ def report(costs: list[NightCost], repeat: int, windows: list[float]) -> None:
         [fmt_seconds(c.sums_build_seconds) for c in costs] +
         [fmt_ratio(c.sums_build_seconds / base.sums_build_seconds) for c in costs[1:]],
     ]
-    print_table(["size"] + headers[1:], info)
+    print_table(["size", *headers[1:]], info)
 
 
 def total_time(cost: NightCost, window: float) -> float:
@@ -199,10 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     print_header(
         "bench_incremental: cost of one new night vs the length of the history already stored",
-        [f"history: H nights x {args.images_per_night} images x {args.sources} sources of synthetic "
-         f"photometry in SQLite (fake image paths); new night: one real {args.npix}x{args.npix} "
-         "simulated FITS image of the same sources",
-         "ratio = stage time at H / stage time at the shortest H (1x = cost independent of history)"],
+        [f"history: H nights x {args.images_per_night} images x {args.sources} sources "
+         "of synthetic photometry in SQLite (fake image paths); new night: one real "
+         f"{args.npix}x{args.npix} simulated FITS image of the same sources",
+         "ratio = stage time at H / stage time at the shortest H "
+         "(1x = cost independent of history)"],
     )
     fld = make_field(args.npix, args.sources, rng)
     print("  warm-up (imports, caches, catalog index; not reported):", flush=True)

@@ -28,9 +28,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from _common import (
-    add_common_arguments, close_products_db, fmt_ratio, fmt_seconds, open_products_db,
-    print_header, print_table, quiet_logging, temp_dir, time_call,
+    add_common_arguments,
+    close_products_db,
+    fmt_ratio,
+    fmt_seconds,
+    open_products_db,
+    print_header,
+    print_table,
+    quiet_logging,
+    temp_dir,
+    time_call,
 )
+
 from ese_assets import pipeline
 from ese_assets.core.catalog import load_catalog
 from ese_assets.core.simulate import SurveyConfig, simulate_survey
@@ -85,7 +94,8 @@ def stderr_to(path: Path) -> Iterator[None]:
 def run_dagster(settings: Settings) -> int:
     """``ingest_directory`` as ``ese ingest`` calls it; returns the number of night runs.
 
-    Dagster's console log of each run (what ``ese ingest`` shows) goes to ``<data_dir>/dagster.log``.
+    Dagster's console log of each run (what ``ese ingest`` shows) goes to
+    ``<data_dir>/dagster.log``.
     """
     from ese_assets.ingest import ingest_directory  # imported here: the import loads Dagster
 
@@ -133,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     n_images = config.n_images
     print_header(
         "bench_ingest_end_to_end: Dagster ingest_directory vs bare pipeline calls, same images",
-        [f"survey: {args.nights} nights x {args.images_per_night} images of {args.npix}x{args.npix} px, "
-         f"{args.sources} sources (core.simulate.SurveyConfig); {args.repeat} runs per path, each on "
-         "a fresh products database",
-         "ratio = Dagster time / bare time (orchestration overhead: runs, event log, asset checks)"],
+        [f"survey: {args.nights} nights x {args.images_per_night} images of "
+         f"{args.npix}x{args.npix} px, {args.sources} sources (core.simulate.SurveyConfig); "
+         f"{args.repeat} runs per path, each on a fresh products database",
+         "ratio = Dagster time / bare time "
+         "(orchestration overhead: runs, event log, asset checks)"],
     )
     with temp_dir("ingest") as tmp:
         sim = time_call(lambda: simulate_survey(config, tmp / "survey"))
@@ -147,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(max(1, args.repeat)):
             d_settings = settings_for(base, tmp / "survey", tmp / f"dagster_{i}")
             b_settings = settings_for(base, tmp / "survey", tmp / f"bare_{i}")
-            dagster.append(time_call(lambda: run_dagster(d_settings)))
-            bare.append(time_call(lambda: run_bare(b_settings)))
+            dagster.append(time_call(lambda s=d_settings: run_dagster(s)))
+            bare.append(time_call(lambda s=b_settings: run_bare(s)))
             summaries.append((products_summary(d_settings), products_summary(b_settings)))
             print(f"  run {i + 1}: Dagster {fmt_seconds(dagster[-1].median)}, "
                   f"bare {fmt_seconds(bare[-1].median)}", flush=True)
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(dagster, bare, n_images: int, n_nights: int) -> None:
     rows = []
-    for i, (d, b) in enumerate(zip(dagster, bare)):
+    for i, (d, b) in enumerate(zip(dagster, bare, strict=True)):
         label = "cold (first run in process)" if i == 0 else f"warm (run {i + 1})"
         dt, bt = d.median, b.median
         rows.append((label, fmt_seconds(dt), fmt_seconds(bt), fmt_seconds(dt / n_images),

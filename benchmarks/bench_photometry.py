@@ -25,15 +25,32 @@ import resource
 import sys
 
 import numpy as np
-
 from _common import (
-    Timing, add_common_arguments, fmt_ratio, fmt_rate, fmt_seconds, make_field, peak_traced_mib,
-    print_header, print_table, quiet_logging, temp_dir, time_call, write_field_fits,
+    Timing,
+    add_common_arguments,
+    fmt_rate,
+    fmt_ratio,
+    fmt_seconds,
+    make_field,
+    peak_traced_mib,
+    print_header,
+    print_table,
+    quiet_logging,
+    temp_dir,
+    time_call,
+    write_field_fits,
 )
+
 from ese_assets.core.fits_image import load_image
 from ese_assets.core.photometry import (
-    FLAG_BLENDED, FLAG_EDGE, FWHM_PER_SIGMA, background_and_rms, beam_covariance_pixels,
-    correlated_noise_factor, forced_photometry, sample_mesh,
+    FLAG_BLENDED,
+    FLAG_EDGE,
+    FWHM_PER_SIGMA,
+    background_and_rms,
+    beam_covariance_pixels,
+    correlated_noise_factor,
+    forced_photometry,
+    sample_mesh,
 )
 
 #: forced_photometry defaults the per-source loop reproduces (stamp and mesh sizes in beam majors).
@@ -91,7 +108,7 @@ def per_source_loop(data: np.ndarray, wcs, beam, ra: np.ndarray, dec: np.ndarray
     geo = _image_geometry(data, wcs, beam)
     ny, nx = data.shape
     h = geo["half"]
-    positions = [wcs.world_to_pixel_values(r, d) for r, d in zip(ra, dec)]
+    positions = [wcs.world_to_pixel_values(r, d) for r, d in zip(ra, dec, strict=True)]
     mask = _source_mask(data.shape, positions, geo["mask_half"][0])
     if mask.mean() > 0.5:
         mask = _source_mask(data.shape, positions, geo["mask_half"][1])
@@ -156,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     n, k = args.sources, max(1, min(args.sample, args.sources))
     print_header(
         "bench_photometry: forced photometry of one image, vectorized vs one source at a time",
-        [f"image {args.npix}x{args.npix} px (float32 FITS), {n} point sources, beam-correlated noise "
-         f"(core.simulate); median of {args.repeat} runs for the vectorized rows",
+        [f"image {args.npix}x{args.npix} px (float32 FITS), {n} point sources, "
+         f"beam-correlated noise (core.simulate); median of {args.repeat} runs for the "
+         "vectorized rows",
          f"one-call-per-source rows: {k} sources timed, per-source time x {n} (extrapolated)",
          "ratio = time of the row / time of 'vectorized, image in memory' (higher = slower)"],
     )

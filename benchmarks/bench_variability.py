@@ -10,7 +10,8 @@ Part 1, metrics (in memory, N sources x M epochs, rows shuffled):
 * ``variability_metrics`` called once per source, timed on a sample and extrapolated.
 
 Part 2, reading light curves from an SQLite products database (built in a temporary directory
-through ``images_db.register_images`` + ``photometry_db.replace_image_photometry``, one fake image per epoch):
+through ``images_db.register_images`` + ``photometry_db.replace_image_photometry``, one fake
+image per epoch):
 
 * ``photometry_db.lightcurves_for_nights`` over all nights: one query (baseline);
 * the seed's pattern: one query per source (``photometry_db.lightcurves(engine, [source_id])``);
@@ -28,12 +29,26 @@ import sys
 
 import numpy as np
 import pandas as pd
-
 from _common import (
-    add_common_arguments, close_products_db, epochs, fill_products_db, fmt_ratio, fmt_rate,
-    fmt_seconds, night_of, open_products_db, print_header, print_table, progress_printer,
-    quiet_logging, synthetic_lightcurves, synthetic_source_ids, temp_dir, time_call,
+    add_common_arguments,
+    close_products_db,
+    epochs,
+    fill_products_db,
+    fmt_rate,
+    fmt_ratio,
+    fmt_seconds,
+    night_of,
+    open_products_db,
+    print_header,
+    print_table,
+    progress_printer,
+    quiet_logging,
+    synthetic_lightcurves,
+    synthetic_source_ids,
+    temp_dir,
+    time_call,
 )
+
 from ese_assets.core.variability import MAD_TO_SIGMA, variability_metrics, window_ladder
 from ese_assets.storage import photometry as photometry_db
 
@@ -233,7 +248,7 @@ def bench_reads(args, rng) -> None:
         engine = open_products_db(path)
         print(f"part 2: building an SQLite products database of {n} sources x {len(mjds)} images "
               f"= {len(lc):,} photometry rows ...", flush=True)
-        build = time_call(lambda: fill_products_db(engine, lc, dict(zip(ids, ra)), dict(zip(ids, dec)),
+        build = time_call(lambda: fill_products_db(engine, lc, dict(zip(ids, ra, strict=True)), dict(zip(ids, dec, strict=True)),
                                                    progress=progress_printer("images", 100)))
         print(f"  built in {fmt_seconds(build.median)} ({fmt_rate(len(lc), build.median, 'rows/s')}, "
               f"one transaction per image)\n")

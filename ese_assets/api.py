@@ -16,14 +16,20 @@ import pandas as pd
 from sqlalchemy import Engine
 
 from ese_assets import pipeline
-from ese_assets.core.detection import DetectionSettings, composite_score, resolve_min_sigma
-from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS
+from ese_assets.core.detection import (
+    DEFAULT_MIN_DIP_SIGMA,
+    DEFAULT_MIN_OBS,
+    DEFAULT_MIN_SIGMA,
+    DetectionSettings,
+    composite_score,
+    resolve_min_sigma,
+)
+from ese_assets.core.values import py_scalar
+from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS, DEFAULT_FLUX_SCALE_ERROR
 from ese_assets.storage import candidates as candidates_db
 from ese_assets.storage import photometry as photometry_db
 from ese_assets.storage import statistics as statistics_db
 from ese_assets.storage.engine import ensure_schema, make_engine
-
-DEFAULT_FLUX_SCALE_ERROR = 0.02
 
 #: Fields of one candidate in ``detect_ese_candidates`` output (the seed's JSON fields).
 CANDIDATE_FIELDS = ("source_id", "ra_deg", "dec_deg", "significance", "nvss_flux_mjy",
@@ -69,11 +75,10 @@ def detect_ese_candidates(
     the seed's ``composite_score`` and ``confidence``.
     """
     engine = _engine(products_db)
-    defaults = DetectionSettings()
     settings = DetectionSettings(
         min_sigma=resolve_min_sigma(preset, min_sigma),
-        min_dip_sigma=defaults.min_dip_sigma if min_dip_sigma is None else min_dip_sigma,
-        min_obs=defaults.min_obs if min_obs is None else min_obs)
+        min_dip_sigma=DEFAULT_MIN_DIP_SIGMA if min_dip_sigma is None else min_dip_sigma,
+        min_obs=DEFAULT_MIN_OBS if min_obs is None else min_obs)
     ids = [source_id] if source_id else None
     if recompute:
         pipeline.recompute_variability(engine, ids, flux_scale_error=flux_scale_error,
@@ -87,39 +92,34 @@ def detect_ese_candidates(
     merged = merged.sort_values("significance", ascending=False)
     out = []
     for row in merged.to_dict("records"):
-        item = {k: _plain(row.get(k)) for k in CANDIDATE_FIELDS}
-        item["sigma_deviation"] = _plain(row.get("sigma_deviation"))
-        item["dip_significance"] = _plain(row.get("dip_significance"))
+        item = {k: py_scalar(row.get(k)) for k in CANDIDATE_FIELDS}
+        item["sigma_deviation"] = py_scalar(row.get("sigma_deviation"))
+        item["dip_significance"] = py_scalar(row.get("dip_significance"))
         if use_composite_scoring:
             score, confidence = composite_score(row.get("sigma_deviation"), row.get("chi2_nu"),
                                                 row.get("eta_metric"))
-            item["composite_score"] = _plain(score)
-            item["confidence"] = _plain(confidence)
+            item["composite_score"] = py_scalar(score)
+            item["confidence"] = py_scalar(confidence)
         out.append(item)
     return out
 
 
 def auto_detect_ese_for_new_measurements(products_db: str | Path | Engine, source_id: str,
-                                         min_sigma: float = 5.0) -> dict | None:
-    """Update one source's statistics and flag it if it qualifies (seed name); the candidate or None."""
+                                         min_sigma: float = DEFAULT_MIN_SIGMA) -> dict | None:
+    """Update one source's statistics and flag it if it qualifies (seed name).
+
+    Returns the candidate, or None when the source is not flagged.
+    """
     found = detect_ese_candidates(products_db, min_sigma, recompute=True, source_id=source_id)
     return found[0] if found else None
 
 
-def _plain(value):
-    """numpy scalars and NaN to JSON-friendly Python values."""
-    if value is None:
-        return None
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and value != value:
-        return None
-    return value
-
-
 @dataclass
 class Source:
-    """One source's lightcurve and statistics (seed: ``dsa110_contimg.photometry.source.Source``)."""
+    """One source's lightcurve and statistics.
+
+    The seed system's ``dsa110_contimg.photometry.source.Source``, with the same attributes.
+    """
 
     source_id: str
     products_db: str | Path | Engine
@@ -133,7 +133,7 @@ class Source:
     @property
     def variability(self) -> dict | None:
         stats = statistics_db.variability_stats(_engine(self.products_db), source_ids=[self.source_id])
-        return {k: _plain(v) for k, v in stats.iloc[0].items()} if len(stats) else None
+        return {k: py_scalar(v) for k, v in stats.iloc[0].items()} if len(stats) else None
 
     def mark(self, status: str, notes: str | None = None, by: str = "user") -> None:
         """Set this source's open candidate to ``investigated`` or ``dismissed``."""

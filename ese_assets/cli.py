@@ -11,9 +11,14 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ese_assets.core.detection import PRESETS, resolve_min_sigma
+from ese_assets.core.candidates import CANDIDATE_STATUSES, OPEN_STATUSES, REVIEW_STATUSES
+from ese_assets.core.detection import DEFAULT_PRESET, PRESETS, resolve_min_sigma
 from ese_assets.settings import Settings
+
+if TYPE_CHECKING:  # the simulator (and astropy.wcs) is imported only by `ese simulate`
+    from ese_assets.core.simulate import SurveyConfig, SurveyManifest
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -32,9 +37,66 @@ def _add_db(parser: argparse.ArgumentParser) -> None:
                                               "(default: $PIPELINE_PRODUCTS_DB)")
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from ese_assets.core.simulate import run_simulate
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``ese simulate`` options (defaults = :class:`SurveyConfig` defaults)."""
+    from ese_assets.core.simulate import SurveyConfig
 
+    d = SurveyConfig()
+    add = parser.add_argument
+    add("--out-dir", default="data/demo", help="output directory (default: %(default)s)")
+    add("--seed", type=int, default=d.seed)
+    add("--nights", type=int, default=d.n_nights, help="number of nights")
+    add("--images-per-night", type=int, default=d.images_per_night)
+    add("--start-date", default=d.start_date, help="first night, YYYY-MM-DD (UTC)")
+    add("--npix", type=int, default=d.npix, help="image size in pixels (square)")
+    add("--n-sources", type=int, default=d.n_sources)
+    add("--n-variables", type=int, default=d.n_variables)
+    add("--n-ese", type=int, default=d.n_ese, help="number of injected ESEs")
+    add("--rms-mjy", type=float, default=d.rms_mjy, help="image noise, mJy/beam")
+    add("--flux-scale-error", type=float, default=d.flux_scale_error)
+    add("--cube-fraction", type=float, default=d.cube_fraction)
+    add("--jitter-arcmin", type=float, default=d.pointing_jitter_arcmin)
+    add("--stable-only", action="store_true",
+        help="no variables, no ESEs, no flux-scale error (unbiasedness checks)")
+    add("--overwrite", action="store_true", help="replace an existing simulation")
+    add("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def survey_config_from_args(args: argparse.Namespace) -> SurveyConfig:
+    """The SurveyConfig of parsed ``ese simulate`` arguments."""
+    from ese_assets.core.simulate import SurveyConfig
+
+    config = SurveyConfig(
+        seed=args.seed, n_nights=args.nights, images_per_night=args.images_per_night,
+        start_date=args.start_date, npix=args.npix, n_sources=args.n_sources,
+        n_variables=args.n_variables, n_ese=args.n_ese, rms_mjy=args.rms_mjy,
+        flux_scale_error=args.flux_scale_error, cube_fraction=args.cube_fraction,
+        pointing_jitter_arcmin=args.jitter_arcmin,
+    )
+    return config.without_variability() if args.stable_only else config
+
+
+def run_simulate(args: argparse.Namespace) -> SurveyManifest:
+    """Run ``ese simulate``: progress on stderr (unless --quiet), summary on stdout."""
+    from ese_assets.core.simulate import simulate_survey
+
+    def report(i: int, n: int, path: Path) -> None:
+        if i == n or i % 10 == 0:
+            print(f"\rsimulate: {i}/{n} images", end="\n" if i == n else "", file=sys.stderr,
+                  flush=True)
+
+    manifest = simulate_survey(
+        survey_config_from_args(args), args.out_dir, overwrite=args.overwrite,
+        progress=None if args.quiet else report,
+    )
+    print(f"wrote {manifest.n_images} images to {manifest.incoming_dir}, catalog "
+          f"{manifest.catalog_path} ({manifest.n_sources} sources, {manifest.n_variables} "
+          f"variables, {manifest.n_ese} ESEs) in {manifest.elapsed_s:.1f} s")
+    return manifest
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
     run_simulate(args)
     return 0
 
@@ -105,7 +167,7 @@ def cmd_candidates(args: argparse.Namespace) -> int:
 
     engine = make_engine(_settings(args).products_db)
     ensure_schema(engine)
-    status = {"open": ("active", "investigated"), "all": None}.get(args.status, (args.status,))
+    status = {"open": OPEN_STATUSES, "all": None}.get(args.status, (args.status,))
     df = candidates_db.candidates(engine, status=status)
     if args.format == "json":
         print(df.to_json(orient="records", indent=2))
@@ -140,8 +202,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ese_assets.core.simulate import add_simulate_arguments
-
     parser = argparse.ArgumentParser(prog="ese", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -161,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("detect", help="flag ESE candidates; prints JSON")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="sigma_deviation threshold preset (default conservative = 5.0)")
+                   help="sigma_deviation threshold preset "
+                        f"(default {DEFAULT_PRESET} = {PRESETS[DEFAULT_PRESET]:g})")
     p.add_argument("--min-sigma", type=float, default=None, help="custom sigma_deviation threshold")
     p.add_argument("--min-dip-sigma", type=float, default=None,
                    help="dip-statistic threshold (default: the calibrated value)")
@@ -183,14 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("candidates", help="list ESE candidates")
     p.add_argument("--status", default="open",
-                   choices=["open", "active", "investigated", "dismissed", "all"])
+                   choices=["open", *CANDIDATE_STATUSES, "all"])
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     _add_db(p)
     p.set_defaults(func=cmd_candidates)
 
     p = sub.add_parser("mark", help="mark a source's open candidate investigated or dismissed")
     p.add_argument("source_id")
-    p.add_argument("status", choices=["investigated", "dismissed"])
+    p.add_argument("status", choices=REVIEW_STATUSES)
     p.add_argument("--notes")
     p.add_argument("--by", default="user", help="who decided (default: user)")
     _add_db(p)

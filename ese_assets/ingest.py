@@ -20,13 +20,14 @@ from ese_assets import pipeline
 from ese_assets.definitions import build_definitions
 from ese_assets.orchestration.jobs import ese_pipeline_job
 from ese_assets.orchestration.partitions import (
-    PARTITION_START, PARTITION_TIMEZONE, nights_partitions,
+    PARTITION_START,
+    PARTITION_TIMEZONE,
+    nights_partitions,
 )
 from ese_assets.orchestration.sensors import night_run_requests
 from ese_assets.settings import Settings
 from ese_assets.storage import images as images_db
 from ese_assets.storage.engine import ensure_schema, make_engine
-
 
 #: The project's instance configuration (source checkout); copied into a new DAGSTER_HOME.
 PROJECT_DAGSTER_YAML = Path(__file__).resolve().parents[1] / "dagster.yaml"

@@ -10,8 +10,21 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ese_assets.core.detection import PRESETS, DetectionSettings, resolve_min_sigma
-from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS
+from ese_assets.core.detection import (
+    DEFAULT_MIN_DIP_SIGMA,
+    DEFAULT_MIN_OBS,
+    DEFAULT_PRESET,
+    PRESETS,
+    DetectionSettings,
+    resolve_min_sigma,
+)
+from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS, DEFAULT_FLUX_SCALE_ERROR
+
+#: A file is complete when unmodified this long (seconds); younger files may still be written.
+DEFAULT_SETTLE_SECONDS = 10.0
+
+#: Catalog flux limit (mJy) of forced photometry: every catalog source in the footprint.
+DEFAULT_MIN_FLUX_MJY = 0.0
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -63,13 +76,12 @@ class Settings:
     sensor_interval_seconds: int  # how often the daemon evaluates the incoming-directory sensor
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         data_dir = _abspath(_env("ESE_DATA_DIR", "data"))
-        preset = _env("ESE_PRESET", "conservative")
+        preset = _env("ESE_PRESET", DEFAULT_PRESET)
         if preset not in PRESETS:
             raise ValueError(f"ESE_PRESET={preset!r} is not one of {sorted(PRESETS)}")
         min_sigma_env = _env("ESE_MIN_SIGMA")
-        defaults = DetectionSettings()
         catalog = _env("ESE_CATALOG") or _env("MASTER_SOURCES_DB")
         return cls(
             data_dir=data_dir,
@@ -78,14 +90,14 @@ class Settings:
             incoming_dir=_abspath(_env("ESE_INCOMING_DIR", str(Path(data_dir) / "incoming"))),
             partition_start=_env("ESE_PARTITION_START", "2020-01-01"),
             timezone=_env("ESE_TIMEZONE", "UTC"),
-            settle_seconds=_env_float("ESE_SETTLE_SECONDS", 10.0),
-            min_flux_mjy=_env_float("ESE_MIN_FLUX_MJY", 0.0),
-            flux_scale_error=_env_float("ESE_FLUX_SCALE_ERROR", 0.02),
+            settle_seconds=_env_float("ESE_SETTLE_SECONDS", DEFAULT_SETTLE_SECONDS),
+            min_flux_mjy=_env_float("ESE_MIN_FLUX_MJY", DEFAULT_MIN_FLUX_MJY),
+            flux_scale_error=_env_float("ESE_FLUX_SCALE_ERROR", DEFAULT_FLUX_SCALE_ERROR),
             dip_window_days=_positive("ESE_DIP_WINDOW_DAYS", DEFAULT_DIP_WINDOW_DAYS),
             preset=preset,
             min_sigma=resolve_min_sigma(preset, float(min_sigma_env) if min_sigma_env else None),
-            min_dip_sigma=_env_float("ESE_MIN_DIP_SIGMA", defaults.min_dip_sigma),
-            min_obs=int(_env_float("ESE_MIN_OBS", defaults.min_obs)),
+            min_dip_sigma=_env_float("ESE_MIN_DIP_SIGMA", DEFAULT_MIN_DIP_SIGMA),
+            min_obs=int(_env_float("ESE_MIN_OBS", DEFAULT_MIN_OBS)),
             nightly_hour=int(_env_float("ESE_NIGHTLY_HOUR", 12)),
             sensor_interval_seconds=int(_env_float("ESE_SENSOR_INTERVAL_SECONDS", 30)),
         )

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures (owner: storage developer; others may add fixtures below their own header).
+"""Shared pytest fixtures: databases for the storage, pipeline and orchestration tests.
 
 Databases:
 
@@ -6,9 +6,9 @@ Databases:
   fixture only).
 * ``postgres_url`` / ``postgres_engine``: PostgreSQL from ``ESE_TEST_POSTGRES_URL`` (for example
   ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``). The session creates its own database
-  ``ese_test_<random>`` (dropped at the end, ``WITH (FORCE)``), and every test gets a fresh schema in
-  it through ``search_path`` in the URL (``?options=-csearch_path%3D<schema>``), so tests never see
-  each other's tables and ``make_engine(postgres_url)`` works like any production URL.
+  ``ese_test_<random>`` (dropped at the end, ``WITH (FORCE)``), and every test gets a fresh schema
+  in it through ``search_path`` in the URL (``?options=-csearch_path%3D<schema>``), so tests never
+  see each other's tables and ``make_engine(postgres_url)`` works like any production URL.
   Unset variable: the PostgreSQL tests are skipped, unless ``ESE_REQUIRE_POSTGRES=1`` (CI), then
   they fail.
 * ``engine`` / ``db_url``: parametrized over ``["sqlite", "postgresql"]`` so a test runs on both.
@@ -44,7 +44,7 @@ def _postgres_unavailable(message: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def sqlite_db_path(tmp_path) -> Iterator[str]:  # noqa: ANN001
+def sqlite_db_path(tmp_path) -> Iterator[str]:
     """Path of a not-yet-existing SQLite file in a nested directory (make_engine creates it)."""
     path = str(tmp_path / "db" / "products.sqlite3")
     yield path
@@ -121,7 +121,7 @@ def postgres_engine(postgres_url: str) -> Engine:
 # --------------------------------------------------------------------------------------------------
 
 @pytest.fixture(params=BACKENDS)
-def db_url(request) -> str:  # noqa: ANN001
+def db_url(request) -> str:
     """URL or SQLite path of an empty products database, on each backend in turn."""
     if request.param == "sqlite":
         return request.getfixturevalue("sqlite_db_path")
@@ -129,8 +129,9 @@ def db_url(request) -> str:  # noqa: ANN001
 
 
 @pytest.fixture(params=BACKENDS)
-def engine(request) -> Engine:  # noqa: ANN001
-    """Engine with the schema created, on each backend in turn (ids ``[sqlite]``, ``[postgresql]``)."""
+def engine(request) -> Engine:
+    """Engine with the schema created, on each backend in turn (test ids ``[sqlite]``,
+    ``[postgresql]``)."""
     if request.param == "sqlite":
         return request.getfixturevalue("sqlite_engine")
     return request.getfixturevalue("postgres_engine")
@@ -140,7 +141,7 @@ def engine(request) -> Engine:  # noqa: ANN001
 
 
 @pytest.fixture(scope="session")
-def small_survey(tmp_path_factory):  # noqa: ANN001
+def small_survey(tmp_path_factory):
     """A small simulated survey (ese_assets_tests.survey.SMALL_SURVEY), written once per session.
 
     Directory with incoming/*.fits, catalog.csv and the truth files; tests must not modify it.

@@ -1,4 +1,5 @@
-"""Tests of ese_assets.core.detection: presets, flagging rules, composite score, candidate workflow."""
+"""Tests of ese_assets.core.detection (presets, flagging rules, composite score) and of the
+candidate workflow of ese_assets.core.candidates."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ese_assets.core.candidates import plan_candidate_changes
 from ese_assets.core.detection import (
     PRESETS,
     DetectionSettings,
@@ -16,7 +18,6 @@ from ese_assets.core.detection import (
     max_sigma_deviation,
     resolve_min_sigma,
 )
-from ese_assets.core.candidates import plan_candidate_changes
 from ese_assets.core.variability import variability_metrics
 
 # ----------------------------------------- presets ------------------------------------------
@@ -58,7 +59,7 @@ def test_max_sigma_deviation_and_preset_epoch_limits():
     assert max_sigma_deviation(4) == pytest.approx(1.5)
     np.testing.assert_allclose(max_sigma_deviation(np.array([2, 9, 100])), [1 / math.sqrt(2), 8 / 3, 9.9])
     assert math.isnan(max_sigma_deviation(0))
-    # Smallest N at which each preset can fire at all: 27, 15, 11 (science brief section 2).
+    # Smallest N at which each preset can fire at all: 27, 15, 11 ((N - 1)/sqrt(N) >= threshold).
     for preset, n_min in (("conservative", 27), ("moderate", 15), ("sensitive", 11)):
         assert max_sigma_deviation(n_min) >= PRESETS[preset] > max_sigma_deviation(n_min - 1)
 
@@ -92,11 +93,11 @@ def test_flag_candidates_rules():
 
 def test_flag_candidates_switches_and_thresholds():
     only_sigma = flag_candidates(_stats(), DetectionSettings(use_dip_rule=False))
-    assert dict(zip(only_sigma.source_id, only_sigma.flag_type)) == {
+    assert dict(zip(only_sigma.source_id, only_sigma.flag_type, strict=True)) == {
         "sig": "sigma_deviation", "both": "sigma_deviation", "dipboth": "sigma_deviation"}
     assert only_sigma.set_index("source_id").loc["both", "significance"] == 6.5
     only_dip = flag_candidates(_stats(), DetectionSettings(use_sigma_rule=False, min_dip_sigma=7.8))
-    assert dict(zip(only_dip.source_id, only_dip.flag_type)) == {"dip": "dip", "both": "spike"}
+    assert dict(zip(only_dip.source_id, only_dip.flag_type, strict=True)) == {"dip": "dip", "both": "spike"}
     few_ok = flag_candidates(_stats(), DetectionSettings(min_obs=5))
     assert "few" in set(few_ok.source_id)
     sensitive = flag_candidates(_stats(), DetectionSettings.from_preset("sensitive", use_dip_rule=False))

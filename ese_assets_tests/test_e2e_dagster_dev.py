@@ -59,7 +59,7 @@ def wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen, log
             value = predicate()
         except AssertionError:
             raise
-        except Exception:  # noqa: BLE001 - not up yet (no server, no tables): poll again
+        except Exception:  # not up yet (no server, no tables): poll again
             value = None
         if value:
             return value

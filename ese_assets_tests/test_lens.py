@@ -9,8 +9,9 @@ from ese_assets.core import lens
 
 
 def brute_force_images(u_prime: float, alpha: float, half: float = 8.0, n: int = 1_000_000):
-    """Roots of u(1 + alpha^2 e^{-u^2}) = u' by sign changes on a very fine grid (linear interpolation).
-    An even number of nodes keeps u = 0 off the grid (a zero there would count as two sign changes)."""
+    """Roots of u(1 + alpha^2 e^{-u^2}) = u' by sign changes on a very fine grid (linear
+    interpolation). An even number of nodes keeps u = 0 off the grid (a zero there would count as
+    two sign changes)."""
     u = np.linspace(-half, half, n)
     g = lens.lens_map(u, alpha) - u_prime
     idx = np.nonzero(np.sign(g[:-1]) != np.sign(g[1:]))[0]
@@ -40,7 +41,7 @@ def test_gain_tends_to_one_far_from_lens(alpha):
 @pytest.mark.parametrize("alpha", [0.1, 0.5, 1.0, 1.4, 1.49])
 def test_weak_lens_single_image_and_on_axis_gain(alpha):
     u_prime = np.linspace(-6, 6, 2001)
-    roots, gains = lens.lens_images(u_prime, alpha)
+    roots, _gains = lens.lens_images(u_prime, alpha)
     assert np.all(np.sum(np.isfinite(roots), axis=-1) == 1)  # no caustics below alpha = 1.4966
     gain = lens.gaussian_lens_gain(u_prime, alpha)
     assert np.all(np.isfinite(gain)) and gain.max() < 1 / (1 - alpha**2 * 2 * np.exp(-1.5))
@@ -52,7 +53,7 @@ def test_weak_lens_single_image_and_on_axis_gain(alpha):
 
 def test_multiple_images_and_caustic_spikes_only_above_threshold():
     u_prime = np.linspace(-5, 5, 20001)
-    assert lens.ALPHA2_CAUSTIC == pytest.approx(np.exp(1.5) / 2)
+    assert pytest.approx(np.exp(1.5) / 2) == lens.ALPHA2_CAUSTIC
     for alpha in (1.45, 1.49):
         roots, _ = lens.lens_images(u_prime, alpha)
         assert np.isfinite(roots).sum(axis=-1).max() == 1
@@ -125,7 +126,8 @@ def test_preimage_excess_is_bounded_antiderivative_of_gain_excess():
     roots, _ = lens.lens_images(mid, alpha)
     jac = np.abs(lens.lens_jacobian(roots, alpha))
     n_end = np.isfinite(lens.lens_images(v, alpha)[0]).sum(axis=-1)
-    # Away from caustics: no caustic inside the cell (same image count at both ends) and |u'_u| > 0.3.
+    # Away from caustics: no caustic inside the cell (same image count at both ends) and
+    # |u'_u| > 0.3.
     smooth = (np.nanmin(jac, axis=-1) > 0.3) & (n_end[1:] == n_end[:-1])
     assert (~smooth).sum() < 1000 and (n_end == 3).sum() > 1000
     np.testing.assert_allclose(dq[smooth], lens.gaussian_lens_gain(mid[smooth], alpha) - 1, rtol=1e-3, atol=1e-4)

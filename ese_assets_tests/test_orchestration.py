@@ -22,8 +22,8 @@ from ese_assets.orchestration.resources import resources_from_settings
 from ese_assets.storage import candidates as candidates_db
 from ese_assets.storage import images as images_db
 from ese_assets.storage import statistics as statistics_db
-from ese_assets_tests import snapshots
 from ese_assets.storage.engine import ensure_schema, make_engine
+from ese_assets_tests import snapshots
 from ese_assets_tests.survey import NIGHTS, make_workspace
 
 TABLES = ("images", "photometry", "variability_stats", "ese_candidates", "source_night_sums",
@@ -199,14 +199,14 @@ def test_nightly_schedule_runs_the_night_that_just_ended(tmp_path, small_survey)
     with dg.instance_for_test() as instance:
         ctx = dg.build_schedule_context(
             instance=instance, repository_def=defs.get_repository_def(),
-            scheduled_execution_time=dt.datetime(2025, 1, 3, 12, 0, tzinfo=dt.timezone.utc))
+            scheduled_execution_time=dt.datetime(2025, 1, 3, 12, 0, tzinfo=dt.UTC))
         data = schedule.evaluate_tick(ctx)
         assert [r.partition_key for r in data.run_requests] == ["2025-01-02"]
         # No image list: the run measures every usable image of the night.
         assert not data.run_requests[0].run_config
         before = schedule.evaluate_tick(dg.build_schedule_context(
             instance=instance, repository_def=defs.get_repository_def(),
-            scheduled_execution_time=dt.datetime(2020, 1, 1, 12, 0, tzinfo=dt.timezone.utc)))
+            scheduled_execution_time=dt.datetime(2020, 1, 1, 12, 0, tzinfo=dt.UTC)))
         assert not before.run_requests and "precedes the first partition" in before.skip_message
 
 
@@ -298,8 +298,10 @@ def test_a_rejected_file_is_examined_again_once_it_changes(tmp_path, small_surve
     ensure_schema(engine)
     from ese_assets import pipeline
 
-    scan = lambda: pipeline.scan_directory(engine, settings.incoming_dir,  # noqa: E731
-                                           timezone="UTC", first_night="2020-01-01")
+    def scan():
+        return pipeline.scan_directory(engine, settings.incoming_dir, timezone="UTC",
+                                       first_night="2020-01-01")
+
     assert len(scan().rejected) == 1
     assert scan().already_known == 1  # unchanged: stays rejected, not re-read every tick
     dst.write_bytes(data)  # the transfer completed

@@ -11,9 +11,10 @@ from astropy.io import fits
 from astropy.time import Time
 from astropy.wcs import WCS
 
+from ese_assets import cli
 from ese_assets.core import lens
-from ese_assets.core.beam import FWHM_PER_SIGMA
 from ese_assets.core import simulate as sim
+from ese_assets.core.beam import FWHM_PER_SIGMA
 from ese_assets.core.fits_image import Beam
 
 CELL_DEG = 10.0 / 3600.0
@@ -70,7 +71,8 @@ def test_render_point_source_peak_and_integral():
     assert img.max() == pytest.approx(0.25, rel=1e-12)
     assert np.unravel_index(img.argmax(), shape) == (48, 48)
     cov = sim.beam_covariance_pix(wcs, BEAM)
-    # Integral of a Gaussian of peak F: 2 pi F sqrt(det C) (pixel units); the 5-sigma box loses < 1e-5.
+    # Integral of a Gaussian of peak F: 2 pi F sqrt(det C) (pixel units); the 5-sigma box loses
+    # < 1e-5.
     assert img.sum() == pytest.approx(0.25 * 2 * np.pi * np.sqrt(np.linalg.det(cov)), rel=1e-5)
     # Off-centre source: every pixel follows the Gaussian formula exactly.
     ra, dec = wcs.wcs_pix2world(30.3, 60.8, 0)
@@ -134,11 +136,13 @@ def test_write_fits_image_2d_and_cube(tmp_path):
         assert [h4[f"CTYPE{i}"] for i in range(1, 5)] == ["RA---SIN", "DEC--SIN", "FREQ", "STOKES"]
         assert h4["CRVAL3"] == 1.3e9 and h4["OBJECT"] == "X"
         np.testing.assert_array_equal(d4[0, 0], data)
-    for h in (h, h4):
-        assert h["BUNIT"] == "JY/BEAM"
-        assert (h["BMAJ"], h["BMIN"], h["BPA"]) == (BEAM.major_deg, BEAM.minor_deg, BEAM.pa_deg)
-        assert h["MJD-OBS"] == pytest.approx(Time("2025-03-04T05:06:07.5", scale="utc").mjd, abs=1e-9)
-        w = WCS(h).celestial
+    for header in (h, h4):
+        assert header["BUNIT"] == "JY/BEAM"
+        assert (header["BMAJ"], header["BMIN"], header["BPA"]) == (
+            BEAM.major_deg, BEAM.minor_deg, BEAM.pa_deg)
+        assert header["MJD-OBS"] == pytest.approx(
+            Time("2025-03-04T05:06:07.5", scale="utc").mjd, abs=1e-9)
+        w = WCS(header).celestial
         np.testing.assert_allclose(w.wcs_pix2world(2.0, 1.0, 0), [10.0, -20.0], atol=1e-10)
     assert not list(tmp_path.glob(".*"))  # temporary files renamed away
 
@@ -245,7 +249,8 @@ def test_stable_only_survey_pixels_match_truth(tmp_path):
         np.testing.assert_allclose(data, render, atol=1e-6 * render.max())  # float32 storage
         # Peak pixel near each isolated source ~ its flux (sub-pixel offset loses < 15 %).
         for xi, yi, f in zip(x[iso], y[iso], rows["true_flux_mjy"].to_numpy()[iso], strict=True):
-            peak = data[int(round(yi)) - 1 : int(round(yi)) + 2, int(round(xi)) - 1 : int(round(xi)) + 2].max()
+            row, col = round(yi), round(xi)
+            peak = data[row - 1 : row + 2, col - 1 : col + 2].max()
             assert 0.85 * f / 1000 <= peak <= f / 1000 * (1 + 1e-6)
 
 
@@ -259,18 +264,18 @@ def test_survey_noise_level(tmp_path):
 
 
 def test_overwrite_protection_and_cli(tmp_path, capsys):
-    parser = sim.add_simulate_arguments(argparse.ArgumentParser())
+    parser = cli.add_simulate_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--out-dir", str(tmp_path), "--nights", "1", "--images-per-night", "2",
                               "--npix", "64", "--n-sources", "12", "--n-ese", "1", "--n-variables", "1",
                               "--quiet"])
-    m = sim.run_simulate(args)
+    m = cli.run_simulate(args)
     assert m.n_images == 2 and m.n_ese == 1
     assert "wrote 2 images" in capsys.readouterr().out
     with pytest.raises(FileExistsError):
-        sim.run_simulate(args)
+        cli.run_simulate(args)
     args = parser.parse_args(["--out-dir", str(tmp_path), "--nights", "1", "--images-per-night", "1",
                               "--npix", "64", "--n-sources", "12", "--stable-only", "--overwrite", "--quiet"])
-    m2 = sim.run_simulate(args)
+    m2 = cli.run_simulate(args)
     assert m2.n_ese == 0 and m2.n_variables == 0
     # The stale second image of the first run was removed.
     assert sorted(p.name for p in m2.incoming_dir.glob("*.fits")) == [m2.image_paths[0].name]

@@ -16,7 +16,7 @@ SEC_DEG = 1.0 / 240.0
 ARCSEC_DEG = 1.0 / 3600.0
 
 
-def test_contract_example_uses_hours_not_degrees():
+def test_seed_example_uses_hours_not_degrees():
     # The seed printed J120000 for RA = 120 deg: degrees were treated as hours.
     assert iau_source_id(120.0, 45.0) == "J080000+450000"
 
@@ -78,7 +78,7 @@ def test_vectorized_equals_scalar_on_random_inputs():
     ra_deg[: n // 4] = np.round(ra_deg[: n // 4] * 480.0) / 480.0 - 1e-9
     dec_deg[n // 4: n // 2] = np.round(dec_deg[n // 4: n // 2] * 7200.0) / 7200.0 + 1e-9
     vector = iau_source_ids(ra_deg, dec_deg)
-    scalar = [iau_source_id(r, d) for r, d in zip(ra_deg, dec_deg)]
+    scalar = [iau_source_id(r, d) for r, d in zip(ra_deg, dec_deg, strict=True)]
     assert vector.dtype == object
     assert vector.shape == (n,)
     assert list(vector) == scalar

@@ -14,7 +14,6 @@ from ese_assets.storage import candidates as candidates_db
 from ese_assets.storage import images as images_db
 from ese_assets.storage import photometry as photometry_db
 from ese_assets.storage import statistics as statistics_db
-from ese_assets_tests import snapshots
 from ese_assets.storage.engine import (
     describe_url,
     dispose_engine,
@@ -23,6 +22,7 @@ from ese_assets.storage.engine import (
     normalize_url,
 )
 from ese_assets.storage.schema import ese_candidates, photometry
+from ese_assets_tests import snapshots
 
 NIGHTS = ("2026-01-01", "2026-01-02", "2026-01-03")
 
@@ -182,10 +182,10 @@ def test_rejected_images_filters(engine):
 def test_known_paths_and_lightcurves_chunk_long_in_lists(engine):
     paths = [f"/in/img_{i:05d}.fits" for i in range(1203)]
     assert images_db.register_images(engine, [_image(p) for p in paths]) == 1203
-    assert images_db.known_image_paths(engine, paths + ["/in/none.fits"]) == set(paths)
+    assert images_db.known_image_paths(engine, [*paths, "/in/none.fits"]) == set(paths)
     sources = [f"S{i:05d}" for i in range(1203)]
     _measure(engine, "/in/img_00000.fits", sources, NIGHTS[0], 61041.1)
-    wanted = sources[::-1] + ["missing"]
+    wanted = [*sources[::-1], "missing"]
     curves = photometry_db.lightcurves(engine, wanted)
     assert curves["source_id"].tolist() == sources  # ordered by source_id across chunks
     assert len(statistics_db.variability_stats(engine, wanted)) == 0
@@ -227,9 +227,8 @@ def test_unique_image_source_enforced_by_database(engine):
     _measure(engine, "/in/a.fits", ["S1", "S2"], NIGHTS[0], 61041.1)
     duplicate = {"image_path": "/in/a.fits", "source_id": "S1", "ra_deg": 1.0, "dec_deg": 2.0,
                  "peak_jyb": 0.1, "measured_at": 1.0, "mjd": 61041.1}
-    with pytest.raises(sa.exc.IntegrityError):
-        with engine.begin() as conn:
-            conn.execute(photometry.insert(), [duplicate])
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(photometry.insert(), [duplicate])
     # The same source twice in one image's rows is rejected as a whole.
     with pytest.raises(sa.exc.IntegrityError):
         photometry_db.replace_image_photometry(engine, "/in/a.fits", _rows(["S3", "S3"], 61041.1), {})
@@ -323,10 +322,10 @@ def test_at_most_one_open_candidate_per_source(engine):
     candidates_db.apply_candidate_changes(engine, [_flag("S1"), _flag("S2")], [])
     with pytest.raises(sa.exc.IntegrityError):
         candidates_db.apply_candidate_changes(engine, [_flag("S1", status="investigated")], [])
-    with pytest.raises(sa.exc.IntegrityError):  # bypassing the storage functions: the index still holds
-        with engine.begin() as conn:
-            conn.execute(ese_candidates.insert(), [{"source_id": "S2", "flagged_at": 1.0,
-                                                    "significance": 3.0, "flag_type": "dip"}])
+    # Bypassing the storage functions: the index still holds.
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(ese_candidates.insert(), [{"source_id": "S2", "flagged_at": 1.0,
+                                                "significance": 3.0, "flag_type": "dip"}])
     assert len(candidates_db.candidates(engine)) == 2  # the failed calls left nothing behind
 
     # Closing the open candidate and opening a new one in one call is allowed (updates first).
@@ -430,7 +429,7 @@ def test_sqlite_concurrent_writers_do_not_fail(sqlite_engine):
                 path = f"/in/{name}_{i:02d}.fits"
                 _measure(engine, path, sources, NIGHTS[0], 61041.0 + i, seed=i)
                 statistics_db.upsert_variability_stats(engine, _stats(sources, seed=i))
-        except BaseException as exc:  # noqa: BLE001 -- reported by the main thread
+        except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
     def reader() -> None:
@@ -438,7 +437,7 @@ def test_sqlite_concurrent_writers_do_not_fail(sqlite_engine):
             start.wait()
             for _ in range(n_iterations):
                 photometry_db.lightcurves_for_nights(engine, [NIGHTS[0]])
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
     threads = [threading.Thread(target=writer, args=(name,)) for name in ("w1", "w2")]
@@ -539,7 +538,7 @@ def test_replace_night_sums_refresh_extremes_and_delete(engine):
     with statistics_db.sums_transaction(engine) as conn:
         statistics_db.replace_night_sums(conn, nights.iloc[[2]], nights=["2026-01-01"])
     got = statistics_db.night_sums(engine, nights=["2026-01-01", "2026-01-02"])
-    assert list(zip(got["source_id"], got["night"])) == [("A", "2026-01-02"), ("B", "2026-01-01")]
+    assert list(zip(got["source_id"], got["night"], strict=True)) == [("A", "2026-01-02"), ("B", "2026-01-01")]
     assert got["n_obs"].dtype == np.int64
     with statistics_db.sums_transaction(engine) as conn:
         statistics_db.replace_night_sums(conn, nights.iloc[:0], source_ids=["A"])
@@ -554,7 +553,7 @@ def test_night_photometry_window_and_counts(engine):
     _measure(engine, "/d/c.fits", ["S1", "S2"], NIGHTS[2], 61050.1)
     rows = photometry_db.night_photometry(engine, [NIGHTS[2], NIGHTS[0]])
     assert list(rows.columns) == list(photometry_db.NIGHT_PHOTOMETRY_COLUMNS)
-    assert list(zip(rows["source_id"], rows["night"])) == [
+    assert list(zip(rows["source_id"], rows["night"], strict=True)) == [
         ("S1", NIGHTS[0]), ("S1", NIGHTS[2]), ("S2", NIGHTS[0]), ("S2", NIGHTS[2])]
     assert len(photometry_db.source_photometry(engine, ["S1"])) == 3
     assert photometry_db.photometry_counts_by_source(engine, ["S1", "S2", "S9"]) == {"S1": 3, "S2": 2}
@@ -562,6 +561,6 @@ def test_night_photometry_window_and_counts(engine):
         statistics_db.put_source_sums(conn, pd.DataFrame([_sums_row("S1", last_mjd=61050.1),
                                                  _sums_row("S2", last_mjd=61050.1)]))
     window = photometry_db.window_photometry(engine, ["S1", "S2"], 8.5)  # mjd >= 61041.6
-    assert list(zip(window["source_id"], window["mjd"])) == [
+    assert list(zip(window["source_id"], window["mjd"], strict=True)) == [
         ("S1", 61042.1), ("S1", 61050.1), ("S2", 61050.1)]
     assert len(photometry_db.window_photometry(engine, ["S1", "S2"], 100.0)) == 5

@@ -1,4 +1,5 @@
-"""Tests of ese_assets.core.variability against hand computations and a slow reference implementation."""
+"""Tests of ese_assets.core.variability against hand computations and a slow reference
+implementation."""
 
 from __future__ import annotations
 
@@ -34,12 +35,12 @@ def _reference_metrics(df: pd.DataFrame, flux_scale_error: float = 0.0, clip: fl
         e = [float(x) for x in g["flux_err_mjy"]]
         t = [float(x) for x in g["mjd"]]
         n = len(f)
-        sig = [math.sqrt(ei**2 + (flux_scale_error * fi) ** 2) for fi, ei in zip(f, e)]
+        sig = [math.sqrt(ei**2 + (flux_scale_error * fi) ** 2) for fi, ei in zip(f, e, strict=True)]
         w = [1.0 / s**2 for s in sig]
         mean = sum(f) / n
         std = math.sqrt(sum((x - mean) ** 2 for x in f) / (n - 1)) if n > 1 else math.nan
-        wmean = sum(wi * fi for wi, fi in zip(w, f)) / sum(w)
-        chi2 = (sum((fi - wmean) ** 2 / s**2 for fi, s in zip(f, sig)) / (n - 1)) if n > 1 else math.nan
+        wmean = sum(wi * fi for wi, fi in zip(w, f, strict=True)) / sum(w)
+        chi2 = (sum((fi - wmean) ** 2 / s**2 for fi, s in zip(f, sig, strict=True)) / (n - 1)) if n > 1 else math.nan
         med = float(np.median(f))
         rstd = 1.4826 * float(np.median([abs(x - med) for x in f]))
         res = dict(
@@ -52,7 +53,7 @@ def _reference_metrics(df: pd.DataFrame, flux_scale_error: float = 0.0, clip: fl
             dip_n_epochs=None, dip_depth_frac=math.nan,
         )
         s_ex2 = max(0.0, rstd**2 - float(np.median(sig)) ** 2)
-        z = [(fi - med) / math.sqrt(s**2 + s_ex2) for fi, s in zip(f, sig)]
+        z = [(fi - med) / math.sqrt(s**2 + s_ex2) for fi, s in zip(f, sig, strict=True)]
         if clip is not None:
             z = [min(max(zi, -clip), clip) for zi in z]
         best = None
@@ -212,8 +213,8 @@ def test_numerically_stable_for_large_offset():
     wq = [1 / Fraction(float(e)) ** 2 for e in err]
     mean_q = sum(fq) / n
     var_q = sum((x - mean_q) ** 2 for x in fq) / (n - 1)
-    wmean_q = sum(w * x for w, x in zip(wq, fq)) / sum(wq)
-    chi2_q = sum(w * (x - wmean_q) ** 2 for w, x in zip(wq, fq)) / (n - 1)
+    wmean_q = sum(w * x for w, x in zip(wq, fq, strict=True)) / sum(wq)
+    chi2_q = sum(w * (x - wmean_q) ** 2 for w, x in zip(wq, fq, strict=True)) / (n - 1)
     assert r["std_flux_mjy"] == pytest.approx(math.sqrt(float(var_q)), rel=1e-7)
     assert r["weighted_mean_flux_mjy"] == pytest.approx(float(wmean_q), rel=0, abs=1e-9)
     assert r["chi2_nu"] == pytest.approx(float(chi2_q), rel=1e-7)

@@ -56,7 +56,7 @@ def review_update(status: str, *, old_notes: str | None, notes: str | None, by: 
         raise ValueError(f"invalid candidate status {status!r}: a candidate can be set to "
                          f"{' or '.join(repr(s) for s in REVIEW_STATUSES)} "
                          f"(new candidates are {NEW_STATUS!r})")
-    stamp = dt.datetime.fromtimestamp(now, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = dt.datetime.fromtimestamp(now, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     line = f"{stamp} {by}: {status}" + (f": {notes}" if notes else "")
     values = {"status": status, "notes": f"{old_notes}\n{line}" if old_notes else line}
     values["investigated_at" if status == "investigated" else "dismissed_at"] = now

@@ -12,8 +12,8 @@ Two rules (both need at least ``min_obs`` epochs):
   10000 epochs, heteroscedastic errors, ~4e5 simulated constant sources): none reached |S| >= 6,
   while P(|S| >= 5.5) rises to 3.5e-4 at N = 2000 and 1e-3 at N = 5000; extrapolated, the
   false-alarm rate at 6 is ~1e-5 to 1e-4 per constant source (numbers in the docstring of
-  :mod:`ese_assets.core.variability`). At ESE rates of ~0.017 per source-year false-alarm control
-  dominates (science brief section 4). A 30 % dip over 15 epochs is detected at per-epoch S/N 20
+  :mod:`ese_assets.core.variability`). At ESE rates of ~0.017 per source-year (Fiedler et al.
+  1994) real events are rare among 10^4 monitored sources, so false-alarm control dominates. A 30 % dip over 15 epochs is detected at per-epoch S/N 20
   (S ~ 18) and, 99 % of the time, at S/N 8 (S ~ 8).
 
 Composite score (seed's ``use_composite_scoring``): :func:`composite_score`.
@@ -35,8 +35,14 @@ PRESETS: dict[str, float] = {"conservative": 5.0, "moderate": 3.5, "sensitive": 
 #: Default preset when neither a preset nor a custom threshold is given.
 DEFAULT_PRESET = "conservative"
 
+#: Default sigma_deviation threshold: the default preset's.
+DEFAULT_MIN_SIGMA = PRESETS[DEFAULT_PRESET]
+
 #: Calibrated default threshold on |dip_significance| (false-alarm rate << 1e-3 per constant source).
 DEFAULT_MIN_DIP_SIGMA = 6.0
+
+#: Default minimum number of epochs before either rule can flag a source.
+DEFAULT_MIN_OBS = 10
 
 
 def resolve_min_sigma(preset: str | None = None, min_sigma: float | None = None) -> float:
@@ -81,9 +87,9 @@ class DetectionSettings:
     ``use_sigma_rule`` / ``use_dip_rule``: switch the rules on or off.
     """
 
-    min_sigma: float = 5.0
+    min_sigma: float = DEFAULT_MIN_SIGMA
     min_dip_sigma: float = DEFAULT_MIN_DIP_SIGMA
-    min_obs: int = 10
+    min_obs: int = DEFAULT_MIN_OBS
     use_sigma_rule: bool = True
     use_dip_rule: bool = True
 

@@ -23,11 +23,9 @@ Pixel conventions: numpy arrays are indexed ``[y, x]``; pixel coordinates are 0-
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,7 +73,8 @@ def celestial_header(ra_deg: float, dec_deg: float, cell_deg: float, shape: tupl
 
 
 def make_sin_wcs(ra_deg: float, dec_deg: float, cell_deg: float, shape: tuple[int, int]) -> WCS:
-    """2-D celestial WCS identical to the one :func:`write_fits_image` writes (see celestial_header)."""
+    """2-D celestial WCS identical to the one :func:`write_fits_image` writes
+    (see :func:`celestial_header`)."""
     hdr = celestial_header(ra_deg, dec_deg, cell_deg, shape)
     hdr["NAXIS"] = 2
     hdr["NAXIS1"] = int(shape[1])
@@ -100,7 +99,9 @@ def _tangent_offsets_deg(ra0_deg, dec0_deg, ra_deg, dec_deg):
 
 
 def pixel_jacobian(wcs: WCS, x, y) -> np.ndarray:
-    """Local Jacobian d(east, north)/d(x, y) in deg/pixel at pixel positions (x, y), shape (..., 2, 2).
+    """Local Jacobian d(east, north)/d(x, y) in deg/pixel at pixel positions (x, y).
+
+    Shape (..., 2, 2).
 
     Central differences of +-0.5 pixel through the full WCS; ``J[..., 0, :]`` is d(east)/d(x, y),
     ``J[..., 1, :]`` is d(north)/d(x, y). For a standard image J = [[-cell, 0], [0, cell]].
@@ -113,7 +114,7 @@ def pixel_jacobian(wcs: WCS, x, y) -> np.ndarray:
     ys = np.stack([y, y, y + h, y - h])
     ra, dec = wcs.wcs_pix2world(xs, ys, 0)
     e, n = _tangent_offsets_deg(ra0[None], dec0[None], ra, dec)
-    jac = np.empty(x.shape + (2, 2))
+    jac = np.empty((*x.shape, 2, 2))
     jac[..., 0, 0] = (e[0] - e[1]) / (2 * h)
     jac[..., 1, 0] = (n[0] - n[1]) / (2 * h)
     jac[..., 0, 1] = (e[2] - e[3]) / (2 * h)
@@ -122,9 +123,12 @@ def pixel_jacobian(wcs: WCS, x, y) -> np.ndarray:
 
 
 def beam_covariance_pix(wcs: WCS, beam: Beam, x=None, y=None) -> np.ndarray:
-    """Beam covariance in pixel^2 at pixel (x, y) (default: the WCS reference pixel), shape (..., 2, 2).
+    """Beam covariance in pixel^2 at pixel (x, y) (default: the WCS reference pixel).
 
-    C_pix = J^-1 C_sky J^-T with J the local Jacobian d(east, north)/d(x, y) (:func:`pixel_jacobian`).
+    Shape (..., 2, 2).
+
+    C_pix = J^-1 C_sky J^-T with J the local Jacobian d(east, north)/d(x, y)
+    (:func:`pixel_jacobian`).
     """
     if x is None or y is None:
         x, y = wcs.wcs.crpix[0] - 1.0, wcs.wcs.crpix[1] - 1.0
@@ -165,8 +169,8 @@ def render_point_sources(shape, wcs: WCS, beam: Beam, ra_deg, dec_deg, flux_jy) 
     half_x, half_y = half_x[keep], half_y[keep]
     # One common stamp size (the largest) keeps the gather rectangular; pixels outside each source's
     # own +-5 sigma box are zeroed, so the result does not depend on the other sources.
-    hx = int(math.ceil(half_x.max()))
-    hy = int(math.ceil(half_y.max()))
+    hx = math.ceil(half_x.max())
+    hy = math.ceil(half_y.max())
     off_x = np.arange(-hx, hx + 1)
     off_y = np.arange(-hy, hy + 1)
     cx = np.rint(x).astype(np.int64)
@@ -191,18 +195,20 @@ def correlated_noise(shape, beam_cov_pix, rms_jyb: float, rng: np.random.Generat
     White noise is convolved (FFT) with a Gaussian kernel of covariance C/2, C = ``beam_cov_pix``
     (2x2, pixel^2): the autocorrelation of that kernel is a Gaussian of covariance C, i.e. the beam,
     so neighbouring pixels at lag d correlate by exp(-d^T C^-1 d / 2). The field is generated on a
-    grid padded by 5 sigma and cropped, so the FFT's periodic wrap does not correlate opposite edges.
+    grid padded by 5 sigma and cropped, so the FFT's periodic wrap does not correlate opposite
+    edges.
     The result is scaled by the exact expected standard deviation of the filtered field
     (Parseval: var = sum |H|^2 / N), so its expected pixel variance is rms_jyb^2 (not forced per
     realization).
     """
     ny, nx = int(shape[0]), int(shape[1])
     cov = np.asarray(beam_cov_pix, dtype=float)
-    pad_x = int(math.ceil(STAMP_SIGMA * math.sqrt(cov[0, 0])))
-    pad_y = int(math.ceil(STAMP_SIGMA * math.sqrt(cov[1, 1])))
+    pad_x = math.ceil(STAMP_SIGMA * math.sqrt(cov[0, 0]))
+    pad_y = math.ceil(STAMP_SIGMA * math.sqrt(cov[1, 1]))
     my, mx = ny + 2 * pad_y, nx + 2 * pad_x
     white = rng.standard_normal((my, mx))
-    # Fourier transform of a Gaussian of covariance K = C/2: exp(-2 pi^2 k^T K k), k in cycles/pixel.
+    # Fourier transform of a Gaussian of covariance K = C/2: exp(-2 pi^2 k^T K k),
+    # k in cycles/pixel.
     ky = np.fft.fftfreq(my)[:, None]
     kx = np.fft.rfftfreq(mx)[None, :]
     kcov = 0.5 * cov
@@ -511,7 +517,8 @@ def _sky_model(config: SurveyConfig, rng: np.random.Generator, mjd: np.ndarray) 
         var_mod[variables] = m
         var_tau[variables] = tau
         f_sine = 1.0 + m * np.sin(2 * np.pi * (mjd[:, None] - mjd[0]) / tau + phase)
-        # Lognormal Ornstein-Uhlenbeck: x_k = x_{k-1} rho + sqrt(1 - rho^2) eps, exact for any spacing.
+        # Lognormal Ornstein-Uhlenbeck: x_k = x_{k-1} rho + sqrt(1 - rho^2) eps, exact for any
+        # spacing.
         ou = np.empty((mjd.size, nv))
         ou[0] = rng.standard_normal(nv)
         eps = rng.standard_normal((mjd.size, nv))
@@ -682,64 +689,3 @@ def simulate_survey(
         n_sources=config.n_sources, n_variables=int((kinds == "variable").sum()),
         n_ese=int((kinds == "ese").sum()), elapsed_s=time.perf_counter() - t_start,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# CLI (`ese simulate`, wired in ese_assets/cli.py by the lead)
-# --------------------------------------------------------------------------------------------
-def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``ese simulate`` options (defaults = :class:`SurveyConfig` defaults)."""
-    d = SurveyConfig()
-    parser.add_argument("--out-dir", default="data/demo", help="output directory (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--nights", type=int, default=d.n_nights, help="number of nights")
-    parser.add_argument("--images-per-night", type=int, default=d.images_per_night)
-    parser.add_argument("--start-date", default=d.start_date, help="first night, YYYY-MM-DD (UTC)")
-    parser.add_argument("--npix", type=int, default=d.npix, help="image size in pixels (square)")
-    parser.add_argument("--n-sources", type=int, default=d.n_sources)
-    parser.add_argument("--n-variables", type=int, default=d.n_variables)
-    parser.add_argument("--n-ese", type=int, default=d.n_ese, help="number of injected ESEs")
-    parser.add_argument("--rms-mjy", type=float, default=d.rms_mjy, help="image noise, mJy/beam")
-    parser.add_argument("--flux-scale-error", type=float, default=d.flux_scale_error)
-    parser.add_argument("--cube-fraction", type=float, default=d.cube_fraction)
-    parser.add_argument("--jitter-arcmin", type=float, default=d.pointing_jitter_arcmin)
-    parser.add_argument("--stable-only", action="store_true",
-                        help="no variables, no ESEs, no flux-scale error (unbiasedness checks)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing simulation")
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
-    return parser
-
-
-#: Name used in the module contract.
-simulate_cli_args = add_simulate_arguments
-
-
-def config_from_args(args: argparse.Namespace) -> SurveyConfig:
-    """SurveyConfig from parsed ``ese simulate`` arguments."""
-    config = SurveyConfig(
-        seed=args.seed, n_nights=args.nights, images_per_night=args.images_per_night,
-        start_date=args.start_date, npix=args.npix, n_sources=args.n_sources,
-        n_variables=args.n_variables, n_ese=args.n_ese, rms_mjy=args.rms_mjy,
-        flux_scale_error=args.flux_scale_error, cube_fraction=args.cube_fraction,
-        pointing_jitter_arcmin=args.jitter_arcmin,
-    )
-    return config.without_variability() if args.stable_only else config
-
-
-def run_simulate(args: argparse.Namespace) -> SurveyManifest:
-    """Run ``ese simulate``: progress on stderr (unless --quiet), summary on stdout."""
-
-    def report(i: int, n: int, path: Path) -> None:
-        if i == n or i % 10 == 0:
-            print(f"\rsimulate: {i}/{n} images", end="\n" if i == n else "", file=sys.stderr, flush=True)
-
-    manifest = simulate_survey(
-        config_from_args(args), args.out_dir, overwrite=args.overwrite,
-        progress=None if args.quiet else report,
-    )
-    print(
-        f"wrote {manifest.n_images} images to {manifest.incoming_dir}, catalog {manifest.catalog_path} "
-        f"({manifest.n_sources} sources, {manifest.n_variables} variables, {manifest.n_ese} ESEs) "
-        f"in {manifest.elapsed_s:.1f} s"
-    )
-    return manifest

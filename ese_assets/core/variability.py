@@ -7,8 +7,8 @@ reduction over that order (``np.add.reduceat`` and friends); there is no Python 
 Notation for one source with N measurements f_i +- e_i:
 
 * effective error ``sigma_i = sqrt(e_i^2 + (k * |f_i|)^2)`` with ``k = flux_scale_error``: a
-  fractional flux-scale (calibration) error added in quadrature, the same floor the photometry
-  applies (science brief section 1). With ``k = 0`` (default) ``sigma_i = e_i``.
+  fractional flux-scale (calibration) error added in quadrature, the same floor forced
+  photometry can apply. With ``k = 0`` (default) ``sigma_i = e_i``.
 * weights ``w_i = 1 / sigma_i^2``, weighted mean ``fbar_w = sum(w f) / sum(w)``.
 * ``chi2_nu = sum((f_i - fbar_w)^2 / sigma_i^2) / (N - 1)``. The seed system used the *unweighted*
   mean here; we use the weighted mean, which is the value that minimises chi2 (and so the
@@ -360,7 +360,7 @@ def variability_metrics(
 # --------------------------------------------------------------------------------------------------
 #
 # Every moment metric above (mean, std, weighted mean, chi2_nu, eta, V, sigma_deviation) is a function
-# of a few sums over the epochs (TraP's running sums, science brief section 2), and sums over disjoint
+# of a few sums over the epochs (the running sums LOFAR TraP keeps per source), and sums over disjoint
 # sets of epochs add. So the pipeline keeps one row of sums per (source, night) and one per source,
 # and a new night costs its own epochs plus one row per source, however long the history.
 #
@@ -394,8 +394,12 @@ WINDOW_COLUMNS = ("source_id", "median_flux_mjy", "robust_std_mjy", "dip_signifi
                   "dip_start_mjd", "dip_end_mjd", "dip_n_epochs", "dip_depth_frac")
 
 #: Default length (days) of the trailing window of the robust baseline and the dip scan. ESEs last
-#: 14-180 days (science brief section 3), so a year holds a whole event plus a baseline around it.
+#: 14-180 days (30-90 typical; Fiedler et al. 1994), so a year holds a whole event and its baseline.
 DEFAULT_DIP_WINDOW_DAYS = 365.0
+
+#: Default fractional flux-scale (calibration) error k added in quadrature to each epoch's error,
+#: sigma_i^2 = e_i^2 + (k f_i)^2: the ~2 % image-to-image calibration scatter of radio surveys.
+DEFAULT_FLUX_SCALE_ERROR = 0.02
 
 
 def _group_segments(frame: pd.DataFrame, by: tuple[str, ...], order_by: np.ndarray | None = None):

@@ -16,6 +16,8 @@ from pydantic import Field
 from sqlalchemy import exc as sa_exc
 
 from ese_assets import pipeline
+from ese_assets.core.candidates import OPEN_STATUSES
+from ese_assets.core.values import py_scalar
 from ese_assets.orchestration.partitions import (
     PARTITION_START, PARTITION_TIMEZONE, nights_backfill_policy, nights_partitions,
 )
@@ -74,10 +76,11 @@ def _table(df: pd.DataFrame, columns: list[str]) -> dg.TableMetadataValue:
         for c in columns])
     records = []
     for row in df[columns].itertuples(index=False):
+        values = [py_scalar(v) for v in row]  # numpy scalars -> Python, NaN -> None
         records.append(dg.TableRecord({
-            c: (round(float(v), 3) if isinstance(v, (float, np.floating)) and np.isfinite(v)
-                else (None if isinstance(v, (float, np.floating)) else str(v)))
-            for c, v in zip(columns, row)}))
+            c: (str(v) if not isinstance(v, float | type(None))
+                else round(v, 3) if v is not None and np.isfinite(v) else None)
+            for c, v in zip(columns, values, strict=True)}))
     return dg.MetadataValue.table(records=records, schema=schema)
 
 
@@ -213,7 +216,7 @@ def ese_candidates(context: dg.AssetExecutionContext, products_db: ProductsDatab
         source_ids = photometry_db.sources_measured_in_nights(engine, nights)
         summary = pipeline.detect_candidates(engine, detection.settings(), source_ids=source_ids,
                                              night=nights[-1])
-    open_now = candidates_db.candidates(engine, status=("active", "investigated"))
+    open_now = candidates_db.candidates(engine, status=OPEN_STATUSES)
     problems = candidates_db.candidate_problems(engine)
     metadata: dict = {
         "sources_examined": len(source_ids),

@@ -12,9 +12,15 @@ import dagster as dg
 from sqlalchemy import Engine
 
 from ese_assets.core.catalog import Catalog, load_catalog_cached
-from ese_assets.core.detection import DetectionSettings
-from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS
-from ese_assets.settings import Settings
+from ese_assets.core.detection import (
+    DEFAULT_MIN_DIP_SIGMA,
+    DEFAULT_MIN_OBS,
+    DEFAULT_MIN_SIGMA,
+    DEFAULT_PRESET,
+    DetectionSettings,
+)
+from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS, DEFAULT_FLUX_SCALE_ERROR
+from ese_assets.settings import DEFAULT_MIN_FLUX_MJY, DEFAULT_SETTLE_SECONDS, Settings
 from ese_assets.storage.engine import ensure_schema, make_engine
 
 _schema_ready: set[str] = set()
@@ -37,7 +43,7 @@ class SourceCatalogResource(dg.ConfigurableResource):
     """The source catalog (``ESE_CATALOG`` file, or the seed's ``MASTER_SOURCES_DB`` SQLite)."""
 
     path: str = ""
-    min_flux_mjy: float = 0.0
+    min_flux_mjy: float = DEFAULT_MIN_FLUX_MJY
 
     def load(self) -> Catalog:
         if not self.path:
@@ -50,17 +56,17 @@ class IncomingDirectory(dg.ConfigurableResource):
     """Where telescopes write FITS images (``ESE_INCOMING_DIR``)."""
 
     path: str
-    settle_seconds: float = 10.0  # a file unmodified this long is complete
+    settle_seconds: float = DEFAULT_SETTLE_SECONDS  # a file unmodified this long is complete
 
 
 class DetectionResource(dg.ConfigurableResource):
     """Variability and detection settings (``ESE_PRESET``, ``ESE_MIN_SIGMA``, ...)."""
 
-    preset: str = "conservative"
-    min_sigma: float = 5.0
-    min_dip_sigma: float = DetectionSettings().min_dip_sigma
-    min_obs: int = DetectionSettings().min_obs
-    flux_scale_error: float = 0.02
+    preset: str = DEFAULT_PRESET
+    min_sigma: float = DEFAULT_MIN_SIGMA
+    min_dip_sigma: float = DEFAULT_MIN_DIP_SIGMA
+    min_obs: int = DEFAULT_MIN_OBS
+    flux_scale_error: float = DEFAULT_FLUX_SCALE_ERROR
     dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS  # median/robust std/dip over this window
 
     def settings(self) -> DetectionSettings:

@@ -5,15 +5,17 @@ path serves every interface. Nothing here imports Dagster.
 
 Units and their transactions:
 
-* :func:`scan_directory` (:mod:`.registration`) registers new files in ``images`` (usable ones ``pending``, the rest
-  ``rejected`` with a reason). It reads only FITS headers.
-* :func:`measure_images` (:mod:`.measurement`) measures each image in one transaction (its photometry rows are replaced
-  and its ``images`` row marked ``measured``), so a run killed half-way leaves whole images only.
-* :func:`update_variability` (:mod:`.statistics`) updates the statistics of every source measured in some nights in one
-  transaction: additive per-night sums give the whole-history moments, a trailing window the dip
-  statistic, so the cost does not grow with the history. :func:`recompute_variability` rebuilds
-  them from the whole history on demand.
-* :func:`detect_candidates` (:mod:`.candidates`) applies the detection rules and the candidate workflow.
+* :func:`scan_directory` (:mod:`.registration`) registers new files in ``images`` (usable ones
+  ``pending``, the rest ``rejected`` with a reason). It reads only FITS headers.
+* :func:`measure_images` (:mod:`.measurement`) measures each image in one transaction (its
+  photometry rows are replaced and its ``images`` row marked ``measured``), so a run killed
+  half-way leaves whole images only.
+* :func:`update_variability` (:mod:`.statistics`) updates the statistics of every source measured
+  in some nights in one transaction: additive per-night sums give the whole-history moments, a
+  trailing window the dip statistic, so the cost does not grow with the history.
+  :func:`recompute_variability` rebuilds them from the whole history on demand.
+* :func:`detect_candidates` (:mod:`.candidates`) applies the detection rules and the candidate
+  workflow (:mod:`ese_assets.core.candidates`).
 """
 
 from ese_assets.pipeline.candidates import DetectionSummary, detect_candidates

@@ -1,4 +1,5 @@
-"""Registration: new files in ``images``, usable ones ``pending``, the rest ``rejected`` with a reason.
+"""Registration: new files in ``images``, usable ones ``pending``, the rest ``rejected`` with a
+reason.
 
 Reads only FITS headers, in batches of :data:`REGISTER_BATCH` files per transaction.
 """
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 #: inspected, so a transfer in progress is not rejected.
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", ".lock", ".filepart")
 
-#: Two registrations closer than this in time (days) and pointing (degrees) are the same observation.
+#: Two registrations closer than this in time (days) and pointing (degrees) are the same
+#: observation.
 DUPLICATE_MJD_TOL_DAYS = 1.0 / 86400.0
 DUPLICATE_POINTING_TOL_DEG = 1.0 / 3600.0
 
@@ -97,11 +99,12 @@ def inspect_files(
     """Register the given files in ``images``: usable images as ``pending``, others ``rejected``.
 
     Files already in ``images`` are left alone, except rejected files whose size or modification
-    time changed since (they are examined again). A file modified less than ``settle_seconds`` ago is
-    still being written and is left for the next look. A file is rejected (with a reason that names
-    the file and the problem) when it is not a readable FITS image with WCS, beam and time, when its
-    night precedes ``first_night`` (the first partition), or when it duplicates an image already
-    registered (same observation time and pointing, e.g. the same file copied under another name).
+    time changed since (they are examined again). A file modified less than ``settle_seconds``
+    ago is still being written and is left for the next look. A file is rejected (with a reason
+    that names the file and the problem) when it is not a readable FITS image with WCS, beam and
+    time, when its night precedes ``first_night`` (the first partition), or when it duplicates an
+    image already registered (same observation time and pointing, e.g. the same file copied under
+    another name).
 
     Headers are read and registered in batches of :data:`REGISTER_BATCH` files, each batch in one
     transaction, so a large backlog makes steady progress. ``limit`` caps the new files examined in
@@ -163,7 +166,7 @@ def _reject_duplicates(engine: Engine, usable: list[dict]) -> None:
     by_second: dict[int, list[dict]] = {}
 
     def second(rec: dict) -> int:
-        return int(round(rec["mjd"] * 86400.0))
+        return round(rec["mjd"] * 86400.0)
 
     for rec in registered.to_dict("records"):
         by_second.setdefault(second(rec), []).append(rec)

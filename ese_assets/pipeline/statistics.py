@@ -3,6 +3,11 @@
 Additive per-night sums give the whole-history moments, a trailing window the dip statistic, so a
 night costs the same whatever the length of the history; :func:`recompute_variability` rebuilds
 them from the whole history on demand.
+
+Only usable measurements enter the statistics: photometry rows whose ``quality_flag`` has none of
+the ``exclude_flags`` bits (default ``core.quality.DEFAULT_EXCLUDED_FLAGS``: blank and edge
+positions, which have no flux) are read, summed and counted; the others stay in ``photometry``
+for people to see, and are never read here (the filter is in the SQL of the storage reads).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Engine
 
+from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS, usable_measurement
 from ese_assets.core.variability import (
     DEFAULT_DIP_WINDOW_DAYS,
     EXTREME_COLUMNS,
@@ -95,16 +101,18 @@ def _night_sums_of_rows(rows: pd.DataFrame, shifts: pd.Series, *,
     return sums
 
 
-def _rebuild_sums(conn, source_ids: Sequence[str], *, flux_scale_error: float) -> None:
+def _rebuild_sums(conn, source_ids: Sequence[str], *, flux_scale_error: float,
+                  exclude_flags: int) -> None:
     """Rebuild the night rows and the total of ``source_ids`` from their whole photometry history.
 
     O(history): used on demand (recompute) and when the stored sums cannot be updated (a new
     flux_scale_error, or a source with history older than its sums, e.g. after an upgrade).
     """
-    rows = photometry_db.source_photometry(conn, source_ids)
+    rows = photometry_db.source_photometry(conn, source_ids, exclude_flags=exclude_flags)
     nights = _night_sums_of_rows(rows, _catalog_shifts(rows), flux_scale_error=flux_scale_error)
     statistics_db.replace_night_sums(conn, nights, source_ids=source_ids)
-    statistics_db.delete_source_sums(conn, source_ids)  # sources left without photometry have no sums
+    # Sources left without usable photometry have no sums.
+    statistics_db.delete_source_sums(conn, source_ids)
     if len(nights):
         totals = combine_partial_sums(nights)
         totals = totals.join(_latest_catalog_values(rows), on="source_id")
@@ -113,14 +121,15 @@ def _rebuild_sums(conn, source_ids: Sequence[str], *, flux_scale_error: float) -
 
 
 def _sources_to_rebuild(conn, rows: pd.DataFrame, stored: pd.DataFrame, *,
-                        flux_scale_error: float) -> list[str]:
+                        flux_scale_error: float, exclude_flags: int) -> list[str]:
     """Sources whose stored sums cannot take a difference: a different flux_scale_error (other
     weights), or no sums yet although photometry exists outside these rows."""
     stale = set(stored.loc[stored["flux_scale_error"] != float(flux_scale_error), "source_id"])
     new = sorted(set(rows["source_id"]) - set(stored["source_id"]))
     if new:
         in_rows = rows.groupby("source_id").size()
-        in_table = photometry_db.photometry_counts_by_source(conn, new)
+        in_table = photometry_db.photometry_counts_by_source(conn, new,
+                                                             exclude_flags=exclude_flags)
         stale.update(s for s in new if in_table.get(s, 0) > in_rows[s])
     return sorted(stale)
 
@@ -167,13 +176,14 @@ def _apply_night_changes(conn, nights: list[str], rows: pd.DataFrame, old: pd.Da
 
 
 def _store_stats(conn, source_ids: Sequence[str], *, flux_scale_error: float,
-                 dip_window_days: float, now: float) -> pd.DataFrame:
+                 dip_window_days: float, exclude_flags: int, now: float) -> pd.DataFrame:
     """Steps (e)-(g): variability_stats of ``source_ids`` from their sums and their window."""
     sums = statistics_db.source_sums(conn, source_ids)
     if sums.empty:
         return pd.DataFrame()
     moments = metrics_from_sums(sums)
-    window = _flux_table(photometry_db.window_photometry(conn, sums["source_id"], dip_window_days))
+    window = _flux_table(photometry_db.window_photometry(conn, sums["source_id"], dip_window_days,
+                                                         exclude_flags=exclude_flags))
     robust = variability_metrics(window, flux_scale_error=flux_scale_error)[list(WINDOW_COLUMNS)]
     stats = (moments.merge(robust, on="source_id", how="left")
              .merge(sums[["source_id", *_STATS_EXTRA_COLUMNS]], on="source_id", how="left"))
@@ -184,13 +194,20 @@ def _store_stats(conn, source_ids: Sequence[str], *, flux_scale_error: float,
 
 
 def stats_from_lightcurves(lightcurves: pd.DataFrame, *, flux_scale_error: float,
+                           exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
                            now: float | None = None) -> pd.DataFrame:
     """``variability_stats`` rows computed directly from whole photometry histories (Jy/beam rows).
 
-    The reference the incremental path is tested against (every metric over every epoch, no
-    window); the pipeline itself uses :func:`update_variability` / :func:`recompute_variability`.
+    The reference the incremental path is tested against (every metric over every usable epoch,
+    no window); the pipeline itself uses :func:`update_variability` / :func:`recompute_variability`.
+    Rows whose ``quality_flag`` (when present) has an ``exclude_flags`` bit, or without a flux,
+    are left out as in the pipeline.
     """
     now = time.time() if now is None else now
+    usable = lightcurves["peak_jyb"].notna().to_numpy(copy=True)
+    if "quality_flag" in lightcurves.columns:
+        usable &= usable_measurement(lightcurves["quality_flag"].to_numpy(), exclude_flags)
+    lightcurves = lightcurves[usable]
     if lightcurves.empty:
         return pd.DataFrame()
     stats = variability_metrics(_flux_table(lightcurves), flux_scale_error=flux_scale_error)
@@ -202,27 +219,31 @@ def stats_from_lightcurves(lightcurves: pd.DataFrame, *, flux_scale_error: float
 
 def update_variability(engine: Engine, nights: Sequence[str], *, flux_scale_error: float,
                        dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
+                       exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
                        now: float | None = None) -> pd.DataFrame:
     """Update the statistics of every source measured in ``nights``, at a cost bounded by the
     nights, the sources and the dip window -- not by the length of the history.
 
-    In ONE transaction (:func:`storage.statistics.sums_transaction`): (a) read the photometry of the
-    nights' images only; (b) their per-(source, night) partial sums; (c) the stored night rows of
-    those nights; (d) add new - old to ``source_sums`` and replace the night rows; (e) the
+    In ONE transaction (:func:`storage.statistics.sums_transaction`): (a) read the photometry of
+    the nights' images only; (b) their per-(source, night) partial sums; (c) the stored night rows
+    of those nights; (d) add new - old to ``source_sums`` and replace the night rows; (e) the
     whole-history moments from ``source_sums``; (f) median, robust std and dip statistic over each
-    source's last ``dip_window_days``; (g) upsert ``variability_stats``. Sources whose sums cannot be
-    updated (another ``flux_scale_error``, or history without sums) are rebuilt from their whole
+    source's last ``dip_window_days``; (g) upsert ``variability_stats``. Sources whose sums cannot
+    be updated (another ``flux_scale_error``, or history without sums) are rebuilt from their whole
     history instead. A killed run leaves the previous state; a re-run on unchanged photometry
-    leaves every table identical. Returns the rows written to ``variability_stats``.
+    leaves every table identical. Only usable photometry rows (no ``exclude_flags`` bit) are read.
+    The stored sums do not record the mask: after changing it, rebuild with
+    :func:`recompute_variability`. Returns the rows written to ``variability_stats``.
     """
     now = time.time() if now is None else now
     nights = sorted({str(n) for n in nights})
     with statistics_db.sums_transaction(engine) as conn:
-        rows = photometry_db.night_photometry(conn, nights)
+        rows = photometry_db.night_photometry(conn, nights, exclude_flags=exclude_flags)
         old = statistics_db.night_sums(conn, nights=nights)
         touched = sorted(set(rows["source_id"]) | set(old["source_id"]))
         stored = statistics_db.source_sums(conn, touched)
-        rebuild = _sources_to_rebuild(conn, rows, stored, flux_scale_error=flux_scale_error)
+        rebuild = _sources_to_rebuild(conn, rows, stored, flux_scale_error=flux_scale_error,
+                                      exclude_flags=exclude_flags)
         if rebuild:
             log.info("rebuilding the sums of %d sources from their whole history", len(rebuild))
             rows, old, stored = (df[~df["source_id"].isin(rebuild)] for df in (rows, old, stored))
@@ -230,20 +251,23 @@ def update_variability(engine: Engine, nights: Sequence[str], *, flux_scale_erro
             _apply_night_changes(conn, nights, rows, old, stored,
                                  flux_scale_error=flux_scale_error)
         if rebuild:  # after the night rows of `nights` were replaced: this rewrites all of theirs
-            _rebuild_sums(conn, rebuild, flux_scale_error=flux_scale_error)
+            _rebuild_sums(conn, rebuild, flux_scale_error=flux_scale_error,
+                          exclude_flags=exclude_flags)
         return _store_stats(conn, touched, flux_scale_error=flux_scale_error,
-                            dip_window_days=dip_window_days, now=now)
+                            dip_window_days=dip_window_days, exclude_flags=exclude_flags, now=now)
 
 
 def recompute_variability(engine: Engine, source_ids: Sequence[str] | None = None, *,
                           flux_scale_error: float,
-                          dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS, chunk: int = 2000,
+                          dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
+                          exclude_flags: int = DEFAULT_EXCLUDED_FLAGS, chunk: int = 2000,
                           progress: Progress = silent) -> int:
     """Rebuild sums and statistics of ``source_ids`` (all sources when None) from ``photometry``.
 
     The full O(history) path (``ese detect --recompute``, the API): per chunk of sources, one
     transaction rewrites their ``source_night_sums`` and ``source_sums`` rows from their whole
-    history, then their ``variability_stats``. Returns the number of sources with statistics.
+    history (usable rows only, see ``exclude_flags``), then their ``variability_stats``. Returns
+    the number of sources with statistics.
     """
     if source_ids is None:
         ids = sorted(set(photometry_db.measured_source_ids(engine))
@@ -254,9 +278,11 @@ def recompute_variability(engine: Engine, source_ids: Sequence[str] | None = Non
     for start in range(0, len(ids), chunk):
         part = ids[start:start + chunk]
         with statistics_db.sums_transaction(engine) as conn:
-            _rebuild_sums(conn, part, flux_scale_error=flux_scale_error)
+            _rebuild_sums(conn, part, flux_scale_error=flux_scale_error,
+                          exclude_flags=exclude_flags)
             stats = _store_stats(conn, part, flux_scale_error=flux_scale_error,
-                                 dip_window_days=dip_window_days, now=time.time())
+                                 dip_window_days=dip_window_days, exclude_flags=exclude_flags,
+                                 now=time.time())
         done += len(stats)
         progress(f"variability statistics: {min(start + chunk, len(ids))}/{len(ids)} sources")
     return done

@@ -216,7 +216,7 @@ def sorted_records(table: sa.Table, rows: pd.DataFrame,
                    keys: Sequence[str]) -> list[dict[str, Any]]:
     """Rows of ``rows`` as insert parameters for ``table`` (its columns only), sorted by ``keys``
     so concurrent writers lock rows in the same order (no deadlocks on PostgreSQL)."""
-    frame = rows[[c for c in table.c.keys() if c in rows.columns]].copy()
+    frame = rows[[c.key for c in table.c if c.key in rows.columns]].copy()
     frame["source_id"] = frame["source_id"].astype(str)
     frame = frame.sort_values(list(keys), kind="mergesort")
     return frame_records(frame, list(frame.columns))

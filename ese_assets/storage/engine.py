@@ -61,14 +61,14 @@ def _busy_timeout_ms() -> int:
             raise ValueError(f"{BUSY_TIMEOUT_ENV}={raw!r} is not a number of seconds") from exc
         if seconds < 0:
             raise ValueError(f"{BUSY_TIMEOUT_ENV}={raw!r} must be >= 0")
-    return int(round(seconds * 1000.0))
+    return round(seconds * 1000.0)
 
 
 def normalize_url(url_or_path: str | os.PathLike[str]) -> str:
     """Return the SQLAlchemy URL string for ``url_or_path``.
 
-    A value containing ``://`` is already a URL; anything else is a filesystem path to an SQLite file,
-    made absolute after ``~`` expansion (so the URL does not depend on the working directory).
+    A value containing ``://`` is already a URL; anything else is a filesystem path to an SQLite
+    file, made absolute after ``~`` expansion (so the URL does not depend on the working directory).
     """
     text = os.fspath(url_or_path).strip()
     if not text:
@@ -89,7 +89,7 @@ def _sqlite_file(url: URL) -> str | None:
 
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, connection_record) -> None:  # noqa: ANN001
+    def _on_connect(dbapi_connection, connection_record) -> None:
         # SQLAlchemy emits BEGIN itself (see module docstring); the driver must not.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -117,8 +117,8 @@ def make_engine(url_or_path: str | os.PathLike[str]) -> Engine:
       ``"postgresql+psycopg://..."``: PostgreSQL with ``pool_pre_ping`` so connections dropped by a
       server restart or a firewall are replaced transparently.
     * ``"/data/products.sqlite3"``, ``"~/ese.db"`` or ``"sqlite:///..."``: SQLite file; parent
-      directories are created; WAL, busy timeout, foreign keys and synchronous=NORMAL are set on every
-      connection (see module docstring).
+      directories are created; WAL, busy timeout, foreign keys and synchronous=NORMAL are set on
+      every connection (see module docstring).
 
     Engines are cached per (URL, process id); call :func:`dispose_engines` to drop the cache.
     """
@@ -201,5 +201,5 @@ def describe_url(url: str | URL | os.PathLike[str]) -> str:
         return text
     try:
         return make_url(text).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 -- unparsable URL: still never print a password
+    except Exception:  # unparsable URL: still never print a password
         return _PASSWORD_RE.sub(r"\1***@", text)

@@ -104,7 +104,8 @@ def register_images(bind: Bind, records: list[dict[str, Any]]) -> int:
 
 def set_image_status(bind: Bind, paths: Iterable[str], status: str,
                      reason: str | None = None) -> int:
-    """Set ``status`` and ``reason`` (cleared when None) of the given images; returns rows updated."""
+    """Set ``status`` and ``reason`` (cleared when None) of the given images; returns the rows
+    updated."""
     check_statuses(status, IMAGE_STATUSES, "image status")
     wanted = unique_str(paths)
     updated = 0

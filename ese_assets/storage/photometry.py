@@ -1,4 +1,12 @@
-"""The ``photometry`` table: one row per (image, source) measurement, and lightcurve reads."""
+"""The ``photometry`` table: one row per (image, source) measurement, and lightcurve reads.
+
+The reads that feed statistics (:func:`night_photometry`, :func:`source_photometry`,
+:func:`window_photometry`, :func:`photometry_counts_by_source`) return usable measurements only:
+rows whose ``quality_flag`` has none of the ``exclude_flags`` bits (default
+:data:`~ese_assets.core.quality.DEFAULT_EXCLUDED_FLAGS`: blank and edge) and that have a flux,
+filtered in SQL (:func:`usable_rows`) so excluded rows are never read. Lightcurve reads for people
+(:func:`lightcurves`) return every row with its flag.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ from typing import Any
 import pandas as pd
 import sqlalchemy as sa
 
+from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS, validate_exclude_flags
 from ese_assets.storage.access import (
     CHUNK_SIZE,
     Bind,
@@ -32,9 +41,20 @@ LIGHTCURVE_COLUMNS = ("source_id", "mjd", "peak_jyb", "peak_err_jyb", "ra_deg", 
 NIGHT_PHOTOMETRY_COLUMNS = ("source_id", "night", "mjd", "peak_jyb", "peak_err_jyb",
                             "nvss_flux_mjy", "ra_deg", "dec_deg", "measured_at", "image_path")
 
-_WRITE_COLUMNS = tuple(c for c in photometry.c.keys() if c != "id")
+_WRITE_COLUMNS = tuple(c.key for c in photometry.c if c.key != "id")
 _ORDER = (photometry.c.source_id, photometry.c.mjd, photometry.c.image_path)
 _WITH_IMAGES = photometry.join(images, images.c.path == photometry.c.image_path)
+
+
+def usable_rows(exclude_flags: int = DEFAULT_EXCLUDED_FLAGS) -> sa.ColumnElement[bool]:
+    """SQL condition of a usable measurement: ``quality_flag & exclude_flags = 0`` and a flux.
+
+    The SQL form of :func:`ese_assets.core.quality.usable_measurement` (bitwise AND works on SQLite
+    and PostgreSQL). A row without a flux (``peak_jyb`` NULL) is never usable, whatever the mask.
+    """
+    mask = validate_exclude_flags(exclude_flags)
+    return sa.and_(photometry.c.quality_flag.bitwise_and(mask) == 0,
+                   photometry.c.peak_jyb.is_not(None))
 
 
 def replace_image_photometry(bind: Bind, image_path: str, rows: pd.DataFrame,
@@ -154,14 +174,17 @@ def photometry_counts(bind: Bind, night: str | None = None) -> int:
         return int(conn.execute(stmt).scalar_one())
 
 
-def photometry_counts_by_source(bind: Bind, source_ids: Iterable[str]) -> dict[str, int]:
-    """``{source_id: number of photometry rows}`` (sources without rows are absent)."""
+def photometry_counts_by_source(bind: Bind, source_ids: Iterable[str], *,
+                                exclude_flags: int = DEFAULT_EXCLUDED_FLAGS) -> dict[str, int]:
+    """``{source_id: number of usable photometry rows}`` (sources without any are absent)."""
     counts: dict[str, int] = {}
+    usable = usable_rows(exclude_flags)
     with reading(bind) as conn:
         for chunk in chunks(unique_str(source_ids)):
             counts.update((str(s), int(n)) for s, n in conn.execute(
                 sa.select(photometry.c.source_id, sa.func.count())
-                .where(photometry.c.source_id.in_(chunk)).group_by(photometry.c.source_id)))
+                .where(photometry.c.source_id.in_(chunk), usable)
+                .group_by(photometry.c.source_id)))
     return counts
 
 
@@ -181,40 +204,46 @@ def _night_photometry_select() -> sa.Select[Any]:
 
 
 def _photometry_with_night_where(bind: Bind, column: sa.ColumnElement[Any],
-                                 values: Iterable[str]) -> pd.DataFrame:
-    """Photometry rows (with their night) whose ``column`` is one of ``values``, chunked IN."""
+                                 values: Iterable[str], exclude_flags: int) -> pd.DataFrame:
+    """Usable photometry rows (with their night) whose ``column`` is one of ``values``."""
+    usable = usable_rows(exclude_flags)
     with reading(bind) as conn:
         frame = read_chunked(conn, lambda chunk: _night_photometry_select()
-                             .where(column.in_(chunk)), unique_str(values))
+                             .where(column.in_(chunk), usable), unique_str(values))
     return frame.sort_values(["source_id", "night", "mjd", "image_path"],
                              kind="mergesort").reset_index(drop=True)
 
 
-def night_photometry(bind: Bind, nights: Iterable[str]) -> pd.DataFrame:
-    """Photometry rows of the images of ``nights`` only, with their night (one join, O(rows)).
+def night_photometry(bind: Bind, nights: Iterable[str], *,
+                     exclude_flags: int = DEFAULT_EXCLUDED_FLAGS) -> pd.DataFrame:
+    """Usable photometry rows of the images of ``nights`` only, with their night (one join).
 
     Columns :data:`NIGHT_PHOTOMETRY_COLUMNS`, ordered by source_id, night, mjd, image_path (a
-    deterministic order, so sums over these rows are bit-reproducible).
+    deterministic order, so sums over these rows are bit-reproducible). Rows with a flag in
+    ``exclude_flags`` are not read (:func:`usable_rows`).
     """
-    return _photometry_with_night_where(bind, images.c.night, nights)
+    return _photometry_with_night_where(bind, images.c.night, nights, exclude_flags)
 
 
-def source_photometry(bind: Bind, source_ids: Iterable[str]) -> pd.DataFrame:
-    """The whole photometry history of ``source_ids`` with each row's night (the rebuild path).
-
-    Columns and order as :func:`night_photometry`.
+def source_photometry(bind: Bind, source_ids: Iterable[str], *,
+                      exclude_flags: int = DEFAULT_EXCLUDED_FLAGS) -> pd.DataFrame:
+    """The whole usable photometry history of ``source_ids`` with each row's night (the rebuild
+    path). Columns and order as :func:`night_photometry`.
     """
-    return _photometry_with_night_where(bind, photometry.c.source_id, source_ids)
+    return _photometry_with_night_where(bind, photometry.c.source_id, source_ids, exclude_flags)
 
 
-def window_photometry(bind: Bind, source_ids: Iterable[str], window_days: float) -> pd.DataFrame:
-    """Each source's epochs within ``window_days`` of its latest epoch (``source_sums.last_mjd``).
+def window_photometry(bind: Bind, source_ids: Iterable[str], window_days: float, *,
+                      exclude_flags: int = DEFAULT_EXCLUDED_FLAGS) -> pd.DataFrame:
+    """Each source's usable epochs within ``window_days`` of its latest epoch
+    (``source_sums.last_mjd``, itself the latest usable epoch).
 
     ``WHERE photometry.mjd >= source_sums.last_mjd - :window``: a range scan of
     ix_photometry_source_mjd per source, so the rows read are bounded by the window, not by the
     history. Columns source_id, mjd, peak_jyb, peak_err_jyb; ordered by source_id, mjd, image_path.
     """
     window = float(window_days)
+    usable = usable_rows(exclude_flags)
 
     def make_stmt(chunk: list[str]) -> sa.Select[Any]:
         return (sa.select(photometry.c.source_id, photometry.c.mjd, photometry.c.peak_jyb,
@@ -222,7 +251,7 @@ def window_photometry(bind: Bind, source_ids: Iterable[str], window_days: float)
                 .select_from(photometry.join(source_sums,
                                              source_sums.c.source_id == photometry.c.source_id))
                 .where(photometry.c.source_id.in_(chunk),
-                       photometry.c.mjd >= source_sums.c.last_mjd - window)
+                       photometry.c.mjd >= source_sums.c.last_mjd - window, usable)
                 .order_by(*_ORDER))
 
     with reading(bind) as conn:

@@ -106,8 +106,8 @@ variability_stats = sa.Table(
 def _sums_columns() -> list[sa.Column]:
     """Columns shared by ``source_night_sums`` and ``source_sums`` (see core.variability).
 
-    ``shift_mjy`` is the source's constant shift c (its catalog flux, 0 when unknown): the sums are of
-    d = flux_mjy - c so that sums of squares do not cancel, and c never changes for a source, so
+    ``shift_mjy`` is the source's constant shift c (its catalog flux, 0 when unknown): the sums are
+    of d = flux_mjy - c so that sums of squares do not cancel, and c never changes for a source, so
     sums of different nights add exactly. w = 1 / (err^2 + (flux_scale_error * f)^2); the
     ``flux_scale_error`` the weights were computed with is stored so a change of the setting is
     noticed (and the sums rebuilt) instead of mixing weights.

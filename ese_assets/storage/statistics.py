@@ -17,6 +17,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
 from ese_assets.core.variability import SUM_COLUMNS
 from ese_assets.storage.access import (
     WRITE_BATCH,
@@ -33,6 +34,7 @@ from ese_assets.storage.access import (
     writing,
 )
 from ese_assets.storage.engine import begin_write
+from ese_assets.storage.photometry import usable_rows
 from ese_assets.storage.schema import images, photometry, source_night_sums
 from ese_assets.storage.schema import source_sums as sums_table
 from ese_assets.storage.schema import variability_stats as stats_table
@@ -46,7 +48,8 @@ _CATALOG_COLUMNS = ("ra_deg", "dec_deg", "nvss_flux_mjy")
 
 @contextlib.contextmanager
 def sums_transaction(engine: Engine) -> Iterator[Connection]:
-    """The write transaction of one statistics update: read photometry and sums, write sums and stats.
+    """The write transaction of one statistics update: read photometry and sums, write sums and
+    statistics.
 
     The update is read-compute-write (new night sums minus the stored ones), so two concurrent
     updates touching the same source could both apply their difference to the same old state.
@@ -85,7 +88,7 @@ def upsert_variability_stats(bind: Bind, stats: pd.DataFrame) -> int:
     if "updated_at" not in frame.columns:
         frame["updated_at"] = now()
     frame = frame.sort_values("source_id", kind="mergesort")
-    columns = [c for c in stats_table.c.keys() if c in frame.columns]
+    columns = [c.key for c in stats_table.c if c.key in frame.columns]
     records = frame_records(frame, columns)
     with writing(bind) as conn:
         insert = dialect_insert(conn, stats_table)
@@ -261,18 +264,21 @@ def delete_source_sums(bind: Bind, source_ids: Iterable[str], *, only_empty: boo
 # Consistency checks
 # --------------------------------------------------------------------------------------------------
 
-def stats_photometry_mismatches(bind: Bind, source_ids: Iterable[str]) -> int:
-    """Number of ``source_ids`` whose ``variability_stats.n_obs`` differs from their photometry rows.
+def stats_photometry_mismatches(bind: Bind, source_ids: Iterable[str], *,
+                                exclude_flags: int = DEFAULT_EXCLUDED_FLAGS) -> int:
+    """Number of ``source_ids`` whose ``variability_stats.n_obs`` differs from their count of
+    usable photometry rows (none of the ``exclude_flags`` bits; the rows statistics use).
 
     A source without a statistics row counts as n_obs = 0, one without photometry as 0 rows, so a
     missing row on either side is a mismatch (unless both are absent).
     """
     mismatched = 0
+    usable = usable_rows(exclude_flags)
     with reading(bind) as conn:
         for chunk in chunks(unique_str(source_ids)):
             n_rows = dict(conn.execute(
                 sa.select(photometry.c.source_id, sa.func.count())
-                .where(photometry.c.source_id.in_(chunk))
+                .where(photometry.c.source_id.in_(chunk), usable)
                 .group_by(photometry.c.source_id)).all())
             n_obs = dict(conn.execute(
                 sa.select(stats_table.c.source_id, stats_table.c.n_obs)
@@ -281,21 +287,24 @@ def stats_photometry_mismatches(bind: Bind, source_ids: Iterable[str]) -> int:
     return mismatched
 
 
-def night_stats_mismatches(bind: Bind, nights: Iterable[str]) -> int:
+def night_stats_mismatches(bind: Bind, nights: Iterable[str], *,
+                           exclude_flags: int = DEFAULT_EXCLUDED_FLAGS) -> int:
     """Inconsistencies the statistics stage of ``nights`` could have introduced, found at a cost
     bounded by those nights (the full-history check is :func:`stats_photometry_mismatches`).
 
     Counts (source, night) pairs of ``nights`` whose ``source_night_sums.n_obs`` differs from
-    that night's photometry rows (a row missing on either side counts), plus sources of those
-    nights whose ``variability_stats.n_obs`` differs from their ``source_sums.n_obs``.
+    that night's usable photometry rows (none of the ``exclude_flags`` bits; a row missing on
+    either side counts), plus sources of those nights whose ``variability_stats.n_obs`` differs
+    from their ``source_sums.n_obs``.
     """
     mismatched = 0
+    usable = usable_rows(exclude_flags)
     with reading(bind) as conn:
         for chunk in chunks(unique_str(nights)):
             rows = {(r.source_id, r.night): r.n for r in conn.execute(
                 sa.select(photometry.c.source_id, images.c.night, sa.func.count().label("n"))
                 .join(images, images.c.path == photometry.c.image_path)
-                .where(images.c.night.in_(chunk))
+                .where(images.c.night.in_(chunk), usable)
                 .group_by(photometry.c.source_id, images.c.night))}
             sums = {(r.source_id, r.night): r.n_obs for r in conn.execute(
                 sa.select(source_night_sums.c.source_id, source_night_sums.c.night,
