@@ -14,12 +14,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
+from ese_assets import pipeline
 from ese_assets.core import photometry as ph
 from ese_assets.core import simulate as sim
+from ese_assets.core.catalog import load_catalog
+from ese_assets.core.detection import DetectionSettings
 from ese_assets.core.fits_image import Beam, load_image
 from ese_assets.core.quality import (
     DEFAULT_EXCLUDED_FLAGS,
@@ -31,6 +35,9 @@ from ese_assets.core.quality import (
     usable_measurement,
     validate_exclude_flags,
 )
+from ese_assets.storage import candidates as candidates_db
+from ese_assets.storage import photometry as photometry_db
+from ese_assets.storage import statistics as statistics_db
 
 ARCSEC = 1.0 / 3600.0
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
@@ -471,3 +478,149 @@ def test_usable_measurement_rule():
     for bad in (-1, 16, 31):
         with pytest.raises(ValueError, match="quality bits"):
             validate_exclude_flags(bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Downstream: a blank epoch never reaches statistics or detection (real pipeline, both backends)
+# --------------------------------------------------------------------------------------------
+_N_NIGHTS = 31
+_BLANK_NIGHT = 15
+_FIELD = dict(ra_deg=150.0, dec_deg=20.0, cell_deg=3.0 * ARCSEC)
+_FIELD_SHAPE = (96, 96)
+_FIELD_BEAM = Beam(15.0 * ARCSEC, 12.0 * ARCSEC, 30.0)
+_SOURCES_XY = {"SRC_ON_BLANK": (48.3, 47.6), "SRC_A": (20.2, 70.9), "SRC_B": (74.6, 24.1)}
+_FLUX_MJY = 50.0
+_RMS_MJY = 1.0
+_BLANK_RADIUS_PIX = 7.0  # only the stamp's corners stay observed
+
+
+def _write_field(directory):
+    """31 nightly images of three steady 50 mJy sources; on night 15 the sky around SRC_ON_BLANK
+    was not observed (NaN disc). Returns (catalog path, image paths, wing-only flux of the blank
+    epoch in Jy: what a fit of the remaining beam wings gives)."""
+    wcs = sim.make_sin_wcs(_FIELD["ra_deg"], _FIELD["dec_deg"], _FIELD["cell_deg"], _FIELD_SHAPE)
+    xs, ys = np.array(list(_SOURCES_XY.values())).T
+    ra, dec = wcs.pixel_to_world_values(xs, ys)
+    ra, dec = np.asarray(ra), np.asarray(dec)
+    catalog = directory / "catalog.csv"
+    catalog.write_text(
+        "name,ra_deg,dec_deg,flux_mjy\n"
+        + "".join(
+            f"{n},{r:.8f},{d:.8f},{_FLUX_MJY}\n"
+            for n, r, d in zip(_SOURCES_XY, ra, dec, strict=True)
+        )
+    )
+    sky = _render(wcs, _FIELD_SHAPE, _FIELD_BEAM, ra, dec, np.full(3, _FLUX_MJY * 1e-3))
+    cov = sim.beam_covariance_pix(wcs, _FIELD_BEAM)
+    rng = np.random.default_rng(31)
+    yy, xx = np.mgrid[0 : _FIELD_SHAPE[0], 0 : _FIELD_SHAPE[1]]
+    hole = np.hypot(xx - xs[0], yy - ys[0]) < _BLANK_RADIUS_PIX
+    paths, wing_flux = [], None
+    (directory / "images").mkdir()
+    for night in range(_N_NIGHTS):
+        data = sky + sim.correlated_noise(_FIELD_SHAPE, cov, _RMS_MJY * 1e-3, rng)
+        if night == _BLANK_NIGHT:
+            data[hole] = np.nan
+            # The naive estimate over the unblanked stamp pixels (the bug this guards against).
+            h = math.ceil(1.5 * _FIELD_BEAM.major_deg / _FIELD["cell_deg"])
+            cx, cy = math.floor(xs[0] + 0.5), math.floor(ys[0] + 0.5)
+            sl = (slice(cy - h, cy + h + 1), slice(cx - h, cx + h + 1))
+            pra, pdec = _pixel_sky(wcs, _FIELD_SHAPE)
+            k = _beam_on_sky(_FIELD_BEAM, *_sky_offsets_deg(ra[0], dec[0], pra[sl], pdec[sl]))
+            ok = np.isfinite(data[sl])
+            wing_flux = float(np.sum(data[sl][ok] * k[ok]) / np.sum(k[ok] ** 2))
+        paths.append(
+            sim.write_fits_image(
+                directory / "images" / f"field_{night:02d}.fits",
+                data,
+                **_FIELD,
+                beam=_FIELD_BEAM,
+                date_obs=f"2023-03-{night + 1:02d}T06:00:00",
+            )
+        )
+    return catalog, paths, wing_flux
+
+
+def _stats_of(engine, source_id):
+    return statistics_db.variability_stats(engine, [source_id]).iloc[0]
+
+
+def test_blank_epoch_never_reaches_statistics_or_detection(engine, tmp_path):
+    catalog_path, paths, wing_flux_jy = _write_field(tmp_path)
+    catalog = load_catalog(catalog_path)
+    scan = pipeline.scan_directory(
+        engine, tmp_path / "images", timezone="UTC", first_night="2020-01-01"
+    )
+    assert len(scan.registered) == _N_NIGHTS and not scan.rejected, scan
+    results = pipeline.measure_images(engine, catalog, scan.registered)
+    assert [r.status for r in results] == ["measured"] * _N_NIGHTS
+    nights = [f"2023-03-{n + 1:02d}" for n in range(_N_NIGHTS)]
+    settings = DetectionSettings()  # conservative: sigma_deviation >= 5
+    for night in nights:
+        pipeline.update_variability(engine, [night], flux_scale_error=0.02)
+    src = "SRC_ON_BLANK"
+    blank_image = str(paths[_BLANK_NIGHT].resolve())
+
+    # 1. The blank position is not a measurement: no row, 30 epochs, a clean lightcurve.
+    rows = photometry_db.lightcurves(engine, [src])
+    assert len(rows) == _N_NIGHTS - 1 and blank_image not in set(rows["image_path"])
+    clean = _stats_of(engine, src)
+    assert clean["n_obs"] == _N_NIGHTS - 1 and clean["sigma_deviation"] < 4.0
+    pipeline.detect_candidates(engine, settings, night=nights[-1])
+    assert candidates_db.candidates(engine).empty
+
+    # 2. A row for it stored with its blank flag and the flux the wings give (as the estimator
+    # did before: far from the truth) is honoured: not read by the sums, the dip window or the
+    # consistency checks, on the nightly path and on the rebuild.
+    assert abs(wing_flux_jy * 1e3 - _FLUX_MJY) > 10 * _RMS_MJY, wing_flux_jy
+    image_rows = photometry_db.lightcurves(engine)
+    image_rows = image_rows[image_rows["image_path"] == blank_image].drop(columns=["image_path"])
+    src_row = (
+        rows.iloc[[0]]
+        .drop(columns=["image_path"])
+        .assign(
+            mjd=image_rows["mjd"].iloc[0],
+            peak_jyb=wing_flux_jy,
+            peak_err_jyb=1.5e-3,
+            quality_flag=FLAG_BLANK | FLAG_NAN,
+        )
+    )
+    photometry_db.replace_image_photometry(
+        engine, blank_image, pd.concat([image_rows, src_row], ignore_index=True)
+    )
+    assert len(photometry_db.lightcurves(engine, [src])) == _N_NIGHTS
+    pipeline.update_variability(engine, [nights[_BLANK_NIGHT]], flux_scale_error=0.02)
+    after = _stats_of(engine, src)
+    for col in (
+        "n_obs",
+        "mean_flux_mjy",
+        "std_flux_mjy",
+        "sigma_deviation",
+        "chi2_nu",
+        "median_flux_mjy",
+        "dip_significance",
+        "min_flux_mjy",
+        "max_flux_mjy",
+    ):
+        assert after[col] == pytest.approx(clean[col], rel=1e-9), col
+    assert statistics_db.night_stats_mismatches(engine, nights) == 0
+    assert statistics_db.stats_photometry_mismatches(engine, list(_SOURCES_XY)) == 0
+    pipeline.detect_candidates(engine, settings, night=nights[-1])
+    assert candidates_db.candidates(engine).empty
+    pipeline.recompute_variability(engine, flux_scale_error=0.02)
+    assert _stats_of(engine, src)["sigma_deviation"] == pytest.approx(clean["sigma_deviation"])
+    reference = pipeline.stats_from_lightcurves(
+        photometry_db.lightcurves(engine, [src]), flux_scale_error=0.02
+    )
+    assert reference["sigma_deviation"].iloc[0] == pytest.approx(clean["sigma_deviation"])
+
+    # 3. The exclusion is what protects: with no bit excluded the same row enters the statistics,
+    # sigma_deviation reaches its bound (N-1)/sqrt(N) and a candidate appears.
+    pipeline.recompute_variability(engine, flux_scale_error=0.02, exclude_flags=0)
+    polluted = _stats_of(engine, src)
+    assert polluted["n_obs"] == _N_NIGHTS
+    assert polluted["sigma_deviation"] > 5.0
+    assert statistics_db.stats_photometry_mismatches(engine, [src], exclude_flags=0) == 0
+    assert statistics_db.stats_photometry_mismatches(engine, [src]) == 1
+    pipeline.detect_candidates(engine, settings, night=nights[-1])
+    assert list(candidates_db.candidates(engine)["source_id"]) == [src]
