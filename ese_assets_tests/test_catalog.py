@@ -94,7 +94,7 @@ def test_selection_all_sky_random_fields_match_brute_force():
                              np.degrees(np.arcsin(rng.uniform(-1.0, 1.0, n))))
     # A big cell makes each field cover many sources of a sparse all-sky catalog.
     shape, cell = (120, 160), 0.25
-    for ra_c, dec_c in zip(rng.uniform(0, 360, 8), rng.uniform(-90, 90, 8)):
+    for ra_c, dec_c in zip(rng.uniform(0, 360, 8), rng.uniform(-90, 90, 8), strict=True):
         wcs = sin_wcs(ra_c, dec_c, shape, cell)
         np.testing.assert_array_equal(catalog.select_in_footprint(wcs, shape),
                                       brute_force_inside(catalog, wcs, shape))
@@ -219,9 +219,10 @@ def test_fits_table_unit_overrides_name(tmp_path):
 
 
 def test_votable(tmp_path):
+    # peak_flux with a declared unit: the unit wins over the PyBDSF/Aegean convention (Jy/beam).
     path = tmp_path / "cat.vot"
     Table({"name": ["x", "y", "z"], "ra": [1.0, 2.0, 3.0], "dec": [0.0, 1.0, 2.0],
-           "peak_flux": [1.0, 2.0, 3.0]}).write(path, format="votable")
+           "peak_flux": [1.0, 2.0, 3.0] * u.mJy / u.beam}).write(path, format="votable")
     catalog = load_catalog(path)
     assert list(catalog.source_id) == ["x", "y", "z"]
     np.testing.assert_allclose(catalog.flux_mjy, [1.0, 2.0, 3.0])
@@ -253,7 +254,7 @@ def test_sqlite_without_sources_table(tmp_path):
 def test_sqlite_file_that_is_not_a_database(tmp_path):
     path = tmp_path / "fake.db"
     path.write_text("not sqlite" * 100)
-    with pytest.raises(CatalogError, match="fake.db"):
+    with pytest.raises(CatalogError, match=r"fake\.db"):
         load_catalog(path)
 
 
@@ -264,14 +265,14 @@ def test_sqlite_file_that_is_not_a_database(tmp_path):
     [
         ("name,dec,flux\na,1,2\n", "missing RA column"),
         ("name,ra,flux\na,1,2\n", "missing Dec column"),
-        ("name,ra,dec\na,1,abc\nb,2,3\n", "non-numeric values in column 'dec'"),
-        ("name,ra,dec\na,1,\n", "missing values in column 'dec'"),
-        ("name,ra,dec,flux\na,1,2,bright\n", "non-numeric values in column 'flux'"),
+        ("name,ra,dec\na,1,abc\nb,2,3\n", "column 'dec' row 1: 'abc' is not a number"),
+        ("name,ra,dec\na,1,\n", "column 'dec' row 1: empty"),
+        ("name,ra,dec,flux\na,1,2,bright\n", "column 'flux' row 1: 'bright' is not a number"),
         ("name,ra,dec\na,1,2\na,3,4\n", "duplicate source_id"),
         ("ra,dec\n10.0,20.0\n10.00001,20.00001\n", "duplicate source_id"),  # same generated name
-        ("name,ra,dec\na,1,90.5\n", "|Dec| > 90"),
-        ("name,ra,dec\na,361,0\n", "RA outside [0, 360)"),
-        ("name,ra,dec\na,-400,0\n", "RA outside [0, 360)"),
+        ("name,ra,dec\na,1,90.5\n", "column 'dec' row 1: 90.5 is outside [-90, 90]"),
+        ("name,ra,dec\na,361,0\n", "column 'ra' row 1: 361 is outside [0, 360)"),
+        ("name,ra,dec\na,-400,0\n", "column 'ra' row 1: -400 is outside [0, 360)"),
         ("name,ra,dec\n", "catalog is empty"),
         ("", "catalog is empty"),
     ],
@@ -282,7 +283,7 @@ def test_csv_errors_name_file_and_problem(tmp_path, content, fragment):
     with pytest.raises(CatalogError) as info:
         load_catalog(path)
     assert fragment in str(info.value)
-    assert str(path) in str(info.value)
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
 
 
 def test_unknown_format_and_missing_file(tmp_path):
@@ -312,7 +313,8 @@ def test_generated_ids_agree_with_scalar_function(tmp_path):
     rng = np.random.default_rng(16)
     ra, dec = rng.uniform(0, 360, 50), rng.uniform(-90, 90, 50)
     path = tmp_path / "gen.csv"
-    path.write_text("ra,dec\n" + "".join(f"{float(r)!r},{float(d)!r}\n" for r, d in zip(ra, dec)))
+    path.write_text("ra,dec\n" + "".join(f"{float(r)!r},{float(d)!r}\n"
+                                       for r, d in zip(ra, dec, strict=True)))
     catalog = load_catalog(path)
-    assert list(catalog.source_id) == [iau_source_id(r, d) for r, d in zip(ra, dec)]
+    assert list(catalog.source_id) == [iau_source_id(r, d) for r, d in zip(ra, dec, strict=True)]
     assert list(catalog.source_id) == list(iau_source_ids(ra, dec))

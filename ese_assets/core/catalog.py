@@ -1,14 +1,13 @@
 """Reference source catalogs (e.g. NVSS) and selection of the sources inside an image footprint.
 
-Loading (:func:`load_catalog`)
-    CSV/whitespace text, FITS tables and VOTables are read with pandas/astropy; SQLite files are
-    read from their ``sources`` table with the standard-library ``sqlite3`` module (read-only, bound
-    parameters). Columns are matched case-insensitively from the aliases in ``*_ALIASES`` (first
-    alias present wins). Fluxes are in mJy; a flux column whose name ends in ``_jy``, or whose
-    astropy unit is Jy, is converted from Jy. The name column and the flux column are optional: a
-    missing or empty name becomes :func:`~ese_assets.core.source_ids.iau_source_id` of the
-    position, a missing flux is NaN ("unknown"). Every problem raises :class:`CatalogError` naming
-    the file and the problem.
+Loading (:func:`load_catalog`, :func:`check_catalog`)
+    A reader of :mod:`ese_assets.core.catalog_readers` (text, ECSV, FITS table, VOTable, SQLite
+    ``sources`` table) returns the file's columns with the units and frames it declares; then
+    :mod:`ese_assets.core.catalog_columns` applies the column, unit, frame and name conventions of
+    the writers (PyBDSF, Aegean, Selavy, VizieR NVSS/FIRST, RACS) and rejects impossible values
+    with their row numbers. The result is ICRS degrees, flux in mJy (NaN = unknown) and unique
+    names. Every problem, from a missing file to a bad row, raises :class:`CatalogError` whose
+    text is one line: ``<file>: <problem>``.
 
 Footprint selection (:meth:`Catalog.select_in_footprint`)
     1. A spatial index is built once per Catalog and cached on the instance: positions sorted by
@@ -27,30 +26,22 @@ from __future__ import annotations
 
 import math
 import os
-import sqlite3
 import threading
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
-from astropy import units as u
-from astropy.table import Table
 
+from ese_assets.core.catalog_columns import DEC_ALIASES as DEC_ALIASES  # re-exported names
+from ese_assets.core.catalog_columns import FLUX_ALIASES as FLUX_ALIASES
+from ese_assets.core.catalog_columns import NAME_ALIASES as NAME_ALIASES
+from ese_assets.core.catalog_columns import RA_ALIASES as RA_ALIASES
+from ese_assets.core.catalog_columns import CatalogColumns, RawTable, interpret_table
+from ese_assets.core.catalog_columns import find_column as find_column
+from ese_assets.core.catalog_readers import SQLITE_TABLE as SQLITE_TABLE
+from ese_assets.core.catalog_readers import one_line as _one_line
+from ese_assets.core.catalog_readers import read_table_file
+from ese_assets.core.catalog_values import CatalogProblem
 from ese_assets.core.fits_image import image_center_and_radius
-from ese_assets.core.source_ids import iau_source_ids
-
-NAME_ALIASES = ("name", "source_id", "id", "source_name")
-RA_ALIASES = ("ra", "ra_deg", "raj2000", "ra_j2000")
-DEC_ALIASES = ("dec", "dec_deg", "dej2000", "dec_j2000")
-FLUX_ALIASES = ("flux", "flux_mjy", "nvss_flux_mjy", "s1.4", "peak_flux", "flux_jy")
-
-TEXT_SUFFIXES = (".csv", ".txt")
-FITS_SUFFIXES = (".fits", ".fit", ".fits.gz")
-VOTABLE_SUFFIXES = (".vot", ".xml", ".votable")
-SQLITE_SUFFIXES = (".sqlite", ".sqlite3", ".db")
-SQLITE_TABLE = "sources"
 
 #: Cone pre-filter pad: absolute (deg) plus a fraction of the radius, so that rounding in the
 #: corner distance or mild projection distortion can never drop a source the pixel test accepts.
@@ -181,198 +172,65 @@ class Catalog:
 
 
 # --------------------------------------------------------------------------------------------------
-# Readers: each returns a DataFrame with the file's own column names (plus units when known)
+# Loading and validation
 # --------------------------------------------------------------------------------------------------
 
-def _read_text(path: str) -> pd.DataFrame:
-    """CSV (comma), tab-separated or whitespace-separated text with a header line.
+def _catalog_error(path: str, reason: str) -> CatalogError:
+    return CatalogError(path, " ".join(str(reason).split()))  # always one line
 
-    The name column is read as text so that names such as "0042" keep their leading zeros; the
-    numeric columns are parsed by pandas' C parser (fast for million-row catalogs).
+
+def _build(path: str, table: RawTable) -> tuple[Catalog, str]:
+    try:
+        columns: CatalogColumns = interpret_table(table)
+    except CatalogProblem as exc:
+        raise _catalog_error(path, str(exc)) from None
+    catalog = Catalog(source_id=columns.source_id, ra_deg=columns.ra_deg, dec_deg=columns.dec_deg,
+                      flux_mjy=columns.flux_mjy, path=path)
+    return catalog, columns.description
+
+
+def catalog_from_frame(path: str, frame, units: dict | None = None) -> Catalog:
+    """Validate a table of sources (any supported column names) and build a Catalog.
+
+    ``units`` maps column names (any case) to unit strings or astropy units.
     """
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        first = handle.readline()
-    sep = "," if "," in first else "\t" if "\t" in first else r"\s+"
-    header = pd.read_csv(path, sep=sep, nrows=0).columns
-    name_col = find_column(header, NAME_ALIASES)
-    return pd.read_csv(path, sep=sep, skipinitialspace=True,
-                       dtype={name_col: str} if name_col is not None else None)
+    table = RawTable(data=frame, units={str(k): str(v) for k, v in (units or {}).items()})
+    return _build(os.fspath(path), table)[0]
 
 
-def _read_table(path: str, fmt: str) -> tuple[pd.DataFrame, dict[str, u.UnitBase]]:
-    """FITS table or VOTable via astropy Table, plus the column units (keys lower-cased)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # unit parsing and VOTable spec warnings are not errors
-        table = Table.read(path, format=fmt)
-    # Vector columns can be neither positions nor names, and pandas cannot hold them.
-    names = [name for name in table.colnames if table[name].ndim == 1]
-    units = {name.lower(): table[name].unit for name in names if table[name].unit is not None}
-    return table[names].to_pandas(), units
-
-
-def _quote_identifier(name: str) -> str:
-    """SQL identifier quoting; names come from the file's own schema, values are always bound."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _read_sqlite(path: str) -> pd.DataFrame:
-    """All rows of the ``sources`` table of an SQLite file, opened read-only."""
-    uri = Path(path).resolve().as_uri() + "?mode=ro"
+def _load(path: str) -> tuple[Catalog, str]:
+    """Catalog and a one-line description of which columns were read, in which units."""
     try:
-        connection = sqlite3.connect(uri, uri=True)
-    except sqlite3.Error as exc:
-        raise CatalogError(path, f"cannot open SQLite file ({exc})") from None
+        table = read_table_file(path)
+    except CatalogProblem as exc:
+        raise _catalog_error(path, str(exc)) from None
     try:
-        found = connection.execute(
-            "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') AND lower(name) = ?",
-            (SQLITE_TABLE,)).fetchone()
-        if found is None:
-            raise CatalogError(path, f"no '{SQLITE_TABLE}' table in SQLite file")
-        cursor = connection.execute(f"SELECT * FROM {_quote_identifier(found[0])}")
-        names = [d[0] for d in cursor.description]
-        return pd.DataFrame.from_records(cursor.fetchall(), columns=names)
-    except sqlite3.DatabaseError as exc:
-        raise CatalogError(path, f"cannot read SQLite file ({exc})") from None
-    finally:
-        connection.close()
-
-
-def _read_any(path: str) -> tuple[pd.DataFrame, dict[str, u.UnitBase]]:
-    name = path.lower()
-    try:
-        if name.endswith(TEXT_SUFFIXES):
-            return _read_text(path), {}
-        if name.endswith(FITS_SUFFIXES):
-            return _read_table(path, "fits")
-        if name.endswith(VOTABLE_SUFFIXES):
-            return _read_table(path, "votable")
-        if name.endswith(SQLITE_SUFFIXES):
-            return _read_sqlite(path), {}
+        return _build(path, table)
     except CatalogError:
         raise
-    except FileNotFoundError:
-        raise CatalogError(path, "file not found") from None
-    except pd.errors.EmptyDataError:
-        raise CatalogError(path, "catalog is empty (no header or rows)") from None
-    except Exception as exc:  # parser errors of pandas/astropy: report, do not guess
-        raise CatalogError(path, f"cannot read catalog ({type(exc).__name__}: {exc})") from None
-    raise CatalogError(path, "unknown catalog format (expected .csv/.txt, .fits/.fit/.fits.gz, "
-                             ".vot/.xml/.votable or .sqlite/.sqlite3/.db)")
-
-
-# --------------------------------------------------------------------------------------------------
-# Column matching and validation
-# --------------------------------------------------------------------------------------------------
-
-def find_column(columns, aliases: tuple[str, ...]) -> str | None:
-    """The first alias present among ``columns`` (case-insensitive, stripped); its real name."""
-    by_lower = {}
-    for column in columns:
-        by_lower.setdefault(str(column).strip().lower(), column)
-    return next((by_lower[alias] for alias in aliases if alias in by_lower), None)
-
-
-def _numeric(path: str, frame: pd.DataFrame, column: str, *, required: bool) -> np.ndarray:
-    """Float array of a column; empty cells are NaN (an error when ``required``)."""
-    raw = frame[column]
-    if pd.api.types.is_bool_dtype(raw.dtype):
-        raise CatalogError(path, f"non-numeric values in column '{column}' (booleans)")
-    if pd.api.types.is_numeric_dtype(raw.dtype):  # already parsed: no text to inspect
-        values = raw.to_numpy(dtype=np.float64, na_value=np.nan)
-        bad = np.zeros(len(values), dtype=bool)
-    else:
-        values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-        text = raw.astype("string").str.strip().str.lower().fillna("")
-        blank = text.isin(["", "nan", "null", "none"]).to_numpy(dtype=bool)
-        bad = np.isnan(values) & ~blank
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise CatalogError(path, f"non-numeric values in column '{column}' ({int(bad.sum())} rows, "
-                                 f"e.g. {raw.iloc[row]!r} in row {row + 1})")
-    missing = np.isnan(values) if required else np.zeros(len(values), dtype=bool)
-    if missing.any():
-        row = int(np.flatnonzero(missing)[0])
-        raise CatalogError(path, f"missing values in column '{column}' ({int(missing.sum())} rows, "
-                                 f"first in row {row + 1})")
-    return values
-
-
-def _flux_scale_to_mjy(column: str, unit) -> float:
-    """Factor converting a flux column to mJy: from its astropy unit if any, else from its name."""
-    if unit is not None:
-        try:
-            return float(u.Unit(unit).to(u.mJy))
-        except (u.UnitConversionError, ValueError, TypeError):
-            pass  # e.g. "mJy/beam": fall back to the name rule
-    return 1000.0 if column.strip().lower().endswith("_jy") else 1.0
-
-
-def _wrap_ra(path: str, ra_deg: np.ndarray) -> np.ndarray:
-    """RA wrapped from [-360, 0) into [0, 360); anything else outside [0, 360) is an error."""
-    wrapped = np.where(ra_deg < 0, ra_deg + 360.0, ra_deg)
-    wrapped[(ra_deg < 0) & (wrapped == 360.0)] = 0.0  # -1e-20 + 360 rounds to 360.0
-    bad = (wrapped < 0) | (wrapped >= 360.0)
-    if bad.any():
-        raise CatalogError(path, f"RA outside [0, 360) deg in {int(bad.sum())} rows "
-                                 f"(e.g. {ra_deg[bad][0]})")
-    return wrapped
-
-
-def _source_ids(path: str, frame: pd.DataFrame, name_col: str | None, ra_deg: np.ndarray,
-                dec_deg: np.ndarray) -> np.ndarray:
-    """Names from the name column, IAU identifiers where absent or empty; duplicates are errors."""
-    if name_col is None:
-        ids = iau_source_ids(ra_deg, dec_deg)
-    else:
-        names = frame[name_col].astype("string").str.strip().fillna("")
-        ids = names.to_numpy(dtype=object, na_value="")
-        empty = ids == ""
-        if empty.any():  # only name the rows that need it (formatting 1e6 ids costs ~0.5 s)
-            ids[empty] = iau_source_ids(ra_deg[empty], dec_deg[empty])
-    duplicated = pd.Series(ids).duplicated(keep=False).to_numpy()  # hashing: O(N), not a sort
-    if duplicated.any():
-        dupes = pd.unique(ids[duplicated])
-        raise CatalogError(path, f"duplicate source_id values ({len(dupes)} ids, e.g. "
-                                 f"{', '.join(map(repr, dupes[:3]))})")
-    return ids
-
-
-def catalog_from_frame(path: str, frame: pd.DataFrame,
-                       units: dict[str, u.UnitBase] | None = None) -> Catalog:
-    """Validate a table of sources (any supported column names) and build a Catalog."""
-    units = units or {}
-    if len(frame) == 0:
-        raise CatalogError(path, "catalog is empty")
-    ra_col = find_column(frame.columns, RA_ALIASES)
-    dec_col = find_column(frame.columns, DEC_ALIASES)
-    for label, column, aliases in (("RA", ra_col, RA_ALIASES), ("Dec", dec_col, DEC_ALIASES)):
-        if column is None:
-            raise CatalogError(path, f"missing {label} column (one of {', '.join(aliases)}; "
-                                     f"found {', '.join(map(str, frame.columns))})")
-    ra_deg = _wrap_ra(path, _numeric(path, frame, ra_col, required=True))
-    dec_deg = _numeric(path, frame, dec_col, required=True)
-    bad_dec = np.abs(dec_deg) > 90.0
-    if bad_dec.any():
-        raise CatalogError(path, f"|Dec| > 90 deg in {int(bad_dec.sum())} rows "
-                                 f"(e.g. {dec_deg[bad_dec][0]})")
-    flux_col = find_column(frame.columns, FLUX_ALIASES)
-    if flux_col is None:
-        flux_mjy = np.full(len(frame), np.nan)
-    else:
-        scale = _flux_scale_to_mjy(str(flux_col), units.get(str(flux_col).lower()))
-        flux_mjy = _numeric(path, frame, flux_col, required=False) * scale
-    source_id = _source_ids(path, frame, find_column(frame.columns, NAME_ALIASES), ra_deg, dec_deg)
-    return Catalog(source_id=source_id, ra_deg=ra_deg, dec_deg=dec_deg, flux_mjy=flux_mjy,
-                   path=path)
+    except Exception as exc:  # an unforeseen library error: still one line naming the file
+        raise _catalog_error(path, f"cannot interpret catalog ({_one_line(exc)})") from exc
 
 
 def load_catalog(path: str | os.PathLike) -> Catalog:
-    """Read and validate a catalog file (format from the suffix; see the module docstring)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CatalogError(path, "file not found")
-    frame, units = _read_any(path)
-    return catalog_from_frame(path, frame, units)
+    """Read and validate a catalog file (format from the suffix; see the module docstring).
+
+    Raises :class:`CatalogError` (``str`` is ``"<file>: <problem>"`` on one line) for every
+    problem: missing or unreadable file, unknown format, no table, no RA/Dec columns (the message
+    lists the columns found), an empty table, or impossible values (with their row numbers).
+    """
+    return _load(os.fspath(path))[0]
+
+
+def check_catalog(path: str | os.PathLike) -> str:
+    """Validate a catalog once (e.g. when a run or ``ese ingest`` starts); return one line such as
+    ``"<file>: 1234 sources; RA 'RAJ2000' (sexagesimal hours), ...; flux 'Peak_flux' in Jy/beam"``.
+
+    Uses the per-process cache, so the nightly work that follows does not read the file again.
+    Raises :class:`CatalogError` exactly like :func:`load_catalog`.
+    """
+    catalog, description = _load_cached(path)
+    return f"{catalog.path}: {description}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,7 +239,7 @@ def load_catalog(path: str | os.PathLike) -> Catalog:
 
 #: Entries kept; a changed file gets a new key, and old versions of the same path are evicted.
 CACHE_MAX_ENTRIES = 4
-_cache: dict[tuple[str, int, int], Catalog] = {}
+_cache: dict[tuple[str, int, int], tuple[Catalog, str]] = {}
 _cache_lock = threading.Lock()
 
 
@@ -391,23 +249,29 @@ def load_catalog_cached(path: str | os.PathLike) -> Catalog:
     A rewritten file has a new mtime or size and is read again; the spatial index built by the
     first footprint selection is reused by every later call on the same file version.
     """
+    return _load_cached(path)[0]
+
+
+def _load_cached(path: str | os.PathLike) -> tuple[Catalog, str]:
     abspath = os.path.abspath(os.fspath(path))
     try:
         stat = os.stat(abspath)
     except FileNotFoundError:
         raise CatalogError(os.fspath(path), "file not found") from None
+    except OSError as exc:
+        raise _catalog_error(os.fspath(path), f"cannot access file ({exc.strerror})") from None
     key = (abspath, stat.st_mtime_ns, stat.st_size)
     with _cache_lock:
         if key in _cache:
             return _cache[key]
-    catalog = load_catalog(abspath)  # outside the lock: reading can take seconds
+    loaded = _load(abspath)  # outside the lock: reading can take seconds
     with _cache_lock:
         for old in [k for k in _cache if k[0] == abspath]:  # superseded versions of this file
             del _cache[old]
         while len(_cache) >= CACHE_MAX_ENTRIES:  # dicts keep insertion order: drop the oldest
             del _cache[next(iter(_cache))]
-        _cache[key] = catalog
-    return catalog
+        _cache[key] = loaded
+    return loaded
 
 
 def clear_catalog_cache() -> None:
