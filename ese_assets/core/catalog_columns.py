@@ -149,7 +149,9 @@ NAME_COLUMNS = (
     "iau_name",
     "designation",
 )
-ID_COLUMNS = ("source_id", "id", "component_id", "uuid", "island_id", "source", "island")
+#: Aegean's integer ``island``/``source`` are left out: they are indices, and a column named
+#: "source" in a merged catalog often holds the survey of origin (the same text on every row).
+ID_COLUMNS = ("source_id", "id", "component_id", "uuid", "island_id")
 NAME_ALIASES = NAME_COLUMNS + ID_COLUMNS
 
 _FLUX_UNIT_MJY = {
@@ -465,10 +467,11 @@ def interpret_table(table: RawTable) -> CatalogColumns:
     ra_deg, dec_deg, where = _positions(table)
     flux_mjy, flux_how = _flux(table)
     source_id, names_how = _names(table.data, ra_deg, dec_deg)
+    count = f"{len(ra_deg)} source{'s' if len(ra_deg) != 1 else ''}"
     return CatalogColumns(
         source_id=source_id,
         ra_deg=ra_deg,
         dec_deg=dec_deg,
         flux_mjy=flux_mjy,
-        description=f"{len(ra_deg)} sources; {where}; {flux_how}; {names_how}",
+        description=f"{count}; {where}; {flux_how}; {names_how}",
     )
