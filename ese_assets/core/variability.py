@@ -382,6 +382,9 @@ SUM_COLUMNS = (*COUNT_COLUMNS, "sum_d", "sum_d2", "sum_w", "sum_wd", "sum_wd2")
 EXTREME_COLUMNS = ("min_flux_mjy", "max_flux_mjy", "first_mjd", "last_mjd")
 _EXTREME_REDUCERS = {"min_flux_mjy": np.minimum, "max_flux_mjy": np.maximum,
                      "first_mjd": np.minimum, "last_mjd": np.maximum}
+#: The extremes combined with min (they can only fall as epochs are added) and with max.
+EXTREME_MIN_COLUMNS = tuple(c for c in EXTREME_COLUMNS if _EXTREME_REDUCERS[c] is np.minimum)
+EXTREME_MAX_COLUMNS = tuple(c for c in EXTREME_COLUMNS if _EXTREME_REDUCERS[c] is np.maximum)
 
 #: Output columns of :func:`metrics_from_sums` (the moment metrics of :data:`METRIC_COLUMNS`).
 MOMENT_COLUMNS = ("source_id", "n_obs", "mean_flux_mjy", "std_flux_mjy", "min_flux_mjy",

@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS, usable_measurement
 from ese_assets.core.variability import (
+    COUNT_COLUMNS,
     DEFAULT_DIP_WINDOW_DAYS,
     EXTREME_COLUMNS,
     METRIC_COLUMNS,
@@ -151,7 +152,7 @@ def _apply_night_changes(conn, nights: list[str], rows: pd.DataFrame, old: pd.Da
     delta = both[keys + list(EXTREME_COLUMNS)].copy()
     for col in SUM_COLUMNS:
         delta[col] = both[col].fillna(0) - both[f"{col}_old"].fillna(0)
-    for col in ("n_obs", "n_bad_err"):
+    for col in COUNT_COLUMNS:
         delta[col] = delta[col].astype(np.int64)
     totals = combine_partial_sums(delta)
     catalog = _latest_catalog_values(rows)

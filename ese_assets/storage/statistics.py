@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
-from ese_assets.core.variability import SUM_COLUMNS
+from ese_assets.core.variability import EXTREME_MAX_COLUMNS, EXTREME_MIN_COLUMNS, SUM_COLUMNS
 from ese_assets.storage.access import (
     WRITE_BATCH,
     Bind,
@@ -198,9 +198,9 @@ def add_source_sums(bind: Bind, deltas: pd.DataFrame) -> int:
         ex = insert.excluded
         newer = ex.last_mjd >= sums_table.c.last_mjd
         set_: dict[str, Any] = {c: sums_table.c[c] + ex[c] for c in SUM_COLUMNS}
-        set_.update({c: _keep_smaller(c, ex) for c in ("min_flux_mjy", "first_mjd")})
+        set_.update({c: _keep_smaller(c, ex) for c in EXTREME_MIN_COLUMNS})
         set_.update({c: _keep_larger(c, ex)
-                     for c in ("max_flux_mjy", "last_mjd", "last_measured_at")})
+                     for c in (*EXTREME_MAX_COLUMNS, "last_measured_at")})
         # SET expressions see the stored row, so `newer` compares against the old last_mjd.
         set_.update({c: sa.case((newer, ex[c]), else_=sums_table.c[c]) for c in _CATALOG_COLUMNS})
         stmt = insert.on_conflict_do_update(index_elements=[sums_table.c.source_id], set_=set_)
