@@ -24,6 +24,7 @@ from ese_assets.core.detection import (
     composite_score,
     resolve_min_sigma,
 )
+from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
 from ese_assets.core.values import py_scalar
 from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS, DEFAULT_FLUX_SCALE_ERROR
 from ese_assets.storage import candidates as candidates_db
@@ -46,11 +47,14 @@ def _engine(products_db: str | Path | Engine) -> Engine:
 
 def update_variability_stats_for_source(products_db: str | Path | Engine, source_id: str, *,
                                         flux_scale_error: float = DEFAULT_FLUX_SCALE_ERROR,
-                                        dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS) -> bool:
-    """Rebuild one source's sums and statistics from its photometry; False if it has none."""
+                                        dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
+                                        exclude_flags: int = DEFAULT_EXCLUDED_FLAGS) -> bool:
+    """Rebuild one source's sums and statistics from its usable photometry (no ``exclude_flags``
+    quality bit); False if it has none."""
     return pipeline.recompute_variability(_engine(products_db), [source_id],
                                           flux_scale_error=flux_scale_error,
-                                          dip_window_days=dip_window_days) > 0
+                                          dip_window_days=dip_window_days,
+                                          exclude_flags=exclude_flags) > 0
 
 
 def detect_ese_candidates(
@@ -65,6 +69,7 @@ def detect_ese_candidates(
     min_obs: int | None = None,
     flux_scale_error: float = DEFAULT_FLUX_SCALE_ERROR,
     dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
+    exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
 ) -> list[dict]:
     """Flag ESE candidates among all sources (or one) and return them, most significant first.
 
@@ -82,7 +87,8 @@ def detect_ese_candidates(
     ids = [source_id] if source_id else None
     if recompute:
         pipeline.recompute_variability(engine, ids, flux_scale_error=flux_scale_error,
-                                       dip_window_days=dip_window_days)
+                                       dip_window_days=dip_window_days,
+                                       exclude_flags=exclude_flags)
     summary = pipeline.detect_candidates(engine, settings, source_ids=ids)
     if summary.flagged.empty:
         return []

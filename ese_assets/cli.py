@@ -127,7 +127,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
         settings.products_db, args.min_sigma, preset=args.preset, recompute=args.recompute,
         source_id=args.source_id, use_composite_scoring=args.use_composite_scoring,
         min_dip_sigma=args.min_dip_sigma, min_obs=args.min_obs,
-        flux_scale_error=settings.flux_scale_error, dip_window_days=settings.dip_window_days)
+        flux_scale_error=settings.flux_scale_error, dip_window_days=settings.dip_window_days,
+        exclude_flags=settings.exclude_flags)
     print(json.dumps({
         "products_db": settings.products_db,
         "preset": args.preset,

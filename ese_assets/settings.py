@@ -18,6 +18,7 @@ from ese_assets.core.detection import (
     DetectionSettings,
     resolve_min_sigma,
 )
+from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS, validate_exclude_flags
 from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS, DEFAULT_FLUX_SCALE_ERROR
 
 #: A file is complete when unmodified this long (seconds); younger files may still be written.
@@ -49,6 +50,16 @@ def _positive(name: str, default: float) -> float:
     return value
 
 
+def _exclude_flags(name: str) -> int:
+    value = _env_float(name, DEFAULT_EXCLUDED_FLAGS)
+    try:
+        if value != int(value):
+            raise ValueError(f"not an integer: {value}")
+        return validate_exclude_flags(int(value))
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}: {exc}") from None
+
+
 def _abspath(value: str) -> str:
     """Absolute path for a filesystem path; URLs (``scheme://``) are returned unchanged."""
     return value if "://" in value else str(Path(value).expanduser().resolve())
@@ -74,6 +85,8 @@ class Settings:
     min_obs: int
     nightly_hour: int  # local hour at which the nightly reconciliation runs
     sensor_interval_seconds: int  # how often the daemon evaluates the incoming-directory sensor
+    # photometry rows with any of these quality bits are left out of statistics (core.quality)
+    exclude_flags: int = DEFAULT_EXCLUDED_FLAGS
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -100,6 +113,7 @@ class Settings:
             min_obs=int(_env_float("ESE_MIN_OBS", DEFAULT_MIN_OBS)),
             nightly_hour=int(_env_float("ESE_NIGHTLY_HOUR", 12)),
             sensor_interval_seconds=int(_env_float("ESE_SENSOR_INTERVAL_SECONDS", 30)),
+            exclude_flags=_exclude_flags("ESE_EXCLUDE_FLAGS"),
         )
 
     def detection(self) -> DetectionSettings:

@@ -181,9 +181,11 @@ def variability_stats(context: dg.AssetExecutionContext, products_db: ProductsDa
     with retry_if_database_locked():
         stats = pipeline.update_variability(engine, nights,
                                             flux_scale_error=detection.flux_scale_error,
-                                            dip_window_days=detection.dip_window_days)
+                                            dip_window_days=detection.dip_window_days,
+                                            exclude_flags=detection.exclude_flags)
     # Bounded by the nights, like the stage itself (a whole-history COUNT would undo that).
-    mismatched = statistics_db.night_stats_mismatches(engine, nights)
+    mismatched = statistics_db.night_stats_mismatches(engine, nights,
+                                                      exclude_flags=detection.exclude_flags)
     metadata: dict = {"sources": len(stats)}
     if len(stats):
         metadata.update(

@@ -19,6 +19,7 @@ from ese_assets.core.detection import (
     DEFAULT_PRESET,
     DetectionSettings,
 )
+from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
 from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS, DEFAULT_FLUX_SCALE_ERROR
 from ese_assets.settings import DEFAULT_MIN_FLUX_MJY, DEFAULT_SETTLE_SECONDS, Settings
 from ese_assets.storage.engine import ensure_schema, make_engine
@@ -68,6 +69,7 @@ class DetectionResource(dg.ConfigurableResource):
     min_obs: int = DEFAULT_MIN_OBS
     flux_scale_error: float = DEFAULT_FLUX_SCALE_ERROR
     dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS  # median/robust std/dip over this window
+    exclude_flags: int = DEFAULT_EXCLUDED_FLAGS  # quality bits left out of the statistics
 
     def settings(self) -> DetectionSettings:
         return DetectionSettings(min_sigma=self.min_sigma, min_dip_sigma=self.min_dip_sigma,
@@ -96,5 +98,6 @@ def resources_from_settings(settings: Settings, *, bind_env: bool = True) -> dic
                                        min_dip_sigma=settings.min_dip_sigma,
                                        min_obs=settings.min_obs,
                                        flux_scale_error=settings.flux_scale_error,
-                                       dip_window_days=settings.dip_window_days),
+                                       dip_window_days=settings.dip_window_days,
+                                       exclude_flags=settings.exclude_flags),
     }
