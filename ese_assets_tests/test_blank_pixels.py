@@ -35,6 +35,8 @@ from ese_assets.core.quality import (
     usable_measurement,
     validate_exclude_flags,
 )
+from ese_assets.orchestration.resources import resources_from_settings
+from ese_assets.settings import Settings
 from ese_assets.storage import candidates as candidates_db
 from ese_assets.storage import photometry as photometry_db
 from ese_assets.storage import statistics as statistics_db
@@ -624,3 +626,16 @@ def test_blank_epoch_never_reaches_statistics_or_detection(engine, tmp_path):
     assert statistics_db.stats_photometry_mismatches(engine, [src]) == 1
     pipeline.detect_candidates(engine, settings, night=nights[-1])
     assert list(candidates_db.candidates(engine)["source_id"]) == [src]
+
+
+def test_exclude_flags_setting(monkeypatch):
+    monkeypatch.delenv("ESE_EXCLUDE_FLAGS", raising=False)
+    assert Settings.from_env().exclude_flags == DEFAULT_EXCLUDED_FLAGS
+    monkeypatch.setenv("ESE_EXCLUDE_FLAGS", str(FLAG_EDGE | FLAG_BLANK | FLAG_BLENDED))
+    settings = Settings.from_env()
+    assert settings.exclude_flags == 13
+    assert resources_from_settings(settings, bind_env=False)["detection"].exclude_flags == 13
+    for bad in ("16", "-1", "2.5", "blank"):
+        monkeypatch.setenv("ESE_EXCLUDE_FLAGS", bad)
+        with pytest.raises(ValueError, match="ESE_EXCLUDE_FLAGS"):
+            Settings.from_env()
