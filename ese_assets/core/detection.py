@@ -13,8 +13,9 @@ Two rules (both need at least ``min_obs`` epochs):
   while P(|S| >= 5.5) rises to 3.5e-4 at N = 2000 and 1e-3 at N = 5000; extrapolated, the
   false-alarm rate at 6 is ~1e-5 to 1e-4 per constant source (numbers in the docstring of
   :mod:`ese_assets.core.variability`). At ESE rates of ~0.017 per source-year (Fiedler et al.
-  1994) real events are rare among 10^4 monitored sources, so false-alarm control dominates. A 30 % dip over 15 epochs is detected at per-epoch S/N 20
-  (S ~ 18) and, 99 % of the time, at S/N 8 (S ~ 8).
+  1994) real events are rare among 10^4 monitored sources, so false-alarm control dominates.
+  A 30 % dip over 15 epochs is detected at per-epoch S/N 20 (S ~ 18) and, 99 % of the time, at
+  S/N 8 (S ~ 8).
 
 Composite score (seed's ``use_composite_scoring``): :func:`composite_score`.
 
@@ -38,7 +39,8 @@ DEFAULT_PRESET = "conservative"
 #: Default sigma_deviation threshold: the default preset's.
 DEFAULT_MIN_SIGMA = PRESETS[DEFAULT_PRESET]
 
-#: Calibrated default threshold on |dip_significance| (false-alarm rate << 1e-3 per constant source).
+#: Calibrated default threshold on |dip_significance| (false-alarm rate << 1e-3 per constant
+#: source).
 DEFAULT_MIN_DIP_SIGMA = 6.0
 
 #: Default minimum number of epochs before either rule can flag a source.
@@ -157,8 +159,8 @@ def composite_score(sigma_deviation, chi2_nu, eta):
     [0, 5]; ``score = 10 * (0.5 s + 0.3 c + 0.2 e)`` (weights sum to 1, so the weighted mean x 10,
     range [0, 10]). Confidence "high" for score >= 7, "medium" for >= 4, else "low".
     A NaN metric gives a NaN score and "low" confidence.
-    Returns ``(score, confidence)``: float arrays / str arrays of the broadcast shape, or a float and
-    a str when all inputs are scalars.
+    Returns ``(score, confidence)``: float arrays / str arrays of the broadcast shape, or a float
+    and a str when all inputs are scalars.
     """
     s = np.clip(np.asarray(sigma_deviation, dtype=np.float64), 0.0, 10.0) / 10.0
     c = np.clip(np.asarray(chi2_nu, dtype=np.float64), 0.0, 10.0) / 10.0

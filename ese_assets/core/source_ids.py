@@ -23,7 +23,8 @@ Rounding (deterministic, defined on integers: scalar and vectorized versions agr
 
     The IAU naming recommendation truncates coordinates instead of rounding; this project rounds to
     the nearest unit instead (it keeps the name closest to the catalogued position, and every
-    module that names sources uses this one function). Use :func:`parse_iau_source_id` to get back the position a name encodes.
+    module that names sources uses this one function). Use :func:`parse_iau_source_id` to get back
+    the position a name encodes.
 
 Why the seed's example was wrong
     The seed system formatted ``RA = 120 deg`` as ``J120000``: it treated degrees as hours. The

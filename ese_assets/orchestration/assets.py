@@ -1,4 +1,5 @@
-"""The three night-partitioned assets: ``photometry`` -> ``variability_stats`` -> ``ese_candidates``.
+"""The three night-partitioned assets: ``photometry`` -> ``variability_stats`` ->
+``ese_candidates``.
 
 Each asset writes to the products database itself and returns a ``MaterializeResult`` (nothing is
 pickled by an IO manager). Checks run inside the asset that owns the data, for the same nights.

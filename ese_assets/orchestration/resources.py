@@ -28,7 +28,8 @@ _schema_ready: set[str] = set()
 
 
 class ProductsDatabase(dg.ConfigurableResource):
-    """The products database (``PIPELINE_PRODUCTS_DB``): an SQLAlchemy URL or an SQLite file path."""
+    """The products database (``PIPELINE_PRODUCTS_DB``): an SQLAlchemy URL or an SQLite file
+    path."""
 
     url: str
 
