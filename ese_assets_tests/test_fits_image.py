@@ -159,9 +159,27 @@ def test_time_from_date_obs_and_timesys(tmp_path):
     assert info.date_obs.startswith("2024-03-01T11:59:23")
 
 
-def test_mjd_obs_preferred_over_date_obs(tmp_path):
+def test_mjd_obs_used_when_it_agrees_with_date_obs(tmp_path):
+    # 0.4 s after DATE-OBS: within the 1 s agreement, and MJD-OBS (finer) is the value used.
+    mjd = 60370.5 + 0.4 / 86400.0
+    path = write_image(tmp_path / "mjd.fits", **{"MJD-OBS": mjd})
+    assert read_image_info(path).mjd == pytest.approx(mjd, abs=1e-10)
+
+
+def test_conflicting_mjd_obs_and_date_obs_rejected(tmp_path):
+    # Formerly MJD-OBS silently won; now both values are named.
     path = write_image(tmp_path / "mjd.fits", **{"MJD-OBS": 60000.25})
-    assert read_image_info(path).mjd == pytest.approx(60000.25, abs=1e-9)
+    err = assert_image_error(path, "DATE-OBS '2024-03-01T12:00:00.000' and MJD-OBS 60000.25 "
+                                   "disagree")
+    assert_image_error(path, err.reason, reader=load_image)
+
+
+def test_date_only_date_obs_contains_mjd_obs(tmp_path):
+    # AIPS writes DATE-OBS as a date only; MJD-OBS carries the time of day.
+    path = write_image(tmp_path / "aips_date.fits", **{"DATE-OBS": "2024-03-01"})
+    assert read_image_info(path).mjd == pytest.approx(60370.5, abs=1e-9)
+    path = write_image(tmp_path / "aips_date2.fits", **{"DATE-OBS": "2024-03-02"})
+    assert_image_error(path, "DATE-OBS '2024-03-02' and MJD-OBS 60370.5 disagree")
 
 
 def test_frequency_absent_is_none(tmp_path):
@@ -170,7 +188,7 @@ def test_frequency_absent_is_none(tmp_path):
 
 
 def test_nan_blanks_are_kept(tmp_path):
-    data = np.ones((NY, NX), dtype=np.float32)
+    data = np.random.default_rng(2).normal(0.0, 1e-3, (NY, NX)).astype(np.float32)
     data[:5] = np.nan
     image = load_image(write_image(tmp_path / "blank.fits", data))
     assert np.isnan(image.data[:5]).all() and np.isfinite(image.data[5:]).all()

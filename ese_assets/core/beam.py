@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 #: FWHM = FWHM_PER_SIGMA * sigma for a Gaussian (2 sqrt(2 ln 2)).
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+@dataclass(frozen=True)
+class Beam:
+    """Restoring beam: FWHM major/minor axes in degrees, position angle in degrees east of north.
+
+    "North" is the north of the image's own celestial frame (Galactic north for a GLON/GLAT
+    image), as AIPS and CASA define BPA.
+    """
+
+    major_deg: float
+    minor_deg: float
+    pa_deg: float
+
+
+def ordered_beam(major_deg: float, minor_deg: float, pa_deg: float) -> Beam:
+    """The beam with ``major >= minor`` (swapped axes: the same ellipse rotated by 90 deg)."""
+    if minor_deg > major_deg:
+        return Beam(major_deg=minor_deg, minor_deg=major_deg, pa_deg=pa_deg + 90.0)
+    return Beam(major_deg=major_deg, minor_deg=minor_deg, pa_deg=pa_deg)
 
 
 def beam_covariance_sky(beam) -> np.ndarray:

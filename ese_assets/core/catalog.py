@@ -13,10 +13,13 @@ Footprint selection (:meth:`Catalog.select_in_footprint`)
     1. A spatial index is built once per Catalog and cached on the instance: positions sorted by
        declination plus their unit vectors ``(cos d cos a, cos d sin a, sin d)``.
     2. Cone pre-filter around the image centre with radius ``r`` = centre-to-corner distance plus a
-       pad: a declination band ``[dec_c - r, dec_c + r]`` found by binary search, then the exact
-       cone test ``u . u_c >= cos r`` on unit vectors. Dot products have no RA wrap at 0/360 and
-       no singularity at the poles, unlike RA/Dec boxes (a flaw of the seed system).
-    3. Exact test on the survivors: ``wcs.world_to_pixel_values`` and the pixel rectangle
+       pad, both in ICRS whatever the image's frame: a declination band ``[dec_c - r, dec_c + r]``
+       found by binary search, then the exact cone test ``u . u_c >= cos r`` on unit vectors. Dot
+       products have no RA wrap at 0/360 and no singularity at the poles, unlike RA/Dec boxes (a
+       flaw of the seed system).
+    3. Exact test on the survivors: their ICRS positions are transformed into the image's frame
+       (FK4, Galactic...; one vectorized astropy transform, none for ICRS images), sent through
+       the WCS (either axis order) and tested against the pixel rectangle
        ``[margin, n - 1 - margin]`` on both axes (0-based pixel centres).
     For a 3.5 deg image and a 1-million-source catalog step 2 touches a few per cent of the
     catalog and step 3 a few thousand sources, which takes milliseconds once the index exists.
@@ -41,7 +44,7 @@ from ese_assets.core.catalog_readers import SQLITE_TABLE as SQLITE_TABLE
 from ese_assets.core.catalog_readers import one_line as _one_line
 from ese_assets.core.catalog_readers import read_table_file
 from ese_assets.core.catalog_values import CatalogProblem
-from ese_assets.core.fits_image import image_center_and_radius
+from ese_assets.core.frames import icrs_to_frame, image_center_and_radius, world_to_pixel
 
 #: Cone pre-filter pad: absolute (deg) plus a fraction of the radius, so that rounding in the
 #: corner distance or mild projection distortion can never drop a source the pixel test accepts.
@@ -152,7 +155,8 @@ class Catalog:
                             edge_margin_pix: float = 0.0) -> np.ndarray:
         """Sorted indices of sources inside the image and at least as bright as ``min_flux_mjy``.
 
-        ``wcs`` is a celestial 2-D astropy WCS and ``shape`` is (ny, nx). A source is inside when
+        ``wcs`` is a celestial 2-D astropy WCS in any frame :mod:`ese_assets.core.frames` supports
+        (catalog positions are ICRS) and ``shape`` is (ny, nx). A source is inside when
         its 0-based pixel position (x, y) satisfies ``margin <= x <= nx - 1 - margin`` and the same
         for y. Sources with unknown (NaN) flux are kept only when ``min_flux_mjy <= 0``.
         """
@@ -164,7 +168,8 @@ class Catalog:
         idx = self._index().cone(ra_c, dec_c, radius)
         if min_flux_mjy > 0:
             idx = idx[self.flux_mjy[idx] >= min_flux_mjy]
-        x, y = wcs.world_to_pixel_values(self.ra_deg[idx], self.dec_deg[idx])
+        lon, lat = icrs_to_frame(wcs, self.ra_deg[idx], self.dec_deg[idx])
+        x, y = world_to_pixel(wcs, lon, lat)
         # NaN (positions that do not project) compare False and are dropped.
         inside = ((x >= edge_margin_pix) & (x <= nx - 1 - edge_margin_pix)
                   & (y >= edge_margin_pix) & (y <= ny - 1 - edge_margin_pix))

@@ -1,32 +1,44 @@
-"""Reading radio survey images (FITS, Jy/beam) and the metadata the pipeline needs from them.
+"""Reading radio survey images (FITS) and the metadata the pipeline needs from them.
 
 Two entry points:
 
-* :func:`read_image_info` reads the header only. It is cheap and is what the sensor calls for
-  every new file; it already rejects unusable files (not FITS, still being written, no WCS, no beam,
-  no observation time, a real spectral/polarisation cube).
-* :func:`load_image` reads header and data in a single pass over the file and returns the 2-D
-  plane in Jy/beam.
+* :func:`read_image_info` reads the header only (plus, for CASA multi-beam images, the small
+  ``BEAMS`` table extension; the image data are skipped with a seek). It is cheap and is what the
+  sensor calls for every new file; it already rejects unusable files (not FITS, still being
+  written, no WCS, unsupported frame or unit, no beam, no or contradictory observation time, a
+  real spectral/polarisation cube).
+* :func:`load_image` reads the file once and returns the 2-D plane in Jy/beam, with the same
+  metadata; it also rejects images with no finite pixel or a constant value.
 
-Accepted layouts: 2-D images and N-D CASA-style cubes (``RA---SIN, DEC--SIN, FREQ, STOKES`` in any
-order after the two celestial axes) whose extra axes all have length 1. The celestial WCS is
-``WCS(header).celestial`` and length-1 axes are squeezed away.
+Both readers build the metadata with the same code (:func:`info_from_header`), so they agree.
 
-Header conventions (see the science brief, section 1):
+Layout. 2-D images and N-D cubes whose non-celestial axes (``FREQ``, ``STOKES``...) all have
+length 1, with the two celestial axes anywhere and in either order (``DEC--SIN`` as axis 1, or
+``FREQ`` before them). The layout is normalised at read time: the returned WCS is 2-D with
+longitude (RA or GLON) first, ``shape = (ny, nx)`` with x along longitude, and the data plane is
+indexed ``[y, x]`` (transposed from the file when latitude came first).
 
-* Beam: ``BMAJ``/``BMIN`` FWHM in degrees and ``BPA`` in degrees east of north. Some writers put
-  arcseconds there; since no radio survey beam is larger than 2 deg, a ``BMAJ`` above 2 is taken to
-  mean both axes are in arcsec (documented heuristic). ``BPA`` may be absent only for a circular
-  beam. If ``BMIN > BMAJ`` the axes are swapped and the PA rotated by 90 deg (the same ellipse).
-* Observation time: ``MJD-OBS`` if present, else ``DATE-OBS`` (ISO 8601), both interpreted in the
-  time scale named by ``TIMESYS`` (default UTC, as the FITS standard says) and converted to UTC.
-  This is the observation start, never the processing time (a flaw of the seed system).
+Frames (:mod:`ese_assets.core.frames`). The WCS stays in the image's own frame (ICRS, FK5, FK4 with
+its equinox, or Galactic); ``ImageInfo.frame`` names it. ``center_ra_deg``/``center_dec_deg`` are
+always ICRS RA/Dec, whatever the frame. Catalog positions (ICRS) are transformed into the image's
+frame by :func:`ese_assets.core.frames.icrs_to_frame` before any pixel computation.
+
+Header conventions (:mod:`ese_assets.core.fits_header`, where each is documented in full):
+
+* ``BUNIT``: Jy/beam, mJy/beam or uJy/beam (common spellings); the data are scaled to Jy/beam.
+  Missing ``BUNIT`` means Jy/beam. Other units (K, Jy/pixel, MJy/sr...) are rejected, naming them.
+* Beam: ``BMAJ``/``BMIN``/``BPA`` (degrees; arcsec recognised against the pixel scale, not by a
+  fixed cut), else the CASA ``BEAMS`` table when ``CASAMBM = T``, else the last
+  ``AIPS CLEAN BMAJ=`` ``HISTORY`` card. BPA is east of north in the image's own frame.
+* Observation time: ``DATE-OBS``/``MJD-OBS`` in ``TIMESYS`` (default UTC), converted to UTC; both
+  present and more than 1 s apart is an error naming both values.
 * Frequency: the world value of a degenerate ``FREQ`` axis (wcslib converts MHz/GHz to Hz), else
   the ``RESTFRQ``/``RESTFREQ``/``FREQ`` keywords, else None.
 
-Truncation: the FITS standard fixes the size of the primary HDU as the header blocks plus
-``|BITPIX|/8 * NAXIS1 * ... * NAXISn`` data bytes padded to a multiple of 2880. A file smaller than
-that is truncated or still being written; both readers check it from the header alone.
+Truncation: the FITS standard fixes the size of an HDU as the header blocks plus
+``|BITPIX|/8 * GCOUNT * (PCOUNT + NAXIS1 * ... * NAXISn)`` data bytes padded to a multiple of
+2880. A file smaller than that is truncated or still being written; both readers check it from
+the header alone.
 
 gzip-compressed images are not read (a clear ImageError says so): the truncation check needs the
 uncompressed size, which would mean decompressing the whole file in the sensor.
@@ -38,41 +50,55 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from astropy.io import fits
-from astropy.time import Time
 from astropy.wcs import WCS, FITSFixedWarning
+
+from ese_assets.core.beam import Beam
+from ese_assets.core.fits_header import (
+    TIME_SCALES,
+    ImageError,
+    beam_from_aips_history,
+    beam_from_beams_table,
+    beam_from_keywords,
+    float_keyword,
+    jyb_per_unit,
+    missing_beam_error,
+    observation_time,
+)
+from ese_assets.core.frames import (
+    FrameError,
+    angular_distance_deg,
+    frame_name,
+    image_center_and_radius,
+)
+
+__all__ = [
+    "TIME_SCALES",
+    "Beam",
+    "FitsImage",
+    "ImageError",
+    "ImageInfo",
+    "angular_distance_deg",
+    "image_center_and_radius",
+    "load_image",
+    "observation_time",
+    "read_image_info",
+]
 
 FITS_BLOCK_BYTES = 2880
 FITS_CARD_BYTES = 80
 #: Headers longer than this are not plausible images (protects the sensor from huge non-FITS files).
 MAX_HEADER_BLOCKS = 2000
-#: A beam FWHM above this many degrees is read as arcsec (no radio survey beam is > 2 deg).
-BEAM_ARCSEC_THRESHOLD = 2.0
-#: TIMESYS values understood by astropy Time (FITS names, upper case) -> astropy scale names.
-TIME_SCALES = {"UTC": "utc", "TAI": "tai", "TT": "tt", "TDT": "tt", "ET": "tt", "TDB": "tdb",
-               "TCG": "tcg", "TCB": "tcb", "UT1": "ut1", "UT": "utc"}
+#: Extensions looked at when searching for a CASA BEAMS table (AIPS files carry a few tables).
+MAX_EXTENSIONS = 64
 FREQ_KEYWORDS = ("RESTFRQ", "RESTFREQ", "FREQ")
 
-
-class ImageError(ValueError):
-    """An image that cannot be used, with the reason; ``str(err) == f"{path}: {reason}"``."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = str(path)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class Beam:
-    """Restoring beam: FWHM major/minor axes in degrees, position angle in degrees east of north."""
-
-    major_deg: float
-    minor_deg: float
-    pa_deg: float
+#: ``read_at(offset, n_bytes) -> bytes`` (fewer bytes at the end of the file).
+ReadAt = Callable[[int, int], bytes]
 
 
 @dataclass(frozen=True)
@@ -84,12 +110,14 @@ class ImageInfo:
     date_obs: str  # ISO 8601 UTC of the observation start
     beam: Beam
     freq_hz: float | None
-    shape: tuple[int, int]  # (ny, nx)
-    wcs: WCS  # celestial, 2-D
-    center_ra_deg: float
-    center_dec_deg: float
+    shape: tuple[int, int]  # (ny, nx), x along longitude
+    wcs: WCS  # celestial, 2-D, longitude first, in the image's own frame
+    center_ra_deg: float  # ICRS
+    center_dec_deg: float  # ICRS
     radius_deg: float  # angular distance from the centre pixel to the farthest image corner
     file_size: int  # bytes
+    frame: str = "icrs"  # the WCS's frame, e.g. 'icrs', 'fk4 B1950.000', 'galactic'
+    jyb_per_unit: float = 1.0  # factor from the file's BUNIT to Jy/beam
 
 
 @dataclass(frozen=True)
@@ -104,46 +132,52 @@ class FitsImage:
 # Raw header access and the size check
 # --------------------------------------------------------------------------------------------------
 
+
 def _has_end_card(block: bytes) -> bool:
     """True if a 2880-byte header block holds the END card (at the start of an 80-byte card)."""
-    return any(block[i:i + 8] == b"END     " for i in range(0, FITS_BLOCK_BYTES, FITS_CARD_BYTES))
+    return any(block[i : i + 8] == b"END     " for i in range(0, FITS_BLOCK_BYTES, FITS_CARD_BYTES))
 
 
-def _split_header(path: str, read_block) -> bytes:
+def _split_header(path: str, read_block, first_card: bytes = b"SIMPLE  =") -> bytes:
     """Read header blocks with ``read_block()`` up to the END card; return the raw header bytes.
 
-    Raises ImageError for a file that does not start like FITS or whose header never ends.
+    ``first_card`` is ``SIMPLE  =`` for the primary header, ``XTENSION=`` for an extension.
+    Raises ImageError for a header that does not start that way or never ends.
     """
     blocks = []
     while len(blocks) < MAX_HEADER_BLOCKS:
         block = read_block()
         if not blocks and not block:
             raise ImageError(path, "empty file (still being written?)")
-        if not blocks and not block.startswith(b"SIMPLE  ="):
-            raise ImageError(path, "not a FITS file (does not start with SIMPLE)")
+        if not blocks and not block.startswith(first_card):
+            if first_card.startswith(b"SIMPLE"):
+                raise ImageError(path, "not a FITS file (does not start with SIMPLE)")
+            raise ImageError(path, "corrupt FITS extension (does not start with XTENSION)")
         if len(block) < FITS_BLOCK_BYTES:
             raise ImageError(path, "truncated or corrupt FITS file (header ends before END card)")
         blocks.append(block)
         if _has_end_card(block):
             return b"".join(blocks)
-    raise ImageError(path, f"truncated or corrupt FITS file (no END card in {MAX_HEADER_BLOCKS} "
-                           "header blocks)")
+    raise ImageError(
+        path, f"truncated or corrupt FITS file (no END card in {MAX_HEADER_BLOCKS} header blocks)"
+    )
 
 
-def _parse_header(path: str, raw: bytes) -> fits.Header:
+def _parse_header(path: str, raw: bytes, *, primary: bool = True) -> fits.Header:
     """Parse raw header bytes; reject non-ASCII or malformed headers with an ImageError."""
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
-        raise ImageError(path, "truncated or corrupt FITS file (non-ASCII bytes in header)"
-                         ) from None
+        raise ImageError(
+            path, "truncated or corrupt FITS file (non-ASCII bytes in header)"
+        ) from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # astropy's VerifyWarning for fixable cards
             header = fits.Header.fromstring(text)
     except Exception as exc:  # astropy raises several types for malformed cards
         raise ImageError(path, f"truncated or corrupt FITS file (bad header: {exc})") from None
-    if header.get("SIMPLE") is not True:
+    if primary and header.get("SIMPLE") is not True:
         raise ImageError(path, "not a standard FITS file (SIMPLE is not T)")
     return header
 
@@ -165,10 +199,10 @@ def axis_lengths(path: str, header: fits.Header) -> list[int]:
 
 
 def expected_file_size(path: str, header: fits.Header, header_bytes: int) -> int:
-    """Minimum size in bytes of a file whose primary HDU has this header (FITS standard 4.4.1).
+    """Size in bytes of an HDU with this header, i.e. the minimum file size for a primary HDU.
 
     ``header_bytes + pad2880(|BITPIX|/8 * GCOUNT * (PCOUNT + NAXIS1 * ... * NAXISn))``; the data
-    size is zero when NAXIS = 0.
+    size is zero when NAXIS = 0 (FITS standard 4.4.1 and 7.3).
     """
     bitpix = _int_keyword(path, header, "BITPIX")
     if bitpix not in (8, 16, 32, 64, -32, -64):
@@ -185,20 +219,30 @@ def expected_file_size(path: str, header: fits.Header, header_bytes: int) -> int
 def _check_size(path: str, header: fits.Header, header_bytes: int, file_size: int) -> None:
     needed = expected_file_size(path, header, header_bytes)
     if file_size < needed:
-        raise ImageError(path, f"truncated or corrupt FITS file (size {file_size} bytes, header "
-                               f"implies {needed}; still being written?)")
+        raise ImageError(
+            path,
+            f"truncated or corrupt FITS file (size {file_size} bytes, header "
+            f"implies {needed}; still being written?)",
+        )
 
 
 # --------------------------------------------------------------------------------------------------
-# Metadata from a parsed header
+# Layout: celestial axes, WCS, data plane
 # --------------------------------------------------------------------------------------------------
 
-def celestial_wcs(path: str, header: fits.Header) -> tuple[WCS, tuple[int, int]]:
-    """Celestial 2-D WCS and image shape (ny, nx); extra axes must be degenerate (length 1).
 
-    The two celestial axes must be FITS axes 1 and 2 (the data plane); any other axis of length
-    > 1 (a real spectral or polarisation cube) is rejected with its number and CTYPE.
-    """
+@dataclass(frozen=True)
+class _Layout:
+    """Where the image plane is in the file: 0-based FITS axes of longitude and latitude."""
+
+    wcs: WCS  # 2-D, longitude first
+    shape: tuple[int, int]  # (ny, nx) = (length of the latitude axis, of the longitude axis)
+    lon_axis: int
+    lat_axis: int
+
+
+def _layout(path: str, header: fits.Header) -> _Layout:
+    """The celestial axes of the primary HDU; every other axis must have length 1."""
     lengths = axis_lengths(path, header)
     if len(lengths) < 2 or math.prod(lengths) == 0:
         raise ImageError(path, "no image data in primary HDU")
@@ -208,83 +252,54 @@ def celestial_wcs(path: str, header: fits.Header) -> tuple[WCS, tuple[int, int]]
             full = WCS(header)
     except Exception as exc:
         raise ImageError(path, f"invalid WCS ({exc})") from None
-    if not full.has_celestial:
+    if not full.has_celestial or full.wcs.lng < 0 or full.wcs.lat < 0:
         raise ImageError(path, "no celestial WCS (CTYPE1/CTYPE2)")
-    if sorted((full.wcs.lng, full.wcs.lat)) != [0, 1]:
-        raise ImageError(path, "celestial axes are not image axes 1 and 2 (CTYPE1/CTYPE2: "
-                               f"{header.get('CTYPE1')!r}, {header.get('CTYPE2')!r})")
-    for axis, length in enumerate(lengths[2:], start=3):
-        if length != 1:
-            ctype = str(header.get(f"CTYPE{axis}", "unnamed")).split("-")[0] or "unnamed"
-            raise ImageError(path,
-                             f"image has non-degenerate axis {axis} ({ctype}, length {length})")
-    wcs = full.celestial
-    wcs.pixel_shape = (lengths[0], lengths[1])  # astropy order (nx, ny)
-    return wcs, (lengths[1], lengths[0])
-
-
-def _float_keyword(path: str, header: fits.Header, key: str) -> float | None:
-    """A finite float keyword, None when absent; ImageError when present but not a finite number."""
-    if key not in header:
-        return None
-    value = header[key]
+    lon, lat = int(full.wcs.lng), int(full.wcs.lat)
+    for axis, length in enumerate(lengths):
+        if axis not in (lon, lat) and length != 1:
+            ctype = str(header.get(f"CTYPE{axis + 1}", "unnamed")).split("-")[0] or "unnamed"
+            raise ImageError(
+                path, f"image has non-degenerate axis {axis + 1} ({ctype}, length {length})"
+            )
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ImageError(path, f"bad keyword {key} = {value!r} (not a number)") from None
-    if isinstance(value, bool) or not math.isfinite(number):
-        raise ImageError(path, f"bad keyword {key} = {value!r} (not a finite number)")
-    return number
+        wcs = full.sub([lon + 1, lat + 1])  # longitude first, whatever the file's order
+    except Exception as exc:
+        raise ImageError(path, f"invalid WCS ({exc})") from None
+    wcs.pixel_shape = (lengths[lon], lengths[lat])  # astropy order (nx, ny)
+    return _Layout(wcs=wcs, shape=(lengths[lat], lengths[lon]), lon_axis=lon, lat_axis=lat)
 
 
-def beam_from_header(path: str, header: fits.Header) -> Beam:
-    """Beam from BMAJ/BMIN/BPA (degrees; both axes read as arcsec when BMAJ > 2, see module doc)."""
-    major = _float_keyword(path, header, "BMAJ")
-    minor = _float_keyword(path, header, "BMIN")
-    for key, value in (("BMAJ", major), ("BMIN", minor)):
-        if value is None:
-            per_channel = header.get("CASAMBM")  # CASA wrote a BEAMS table instead of BMAJ
-            hint = " (per-channel CASA beam tables are not supported)" if per_channel else ""
-            raise ImageError(path, f"missing beam keyword {key}{hint}")
-        if value <= 0:
-            raise ImageError(path, f"bad beam keyword {key} = {value} (must be > 0)")
-    pa = _float_keyword(path, header, "BPA")
-    if pa is None:
-        if major != minor:
-            raise ImageError(path, "missing beam keyword BPA (beam is elliptical)")
-        pa = 0.0
-    if major > BEAM_ARCSEC_THRESHOLD:  # writer used arcsec, not degrees (documented heuristic)
-        major, minor = major / 3600.0, minor / 3600.0
-    if minor > major:  # same ellipse, described with the axes in the conventional order
-        major, minor, pa = minor, major, pa + 90.0
-    return Beam(major_deg=major, minor_deg=minor, pa_deg=pa)
+def celestial_wcs(path: str, header: fits.Header) -> tuple[WCS, tuple[int, int]]:
+    """Celestial 2-D WCS (longitude first) and image shape (ny, nx); see the module docstring."""
+    layout = _layout(path, header)
+    return layout.wcs, layout.shape
 
 
-def observation_time(path: str, header: fits.Header) -> Time:
-    """Observation start as an astropy Time in UTC: MJD-OBS, else DATE-OBS (scale from TIMESYS)."""
-    timesys = str(header.get("TIMESYS", "UTC")).strip().upper()
-    if timesys not in TIME_SCALES:
-        raise ImageError(path, f"unsupported TIMESYS '{timesys}'")
-    scale = TIME_SCALES[timesys]
-    mjd = _float_keyword(path, header, "MJD-OBS")
-    date_obs = header.get("DATE-OBS")
-    if mjd is None and date_obs is None:
-        raise ImageError(path, "missing observation time (MJD-OBS or DATE-OBS)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ERFA "dubious year" past the leap-second table
-            if mjd is not None:
-                return Time(mjd, format="mjd", scale=scale).utc
-            return Time(str(date_obs).strip(), scale=scale).utc
-    except Exception:  # astropy raises ValueError/TypeError, ERFA its own errors
-        what = f"MJD-OBS {mjd}" if mjd is not None else f"DATE-OBS '{date_obs}'"
-        raise ImageError(path, f"unparseable {what}") from None
+def _data_plane(data: np.ndarray, layout: _Layout) -> np.ndarray:
+    """The 2-D plane ``[y = latitude, x = longitude]`` of an N-D array in numpy (reversed) order."""
+    n = data.ndim
+    index: list[int | slice] = [0] * n
+    index[n - 1 - layout.lon_axis] = slice(None)
+    index[n - 1 - layout.lat_axis] = slice(None)
+    plane = data[tuple(index)]
+    # numpy puts the higher FITS axis first: latitude first (no transpose) iff lat_axis > lon_axis.
+    return plane if layout.lat_axis > layout.lon_axis else np.ascontiguousarray(plane.T)
+
+
+def pixel_scale_deg(wcs: WCS) -> float:
+    """Geometric-mean pixel side in degrees: sqrt(|det(pixel scale matrix)|)."""
+    return math.sqrt(abs(float(np.linalg.det(wcs.pixel_scale_matrix))))
+
+
+# --------------------------------------------------------------------------------------------------
+# Metadata from a parsed header
+# --------------------------------------------------------------------------------------------------
 
 
 def frequency_hz(path: str, header: fits.Header) -> float | None:
     """Observing frequency in Hz from a FREQ axis (reference channel) or frequency keywords."""
     naxis = axis_lengths(path, header)
-    for axis in range(3, len(naxis) + 1):
+    for axis in range(1, len(naxis) + 1):
         if str(header.get(f"CTYPE{axis}", "")).upper().startswith("FREQ"):
             try:
                 with warnings.catch_warnings():
@@ -294,62 +309,123 @@ def frequency_hz(path: str, header: fits.Header) -> float | None:
             except Exception as exc:
                 raise ImageError(path, f"bad FREQ axis {axis} ({exc})") from None
     for key in FREQ_KEYWORDS:
-        value = _float_keyword(path, header, key)
+        value = float_keyword(path, header, key)
         if value is not None and value > 0:
             return value
     return None
 
 
-def image_center_and_radius(wcs: WCS, shape: tuple[int, int]) -> tuple[float, float, float]:
-    """(ra_deg, dec_deg) of the central pixel and the largest angular distance (deg) to a corner.
+def _beams_table(
+    path: str, header: fits.Header, header_bytes: int, file_size: int, read_at: ReadAt
+) -> fits.BinTableHDU | None:
+    """The ``BEAMS`` binary table extension, if any: extension headers are read, data skipped."""
+    offset = expected_file_size(path, header, header_bytes)
+    for _ in range(MAX_EXTENSIONS):
+        if offset + FITS_BLOCK_BYTES > file_size:
+            return None
+        if not read_at(offset, FITS_BLOCK_BYTES).startswith(b"XTENSION="):
+            return None  # e.g. zero padding after the last HDU
+        blocks = (
+            read_at(offset + i * FITS_BLOCK_BYTES, FITS_BLOCK_BYTES)
+            for i in range(MAX_HEADER_BLOCKS)
+        )
+        raw = _split_header(path, lambda blocks=blocks: next(blocks, b""), first_card=b"XTENSION=")
+        ext = _parse_header(path, raw, primary=False)
+        size = expected_file_size(path, ext, len(raw))
+        if str(ext.get("EXTNAME", "")).strip().upper() == "BEAMS":
+            if offset + size > file_size:
+                raise ImageError(
+                    path,
+                    "truncated or corrupt FITS file (BEAMS table extension "
+                    "ends after the end of the file)",
+                )
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    table = fits.BinTableHDU.fromstring(read_at(offset, size))
+                    table.data  # noqa: B018 - decode now, inside the error boundary
+            except Exception as exc:
+                raise ImageError(path, f"corrupt CASA BEAMS table ({exc})") from None
+            if not isinstance(table, fits.BinTableHDU):
+                raise ImageError(path, "CASA BEAMS extension is not a binary table")
+            return table
+        offset += size
+    return None
 
-    The centre is pixel ((nx - 1)/2, (ny - 1)/2) (0-based); corners are the outer pixel edges
-    (-0.5 and n - 0.5), so every pixel centre lies inside the circle. A corner that does not
-    project onto the sky (huge SIN fields) gives radius 180 deg, i.e. "whole sky", never too small.
-    Distances use the haversine formula, accurate at all separations.
+
+def _beam(
+    path: str,
+    header: fits.Header,
+    wcs: WCS,
+    header_bytes: int,
+    file_size: int,
+    read_at: ReadAt | None,
+) -> Beam:
+    """BMAJ/BMIN/BPA keywords, else the CASA BEAMS table (CASAMBM = T), else AIPS HISTORY."""
+    scale = pixel_scale_deg(wcs)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ImageError(path, "degenerate WCS (zero pixel scale)")
+    beam = beam_from_keywords(path, header, scale)
+    if beam is None and header.get("CASAMBM") is True and read_at is not None:
+        table = _beams_table(path, header, header_bytes, file_size, read_at)
+        if table is not None:
+            beam = beam_from_beams_table(path, table)
+    if beam is None:
+        beam = beam_from_aips_history(path, header)
+    if beam is None:
+        raise missing_beam_error(path, header)
+    return beam
+
+
+def info_from_header(
+    path: str, header: fits.Header, header_bytes: int, file_size: int, read_at: ReadAt | None = None
+) -> ImageInfo:
+    """Validate a parsed primary header and build its ImageInfo (no image data needed).
+
+    ``read_at`` reads bytes of the file at an offset; it is needed only for a CASA BEAMS table.
     """
-    ny, nx = shape
-    x = np.array([(nx - 1) / 2.0, -0.5, nx - 0.5, -0.5, nx - 0.5])
-    y = np.array([(ny - 1) / 2.0, -0.5, -0.5, ny - 0.5, ny - 0.5])
-    ra_deg, dec_deg = wcs.pixel_to_world_values(x, y)
-    ra_c, dec_c = float(ra_deg[0]), float(dec_deg[0])
-    if not (math.isfinite(ra_c) and math.isfinite(dec_c)):
-        raise ValueError("the image centre does not project onto the sky")
-    sep = angular_distance_deg(ra_c, dec_c, ra_deg[1:], dec_deg[1:])
-    radius = float(np.max(sep)) if np.isfinite(sep).all() else 180.0
-    return ra_c % 360.0, dec_c, radius
+    return _info_and_layout(path, header, header_bytes, file_size, read_at)[0]
 
 
-def angular_distance_deg(ra1_deg, dec1_deg, ra2_deg, dec2_deg) -> np.ndarray:
-    """Great-circle distance in degrees (haversine formula; stable at small separations)."""
-    ra1, dec1, ra2, dec2 = (np.radians(np.asarray(v, dtype=np.float64))
-                            for v in (ra1_deg, dec1_deg, ra2_deg, dec2_deg))
-    h = (np.sin((dec2 - dec1) / 2.0) ** 2
-         + np.cos(dec1) * np.cos(dec2) * np.sin((ra2 - ra1) / 2.0) ** 2)
-    return np.degrees(2.0 * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0))))
-
-
-def info_from_header(path: str, header: fits.Header, header_bytes: int,
-                     file_size: int) -> ImageInfo:
-    """Validate a parsed primary header and build its ImageInfo (no data needed)."""
+def _info_and_layout(
+    path: str, header: fits.Header, header_bytes: int, file_size: int, read_at: ReadAt | None
+) -> tuple[ImageInfo, _Layout]:
     _check_size(path, header, header_bytes, file_size)
-    wcs, shape = celestial_wcs(path, header)
-    beam = beam_from_header(path, header)
+    layout = _layout(path, header)
+    wcs, shape = layout.wcs, layout.shape
+    try:
+        frame = frame_name(wcs)
+    except FrameError as exc:
+        raise ImageError(path, str(exc)) from None
+    scale = jyb_per_unit(path, header)
+    beam = _beam(path, header, wcs, header_bytes, file_size, read_at)
     time = observation_time(path, header)
     try:
         ra_c, dec_c, radius = image_center_and_radius(wcs, shape)
     except ValueError as exc:
         raise ImageError(path, str(exc)) from None
-    return ImageInfo(
-        path=path, mjd=float(time.mjd), date_obs=time.isot, beam=beam,
-        freq_hz=frequency_hz(path, header), shape=shape, wcs=wcs,
-        center_ra_deg=ra_c, center_dec_deg=dec_c, radius_deg=radius, file_size=file_size,
+    info = ImageInfo(
+        path=path,
+        mjd=float(time.mjd),
+        date_obs=time.isot,
+        beam=beam,
+        freq_hz=frequency_hz(path, header),
+        shape=shape,
+        wcs=wcs,
+        center_ra_deg=ra_c,
+        center_dec_deg=dec_c,
+        radius_deg=radius,
+        file_size=file_size,
+        frame=frame,
+        jyb_per_unit=scale,
     )
+    return info, layout
 
 
 # --------------------------------------------------------------------------------------------------
 # Public readers
 # --------------------------------------------------------------------------------------------------
+
 
 def _open_binary(path: str):
     try:
@@ -368,7 +444,7 @@ def _reject_gzip(path: str, first_bytes: bytes) -> None:
 
 
 def read_image_info(path: str | os.PathLike) -> ImageInfo:
-    """Image metadata from the header only; the data array is never read.
+    """Image metadata from the header only; the image data are never read.
 
     Raises ImageError naming the problem (see the module docstring).
     """
@@ -382,40 +458,66 @@ def read_image_info(path: str | os.PathLike) -> ImageInfo:
         def read_block() -> bytes:
             return pending.pop() if pending else handle.read(FITS_BLOCK_BYTES)
 
+        def read_at(offset: int, n_bytes: int) -> bytes:
+            handle.seek(offset)
+            return handle.read(n_bytes)
+
         raw = _split_header(path, read_block)
-    return info_from_header(path, _parse_header(path, raw), len(raw), file_size)
+        return info_from_header(path, _parse_header(path, raw), len(raw), file_size, read_at)
+
+
+def _constant_value(data: np.ndarray) -> float | None:
+    """The value of an image whose finite pixels are all equal, else None (needs a finite pixel)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanmin(data), np.nanmax(data)
+    return float(low) if low == high else None
 
 
 def load_image(path: str | os.PathLike) -> FitsImage:
     """Header and 2-D data plane (ny, nx, Jy/beam, native-endian float) of an image.
 
     The file is read from disk exactly once; astropy decodes the data (BSCALE/BZERO/BLANK) from
-    the in-memory copy. Raises ImageError as :func:`read_image_info`, and also when the image is
-    entirely NaN.
+    the in-memory copy, and the plane is scaled from BUNIT to Jy/beam. Raises ImageError as
+    :func:`read_image_info`, and also when the image has no finite pixel or is constant.
     """
     path = os.fspath(path)
     with _open_binary(path) as handle:
         raw_file = handle.read()
     _reject_gzip(path, raw_file[:2])
-    blocks = (raw_file[i:i + FITS_BLOCK_BYTES]
-              for i in range(0, MAX_HEADER_BLOCKS * FITS_BLOCK_BYTES, FITS_BLOCK_BYTES))
+    blocks = (
+        raw_file[i : i + FITS_BLOCK_BYTES]
+        for i in range(0, MAX_HEADER_BLOCKS * FITS_BLOCK_BYTES, FITS_BLOCK_BYTES)
+    )
     raw_header = _split_header(path, lambda: next(blocks))
-    info = info_from_header(path, _parse_header(path, raw_header), len(raw_header), len(raw_file))
+    info, layout = _info_and_layout(
+        path,
+        _parse_header(path, raw_header),
+        len(raw_header),
+        len(raw_file),
+        lambda offset, n: raw_file[offset : offset + n],
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with fits.open(io.BytesIO(raw_file), memmap=False, lazy_load_hdus=True) as hdul:
                 data = hdul[0].data
     except Exception as exc:
-        raise ImageError(path, f"truncated or corrupt FITS file (cannot read data: {exc})"
-                         ) from None
+        raise ImageError(
+            path, f"truncated or corrupt FITS file (cannot read data: {exc})"
+        ) from None
     if data is None:
         raise ImageError(path, "no image data in primary HDU")
-    data = np.asarray(data).reshape(info.shape)  # squeeze the length-1 FREQ/STOKES axes
+    data = _data_plane(np.asarray(data), layout)  # squeeze FREQ/STOKES axes, lon along x
     if not np.issubdtype(data.dtype, np.floating):
         data = data.astype(np.float64)
     # FITS is big-endian; numpy arithmetic on non-native arrays is slower, so convert once here.
     data = data.astype(data.dtype.newbyteorder("="), copy=False)
+    if info.jyb_per_unit != 1.0:
+        data = data * data.dtype.type(info.jyb_per_unit)
     if not np.isfinite(data).any():
         raise ImageError(path, "image is entirely NaN (no finite pixels)")
+    constant = _constant_value(data)
+    if constant is not None:
+        raise ImageError(path, f"image is constant (all pixels = {constant:g})")
     return FitsImage(info=info, data=data)
