@@ -46,6 +46,11 @@ def _measure_direct(field):
     info = image.info
     idx = field.catalog.select_in_footprint(info.wcs, info.shape)
     lon, lat = frames.icrs_to_frame(info.wcs, field.catalog.ra_deg[idx], field.catalog.dec_deg[idx])
+    # The selection's own positions (what measure_image uses) are the same, from one transform.
+    idx_sel, lon_sel, lat_sel = field.catalog.footprint_positions(info.wcs, info.shape)
+    np.testing.assert_array_equal(idx_sel, idx)
+    np.testing.assert_array_equal(lon_sel, lon)
+    np.testing.assert_array_equal(lat_sel, lat)
     return image, idx, forced_photometry(image.data, info.wcs, info.beam, lon, lat)
 
 
@@ -190,6 +195,7 @@ def test_celestial_axes_in_any_order(tmp_path, frame, axis_order):
     assert first[:3] in ("DEC", "GLA", "FRE")
     info = read_image_info(field.path)
     assert info.shape == (130, 170)  # (latitude, longitude) whatever the file order
+    assert info.freq_hz == (pytest.approx(1.4e9) if axis_order == "freq-lon-lat" else None)
     assert info.wcs.wcs.lng == 0 and info.wcs.wcs.lat == 1
     check_direct(field, spec.beam)
 
@@ -385,6 +391,22 @@ def test_conflicting_date_obs_and_mjd_obs_rejected_with_both_values(tmp_path):
     assert scan.registered == [] and expected in scan.rejected[0][1]
     assert _image_row(engine, path)["status"] == "rejected"
     engine.dispose()
+
+
+def test_date_only_and_old_style_date_obs_accepted_with_mjd_obs(tmp_path):
+    # AIPS writes the day only; pre-2000 files use DD/MM/YY. MJD-OBS gives the time of day.
+    for date_obs, mjd in (("1998-01-22", 50835.4), ("22/01/98", 50835.4)):
+        field = write_field(
+            tmp_path / "old.fits", ImageSpec(extra={"DATE-OBS": date_obs, "MJD-OBS": mjd}), seed=29
+        )
+        assert read_image_info(field.path).mjd == pytest.approx(mjd, abs=1e-9)
+    field = write_field(
+        tmp_path / "old.fits",
+        ImageSpec(extra={"DATE-OBS": "23/01/98", "MJD-OBS": 50835.4}),
+        seed=29,
+    )
+    with pytest.raises(ImageError, match=r"DATE-OBS '23/01/98' and MJD-OBS 50835\.4 disagree"):
+        read_image_info(field.path)
 
 
 @pytest.mark.parametrize("value, shown", [(0.0, "0"), (0.005, "0.005")])

@@ -160,9 +160,20 @@ class Catalog:
         its 0-based pixel position (x, y) satisfies ``margin <= x <= nx - 1 - margin`` and the same
         for y. Sources with unknown (NaN) flux are kept only when ``min_flux_mjy <= 0``.
         """
+        return self.footprint_positions(wcs, shape, min_flux_mjy=min_flux_mjy,
+                                        edge_margin_pix=edge_margin_pix)[0]
+
+    def footprint_positions(self, wcs, shape: tuple[int, int], *, min_flux_mjy: float = 0.0,
+                            edge_margin_pix: float = 0.0
+                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`select_in_footprint` and the selected sources' (lon, lat) in the WCS's frame.
+
+        Returns ``(idx, lon_deg, lat_deg)`` aligned: the positions to measure the image at, from
+        the one frame transform the selection already made (none for ICRS images).
+        """
         ny, nx = shape
         if len(self) == 0 or nx - 1 - 2 * edge_margin_pix < 0 or ny - 1 - 2 * edge_margin_pix < 0:
-            return np.empty(0, dtype=np.int64)
+            return np.empty(0, dtype=np.int64), np.empty(0), np.empty(0)
         ra_c, dec_c, radius = image_center_and_radius(wcs, shape)
         radius = radius * (1.0 + CONE_PAD_FRAC) + CONE_PAD_DEG
         idx = self._index().cone(ra_c, dec_c, radius)
@@ -173,7 +184,9 @@ class Catalog:
         # NaN (positions that do not project) compare False and are dropped.
         inside = ((x >= edge_margin_pix) & (x <= nx - 1 - edge_margin_pix)
                   & (y >= edge_margin_pix) & (y <= ny - 1 - edge_margin_pix))
-        return np.sort(idx[inside]).astype(np.int64)
+        order = np.argsort(idx[inside], kind="stable")
+        return (idx[inside][order].astype(np.int64), np.asarray(lon)[inside][order],
+                np.asarray(lat)[inside][order])
 
 
 # --------------------------------------------------------------------------------------------------

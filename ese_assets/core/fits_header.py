@@ -32,9 +32,9 @@ Beam (:func:`beam_from_keywords`, :func:`beam_from_aips_history`, :func:`beam_fr
 Observation time (:func:`observation_time`): ``DATE-OBS`` (ISO 8601) and/or ``MJD-OBS``, both in
 the time scale named by ``TIMESYS`` (default UTC, as the FITS standard says), converted to UTC.
 When both are present they must agree within :data:`TIME_AGREEMENT_S` (1 s), or the image is
-rejected naming both values; a date-only ``DATE-OBS`` (``2010-01-22``, as AIPS writes) must
-contain the ``MJD-OBS`` instant. ``MJD-OBS`` is then used (it carries the time of day). This is
-the observation start, never the processing time.
+rejected naming both values; a date-only ``DATE-OBS`` (``2010-01-22``, as AIPS writes, or the
+pre-2000 form ``22/01/98``) must contain the ``MJD-OBS`` instant. ``MJD-OBS`` is then used (it
+carries the time of day). This is the observation start, never the processing time.
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ _PER_BEAM = re.compile(
 _PREFIX_SCALE = {"": 1.0, "m": 1e-3, "milli": 1e-3, "u": 1e-6, "micro": 1e-6}
 _JY_PER_BEAM = u.Jy / u.beam
 #: ``AIPS   CLEAN BMAJ=  1.2500E-02 BMIN=  1.0000E-02 BPA=  45.00`` (HISTORY card value).
+#: The original FITS date form (valid for 1900-1999 only), still found in old archive images.
+_OLD_FITS_DATE = re.compile(r"^(\d\d)/(\d\d)/(\d\d)$")
 _NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[EeDd][-+]?\d+)?)"
 _AIPS_CLEAN_BEAM = re.compile(
     rf"^\s*AIPS\s+CLEAN\s+BMAJ\s*=\s*{_NUMBER}\s+BMIN\s*=\s*{_NUMBER}"
@@ -272,6 +274,12 @@ def _parse_time(path: str, what: str, make) -> Time:
         raise ImageError(path, f"unparseable {what}") from None
 
 
+def _iso_date(text: str) -> str:
+    """DATE-OBS as ISO 8601: the pre-2000 FITS form ``DD/MM/YY`` means 19YY-MM-DD."""
+    old = _OLD_FITS_DATE.match(text)
+    return f"19{old.group(3)}-{old.group(2)}-{old.group(1)}" if old else text
+
+
 def observation_time(path: str, header: fits.Header) -> Time:
     """Observation start as an astropy Time in UTC (see the module docstring)."""
     timesys = str(header.get("TIMESYS", "UTC")).strip().upper()
@@ -286,13 +294,13 @@ def observation_time(path: str, header: fits.Header) -> Time:
     if mjd is not None:
         from_mjd = _parse_time(path, f"MJD-OBS {mjd}", lambda: Time(mjd, format="mjd", scale=scale))
     if date_obs is not None:
-        text = str(date_obs).strip()
+        text = _iso_date(str(date_obs).strip())
         from_date = _parse_time(path, f"DATE-OBS '{date_obs}'", lambda: Time(text, scale=scale))
     if from_mjd is None:
         return from_date
     if from_date is None:
         return from_mjd
-    date_only = len(str(date_obs).strip()) == 10  # 'YYYY-MM-DD': the day, not an instant
+    date_only = len(text) == len("YYYY-MM-DD")  # the day, not an instant
     delta_s = (from_mjd - from_date).to_value(u.s)
     if date_only:
         agrees = -TIME_AGREEMENT_S <= delta_s < SECONDS_PER_DAY + TIME_AGREEMENT_S

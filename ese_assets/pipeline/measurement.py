@@ -18,7 +18,6 @@ from sqlalchemy import Engine
 
 from ese_assets.core.catalog import Catalog
 from ese_assets.core.fits_image import ImageError, load_image
-from ese_assets.core.frames import icrs_to_frame
 from ese_assets.core.photometry import forced_photometry
 from ese_assets.pipeline.progress import Progress, silent
 from ese_assets.storage import images as images_db
@@ -57,9 +56,9 @@ def measure_image(engine: Engine, catalog: Catalog, path: str, *, min_flux_mjy: 
         return ImageResult(path, "failed", reason=reason)
 
     info = image.info
-    idx = catalog.select_in_footprint(info.wcs, info.shape, min_flux_mjy=min_flux_mjy)
     # Catalog positions are ICRS; the image's WCS may be FK4, Galactic...: measure in its frame.
-    lon_deg, lat_deg = icrs_to_frame(info.wcs, catalog.ra_deg[idx], catalog.dec_deg[idx])
+    idx, lon_deg, lat_deg = catalog.footprint_positions(info.wcs, info.shape,
+                                                        min_flux_mjy=min_flux_mjy)
     phot = forced_photometry(image.data, info.wcs, info.beam, lon_deg, lat_deg)
     good = np.isfinite(phot.peak_jyb) & np.isfinite(phot.peak_err_jyb) & (phot.peak_err_jyb > 0)
     rows = pd.DataFrame({
