@@ -44,6 +44,7 @@ from ese_assets.core.catalog_readers import SQLITE_TABLE as SQLITE_TABLE
 from ese_assets.core.catalog_readers import one_line as _one_line
 from ese_assets.core.catalog_readers import read_table_file
 from ese_assets.core.catalog_values import CatalogProblem
+from ese_assets.core.errors import InputError
 from ese_assets.core.frames import icrs_to_frame, image_center_and_radius, world_to_pixel
 
 #: Cone pre-filter pad: absolute (deg) plus a fraction of the radius, so that rounding in the
@@ -52,13 +53,8 @@ CONE_PAD_DEG = 0.01
 CONE_PAD_FRAC = 0.01
 
 
-class CatalogError(ValueError):
+class CatalogError(InputError):
     """A catalog that cannot be used; the message names the file and the problem."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = str(path)
-        self.reason = reason
 
 
 # --------------------------------------------------------------------------------------------------
