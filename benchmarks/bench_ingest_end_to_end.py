@@ -102,7 +102,7 @@ def run_dagster(settings: Settings) -> int:
     log = Path(settings.data_dir) / "dagster.log"
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     with stderr_to(log):
-        _, runs = ingest_directory(settings, settings.incoming_dir, progress=lambda _: None)
+        runs = ingest_directory(settings, settings.incoming_dir, progress=lambda _: None).runs
     failed = [r.night for r in runs if not r.success]
     if failed:
         tail = log.read_text(errors="replace").splitlines()[-20:]

@@ -105,18 +105,19 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from ese_assets.ingest import ingest_directory
 
     settings = _settings(args)
-    if not settings.catalog_path:
-        print("ese ingest: no catalog; pass --catalog or set ESE_CATALOG / MASTER_SOURCES_DB",
-              file=sys.stderr)
-        return 2
     if not Path(args.directory).is_dir():
         print(f"ese ingest: {args.directory} is not a directory", file=sys.stderr)
         return 2
-    _, runs = ingest_directory(settings, args.directory, settle_seconds=args.settle_seconds,
-                                  verbose=args.verbose)
-    failed = [r for r in runs if not r.success]
-    print(f"{len(runs)} runs, {len(failed)} failed")
-    return 1 if failed else 0
+    report = ingest_directory(settings, args.directory, settle_seconds=args.settle_seconds,
+                              verbose=args.verbose)
+    failed = report.failed
+    print(f"{len(report.runs)} runs, {len(failed)} failed")
+    if failed:
+        print(f"ese ingest: {len(failed)} of {len(report.runs)} runs failed (first: night "
+              f"{failed[0].night}: {failed[0].error}); their images stay queued and are "
+              "measured by the next `ese ingest` or sensor tick", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -266,10 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Expected failures (bad input, bad settings, a database that is busy
+    or unreachable) print one line and return non-zero, never a traceback."""
+    from ese_assets.storage.errors import DatabaseUnavailable
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except DatabaseUnavailable as exc:
+        print(f"ese {args.command}: {exc} (nothing was lost; run the command again)",
+              file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as exc:  # InputError is a ValueError
         print(f"ese {args.command}: {exc}", file=sys.stderr)
         return 2
 

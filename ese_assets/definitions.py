@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import dagster as dg
 
-from ese_assets.orchestration.assets import ese_candidates, photometry, variability_stats
-from ese_assets.orchestration.jobs import ese_pipeline_job
+from ese_assets.orchestration.assets import build_assets
+from ese_assets.orchestration.jobs import build_job
+from ese_assets.orchestration.partitions import build_partitions
 from ese_assets.orchestration.resources import resources_from_settings
-from ese_assets.orchestration.schedules import nightly_schedule
-from ese_assets.orchestration.sensors import incoming_images_sensor
+from ese_assets.orchestration.schedules import build_schedule
+from ese_assets.orchestration.sensors import build_sensor
 from ese_assets.settings import Settings
 
 
 def build_definitions(settings: Settings | None = None, *, bind_env: bool = True) -> dg.Definitions:
-    """All definitions, with resources configured from ``settings`` (default: the environment)."""
+    """Every definition (partitions, assets, job, sensor, schedule, resources) from ``settings``.
+
+    ``settings`` defaults to the environment, read once here; nothing else reads it.
+    """
     settings = settings or Settings.from_env()
+    partitions = build_partitions(settings)
+    assets = build_assets(partitions, settings.retry_delay_s)
+    job = build_job(assets)
     return dg.Definitions(
-        assets=[photometry, variability_stats, ese_candidates],
-        jobs=[ese_pipeline_job],
-        sensors=[incoming_images_sensor],
-        schedules=[nightly_schedule],
+        assets=assets,
+        jobs=[job],
+        sensors=[build_sensor(settings, job, partitions)],
+        schedules=[build_schedule(settings, job)],
         resources=resources_from_settings(settings, bind_env=bind_env),
     )
 

@@ -1,50 +1,78 @@
 """Run the pipeline for a directory of images through a persistent Dagster instance.
 
 ``ese ingest`` and ``ese demo`` use this: files are registered exactly as the sensor registers
-them, then each night's run (the same run request the sensor would make) executes in this process
-against the instance in ``$DAGSTER_HOME``, so the runs, their logs and materializations appear in
-the Dagster UI next to the sensor's and the schedule's runs.
+them, then every image that still needs a run (new ones, and those an interrupted or failed
+earlier run left: :mod:`ese_assets.pipeline.recovery`) is measured by runs of the pipeline job,
+executed in this process against the instance in ``$DAGSTER_HOME``, so the runs, their logs and
+materializations appear in the Dagster UI next to the sensor's and the schedule's runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
 
 from ese_assets import pipeline
+from ese_assets.core.catalog import CatalogError, check_catalog
 from ese_assets.definitions import build_definitions
-from ese_assets.orchestration.jobs import ese_pipeline_job
-from ese_assets.orchestration.partitions import (
-    PARTITION_START,
-    PARTITION_TIMEZONE,
-    nights_partitions,
+from ese_assets.orchestration.jobs import JOB_NAME
+from ese_assets.orchestration.partitions import build_partitions
+from ese_assets.orchestration.runs import (
+    batch_run_config,
+    batch_tags,
+    plan_unfinished,
+    process_tags,
 )
-from ese_assets.orchestration.sensors import night_run_requests
+from ese_assets.pipeline.recovery import Plan
 from ese_assets.settings import Settings
-from ese_assets.storage import images as images_db
 from ese_assets.storage.engine import ensure_schema, make_engine
 
 #: The project's instance configuration (source checkout); copied into a new DAGSTER_HOME.
 PROJECT_DAGSTER_YAML = Path(__file__).resolve().parents[1] / "dagster.yaml"
+#: A batch queued by another process less than this long ago, with no run yet, is left to it.
+INGEST_GRACE_S = 10.0
+
+
+@contextlib.contextmanager
+def _home_lock(home: Path):
+    """An exclusive lock on the Dagster home while its storage is created: two processes starting
+    on a new home at once (``ese ingest`` twice, or beside ``dagster dev``) would otherwise both
+    create its SQLite databases."""
+    with open(home / ".ese-instance.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def dagster_instance(settings: Settings) -> dg.DagsterInstance:
     """The persistent instance of ``$DAGSTER_HOME`` (default: ``<data dir>/dagster_home``).
 
     A new home gets the project's ``dagster.yaml`` (as ``make demo``/``make ui`` do), so the CLI
-    and the UI see the same configuration.
+    and the UI see the same configuration; the copy is atomic, so a concurrent reader never sees
+    half a file.
     """
     home = Path(os.environ.get("DAGSTER_HOME") or Path(settings.data_dir) / "dagster_home")
     home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists() and PROJECT_DAGSTER_YAML.exists():
-        shutil.copy(PROJECT_DAGSTER_YAML, home / "dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(home)
-    return dg.DagsterInstance.get()
+    with _home_lock(home):
+        if not (home / "dagster.yaml").exists() and PROJECT_DAGSTER_YAML.exists():
+            fd, tmp = tempfile.mkstemp(dir=home, prefix=".dagster.yaml.")
+            os.close(fd)
+            shutil.copy(PROJECT_DAGSTER_YAML, tmp)
+            os.replace(tmp, home / "dagster.yaml")
+        instance = dg.DagsterInstance.get()
+        instance.get_runs(limit=1)  # creates the run storage while the lock is held
+    return instance
 
 
 @dataclass
@@ -54,44 +82,81 @@ class NightRun:
     success: bool
     n_images: int
     seconds: float
+    error: str | None = None
+
+
+@dataclass
+class IngestReport:
+    scan: pipeline.ScanResult
+    plan: Plan
+    runs: list[NightRun] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[NightRun]:
+        return [r for r in self.runs if not r.success]
+
+
+def _run_error(result: dg.ExecuteInProcessResult) -> str | None:
+    """The first step failure of a run, in one line."""
+    for event in result.all_events:
+        if event.is_step_failure:
+            data = event.step_failure_data
+            user = data.user_failure_data
+            text = user.description if user and user.description else data.error.message
+            return text.strip().splitlines()[0] if text else event.message
+    return None
+
+
+def _check_catalog(settings: Settings) -> str:
+    if not settings.catalog_path:
+        raise CatalogError("(no catalog)", "no source catalog configured: pass --catalog or set "
+                                           "ESE_CATALOG / MASTER_SOURCES_DB")
+    return check_catalog(settings.catalog_path)
 
 
 def ingest_directory(settings: Settings, directory: str | Path, *, settle_seconds: float = 0.0,
-                     progress=print, verbose: bool = False,
-                     ) -> tuple[pipeline.ScanResult, list[NightRun]]:
-    """Register the files of ``directory`` and run every night that has pending images.
+                     progress=print, verbose: bool = False) -> IngestReport:
+    """Register the files of ``directory`` and run every image that still needs a run.
 
-    Each run's full log is in the Dagster instance (UI); the console shows one line per run unless
-    ``verbose`` also echoes Dagster's own step logs.
+    The catalog is validated first (a bad one raises :class:`CatalogError` before anything is
+    registered). Then new and changed files are registered, runs left unfinished by an earlier
+    process are recognised, and every unfinished image is requested at once, whatever its backoff
+    (a person is waiting). Each run's full log is in the Dagster instance (UI); the console shows
+    one line per run unless ``verbose`` also echoes Dagster's own step logs.
     """
+    progress(_check_catalog(settings))
     engine = make_engine(settings.products_db)
     ensure_schema(engine)
     scan = pipeline.scan_directory(engine, directory, settle_seconds=settle_seconds,
-                                   timezone=PARTITION_TIMEZONE, first_night=PARTITION_START,
-                                   progress=progress)
+                                   timezone=settings.timezone,
+                                   first_night=settings.partition_start, progress=progress)
+    changed = f", {len(scan.changed)} changed since" if scan.changed else ""
     progress(f"{directory}: {len(scan.registered)} new images, {len(scan.rejected)} rejected, "
-             f"{scan.already_known} already known, {len(scan.waiting)} still being written")
-    requests = night_run_requests(images_db.pending_images(engine),
-                                  nights_partitions.get_last_partition_key())
-    if not requests:
-        return scan, []
+             f"{scan.already_known} already known{changed}, {len(scan.waiting)} still being "
+             "written")
     instance = dagster_instance(settings)
-    job = build_definitions(settings, bind_env=False).resolve_job_def(ese_pipeline_job.name)
-    runs = []
-    for i, request in enumerate(requests, start=1):
-        paths = request.run_config["ops"]["photometry"]["config"]["image_paths"]
-        images_db.set_image_status(engine, paths, "queued")  # keep a running sensor off these files
+    plan = plan_unfinished(engine, instance, settings,
+                           last_night=build_partitions(settings).get_last_partition_key(),
+                           patient=False, grace_s=INGEST_GRACE_S)
+    progress(f"to measure: {plan.summary()}")
+    report = IngestReport(scan, plan)
+    if not plan.batches:
+        return report
+    job = build_definitions(settings, bind_env=False).resolve_job_def(JOB_NAME)
+    log_level = "DEBUG" if verbose else "CRITICAL"  # failures are summarised below instead
+    for i, batch in enumerate(plan.batches, start=1):
         started = time.monotonic()
         result = job.execute_in_process(
-            partition_key=request.partition_key,
-            run_config={**request.run_config, "loggers": {"console": {"config": {
-                "log_level": "DEBUG" if verbose else "WARNING"}}}},
-            instance=instance, tags={**request.tags, "ese/trigger": "cli"},
+            partition_key=batch.night,
+            run_config={**batch_run_config(batch),
+                        "loggers": {"console": {"config": {"log_level": log_level}}}},
+            instance=instance, tags={**batch_tags(batch, "cli"), **process_tags()},
             raise_on_error=False)
-        run = NightRun(request.partition_key, result.run_id, result.success, len(paths),
-                       time.monotonic() - started)
-        runs.append(run)
-        progress(f"[{i}/{len(requests)}] night {run.night}: {run.n_images} images, "
-                 f"{'succeeded' if run.success else 'FAILED'} in {run.seconds:.1f} s "
-                 f"(run {run.run_id[:8]})")
-    return scan, runs
+        run = NightRun(batch.night, result.run_id, result.success, len(batch.paths),
+                       time.monotonic() - started,
+                       error=None if result.success else _run_error(result))
+        report.runs.append(run)
+        outcome = "succeeded" if run.success else f"FAILED: {run.error}"
+        progress(f"[{i}/{len(plan.batches)}] night {run.night}: {run.n_images} images, "
+                 f"{outcome} ({run.seconds:.1f} s, run {run.run_id[:8]})")
+    return report

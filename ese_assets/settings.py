@@ -6,9 +6,11 @@ runs launched by the Dagster daemon in another process see the same files.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ese_assets.core.detection import (
     DEFAULT_MIN_DIP_SIGMA,
@@ -26,6 +28,20 @@ DEFAULT_SETTLE_SECONDS = 10.0
 
 #: Catalog flux limit (mJy) of forced photometry: every catalog source in the footprint.
 DEFAULT_MIN_FLUX_MJY = 0.0
+
+#: First night partition, time zone of the night calendar, hour of the nightly reconciliation.
+DEFAULT_PARTITION_START = "2020-01-01"
+DEFAULT_TIMEZONE = "UTC"
+DEFAULT_NIGHTLY_HOUR = 12
+DEFAULT_SENSOR_INTERVAL_SECONDS = 30
+
+#: First delay (seconds) of every retry: a Dagster step that met a busy or unreachable database
+#: waits this long, then twice as long...; a failed or orphaned image waits delay * 2**attempts
+#: (capped at an hour) before it is requested again.
+DEFAULT_RETRY_DELAY_S = 30.0
+#: Run requests per image before the sensor gives up on it (the nightly run and `ese ingest`
+#: still retry it).
+DEFAULT_MAX_ATTEMPTS = 5
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -60,6 +76,42 @@ def _exclude_flags(name: str) -> int:
         raise ValueError(f"environment variable {name}: {exc}") from None
 
 
+def _int(name: str, default: int) -> int:
+    value = _env_float(name, default)
+    if value != int(value):
+        raise ValueError(f"environment variable {name}={value!r} is not a whole number")
+    return int(value)
+
+
+def _validate(settings: Settings) -> None:
+    """One clear ValueError naming the environment variable of the first bad value."""
+    try:
+        dt.date.fromisoformat(settings.partition_start)
+    except ValueError:
+        raise ValueError(f"ESE_PARTITION_START={settings.partition_start!r} is not a date "
+                         "(YYYY-MM-DD)") from None
+    try:
+        ZoneInfo(settings.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"ESE_TIMEZONE={settings.timezone!r} is not an IANA time zone "
+                         "(e.g. UTC, America/Los_Angeles)") from None
+    checks = (
+        ("ESE_SETTLE_SECONDS", settings.settle_seconds, settings.settle_seconds >= 0, ">= 0"),
+        ("ESE_MIN_FLUX_MJY", settings.min_flux_mjy, settings.min_flux_mjy >= 0, ">= 0"),
+        ("ESE_FLUX_SCALE_ERROR", settings.flux_scale_error,
+         0 <= settings.flux_scale_error < 1, "in [0, 1)"),
+        ("ESE_MIN_OBS", settings.min_obs, settings.min_obs >= 2, ">= 2"),
+        ("ESE_NIGHTLY_HOUR", settings.nightly_hour, 0 <= settings.nightly_hour <= 23, "0-23"),
+        ("ESE_SENSOR_INTERVAL_SECONDS", settings.sensor_interval_seconds,
+         settings.sensor_interval_seconds >= 1, ">= 1"),
+        ("ESE_RETRY_DELAY_S", settings.retry_delay_s, settings.retry_delay_s >= 0, ">= 0"),
+        ("ESE_MAX_ATTEMPTS", settings.max_attempts, settings.max_attempts >= 1, ">= 1"),
+    )
+    for name, value, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"{name}={value!r} must be {rule}")
+
+
 def _abspath(value: str) -> str:
     """Absolute path for a filesystem path; URLs (``scheme://``) are returned unchanged."""
     return value if "://" in value else str(Path(value).expanduser().resolve())
@@ -87,6 +139,11 @@ class Settings:
     sensor_interval_seconds: int  # how often the daemon evaluates the incoming-directory sensor
     # photometry rows with any of these quality bits are left out of statistics (core.quality)
     exclude_flags: int = DEFAULT_EXCLUDED_FLAGS
+    retry_delay_s: float = DEFAULT_RETRY_DELAY_S  # first delay of step and image retries
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS  # run requests per image before the sensor gives up
+
+    def __post_init__(self) -> None:
+        _validate(self)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -101,8 +158,8 @@ class Settings:
             products_db=_abspath(_env("PIPELINE_PRODUCTS_DB", str(Path(data_dir) / "products.sqlite3"))),
             catalog_path=_abspath(catalog) if catalog else None,
             incoming_dir=_abspath(_env("ESE_INCOMING_DIR", str(Path(data_dir) / "incoming"))),
-            partition_start=_env("ESE_PARTITION_START", "2020-01-01"),
-            timezone=_env("ESE_TIMEZONE", "UTC"),
+            partition_start=_env("ESE_PARTITION_START", DEFAULT_PARTITION_START),
+            timezone=_env("ESE_TIMEZONE", DEFAULT_TIMEZONE),
             settle_seconds=_env_float("ESE_SETTLE_SECONDS", DEFAULT_SETTLE_SECONDS),
             min_flux_mjy=_env_float("ESE_MIN_FLUX_MJY", DEFAULT_MIN_FLUX_MJY),
             flux_scale_error=_env_float("ESE_FLUX_SCALE_ERROR", DEFAULT_FLUX_SCALE_ERROR),
@@ -110,10 +167,13 @@ class Settings:
             preset=preset,
             min_sigma=resolve_min_sigma(preset, float(min_sigma_env) if min_sigma_env else None),
             min_dip_sigma=_env_float("ESE_MIN_DIP_SIGMA", DEFAULT_MIN_DIP_SIGMA),
-            min_obs=int(_env_float("ESE_MIN_OBS", DEFAULT_MIN_OBS)),
-            nightly_hour=int(_env_float("ESE_NIGHTLY_HOUR", 12)),
-            sensor_interval_seconds=int(_env_float("ESE_SENSOR_INTERVAL_SECONDS", 30)),
+            min_obs=_int("ESE_MIN_OBS", DEFAULT_MIN_OBS),
+            nightly_hour=_int("ESE_NIGHTLY_HOUR", DEFAULT_NIGHTLY_HOUR),
+            sensor_interval_seconds=_int("ESE_SENSOR_INTERVAL_SECONDS",
+                                         DEFAULT_SENSOR_INTERVAL_SECONDS),
             exclude_flags=_exclude_flags("ESE_EXCLUDE_FLAGS"),
+            retry_delay_s=_env_float("ESE_RETRY_DELAY_S", DEFAULT_RETRY_DELAY_S),
+            max_attempts=_int("ESE_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS),
         )
 
     def detection(self) -> DetectionSettings:

@@ -15,6 +15,10 @@ from ese_assets.storage.schema import metadata
 #: Columns :func:`table_snapshot` leaves out by default: surrogate keys and processing times, which
 #: differ between two otherwise identical runs.
 SNAPSHOT_EXCLUDE = ("id", "measured_at", "updated_at", "flagged_at", "registered_at")
+#: Columns of ``images`` that record how the work went (file versions, run requests), not what
+#: was measured: two runs that reach the same result may differ in them.
+IMAGE_BOOKKEEPING = ("file_mtime", "file_ctime", "batch_token", "attempts", "queued_at",
+                     "next_attempt_at")
 
 #: Natural keys that :func:`table_snapshot` sorts by first (readable diffs), then all other columns.
 SNAPSHOT_SORT_KEYS = {"images": ("path",), "photometry": ("image_path", "source_id"),

@@ -30,7 +30,7 @@ TABLES = ("images", "photometry", "variability_stats", "ese_candidates", "source
           "source_sums")
 # Processing timestamps differ between runs by design; everything else must be identical.
 VOLATILE = ("id", "measured_at", "updated_at", "flagged_at", "registered_at", "last_measured_at",
-            "file_mtime")
+            *snapshots.IMAGE_BOOKKEEPING)
 
 
 def snapshot(engine) -> dict[str, pd.DataFrame]:

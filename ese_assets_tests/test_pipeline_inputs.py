@@ -9,11 +9,9 @@ import dagster as dg
 import numpy as np
 import pytest
 from astropy.io import fits
-from sqlalchemy import exc as sa_exc
 
 from ese_assets import pipeline
 from ese_assets.core.catalog import CatalogError, load_catalog
-from ese_assets.orchestration.assets import retry_if_database_locked
 from ese_assets.storage import images as images_db
 from ese_assets.storage import photometry as photometry_db
 from ese_assets.storage.engine import ensure_schema, make_engine
@@ -113,15 +111,6 @@ def test_malformed_catalog_fails_the_run_with_the_file_named(tmp_path, small_sur
     engine = make_engine(settings.products_db)
     assert photometry_db.photometry_counts(engine) == 0
     assert images_db.image_counts_by_status(engine)["measured"] == 0
-
-
-def test_database_lock_becomes_a_dagster_retry():
-    locked = sa_exc.OperationalError("INSERT", {}, Exception("database is locked"))
-    with pytest.raises(dg.RetryRequested), retry_if_database_locked():
-        raise locked
-    other = sa_exc.OperationalError("SELECT", {}, Exception("no such column: x"))
-    with pytest.raises(sa_exc.OperationalError), retry_if_database_locked():
-        raise other
 
 
 def test_copy_arriving_after_the_original_is_rejected(tmp_path, small_survey):

@@ -12,14 +12,11 @@ import dagster as dg
 
 from ese_assets.settings import Settings
 
-_settings = Settings.from_env()
-
-PARTITION_START = _settings.partition_start
-PARTITION_TIMEZONE = _settings.timezone
-
-nights_partitions = dg.DailyPartitionsDefinition(
-    start_date=PARTITION_START, timezone=PARTITION_TIMEZONE, end_offset=1
-)
-
 #: Date-range backfills launched from the UI run up to a week of nights per run.
 nights_backfill_policy = dg.BackfillPolicy.multi_run(max_partitions_per_run=7)
+
+
+def build_partitions(settings: Settings) -> dg.DailyPartitionsDefinition:
+    """Nights from ``settings.partition_start`` to tonight, in ``settings.timezone``."""
+    return dg.DailyPartitionsDefinition(start_date=settings.partition_start,
+                                        timezone=settings.timezone, end_offset=1)

@@ -21,10 +21,14 @@ from ese_assets.core.detection import (
 )
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
 from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS, DEFAULT_FLUX_SCALE_ERROR
-from ese_assets.settings import DEFAULT_MIN_FLUX_MJY, DEFAULT_SETTLE_SECONDS, Settings
+from ese_assets.settings import (
+    DEFAULT_MIN_FLUX_MJY,
+    DEFAULT_PARTITION_START,
+    DEFAULT_SETTLE_SECONDS,
+    DEFAULT_TIMEZONE,
+    Settings,
+)
 from ese_assets.storage.engine import ensure_schema, make_engine
-
-_schema_ready: set[str] = set()
 
 
 class ProductsDatabase(dg.ConfigurableResource):
@@ -35,9 +39,7 @@ class ProductsDatabase(dg.ConfigurableResource):
 
     def get_engine(self) -> Engine:
         engine = make_engine(self.url)
-        if self.url not in _schema_ready:  # create tables once per process
-            ensure_schema(engine)
-            _schema_ready.add(self.url)
+        ensure_schema(engine)  # once per process and engine
         return engine
 
 
@@ -59,6 +61,8 @@ class IncomingDirectory(dg.ConfigurableResource):
 
     path: str
     settle_seconds: float = DEFAULT_SETTLE_SECONDS  # a file unmodified this long is complete
+    timezone: str = DEFAULT_TIMEZONE  # a file's night is its observation date in this zone
+    partition_start: str = DEFAULT_PARTITION_START  # files observed before are rejected
 
 
 class DetectionResource(dg.ConfigurableResource):
@@ -94,7 +98,9 @@ def resources_from_settings(settings: Settings, *, bind_env: bool = True) -> dic
         "catalog": SourceCatalogResource(path=env(catalog_var, settings.catalog_path or ""),
                                          min_flux_mjy=settings.min_flux_mjy),
         "incoming": IncomingDirectory(path=env("ESE_INCOMING_DIR", settings.incoming_dir),
-                                      settle_seconds=settings.settle_seconds),
+                                      settle_seconds=settings.settle_seconds,
+                                      timezone=settings.timezone,
+                                      partition_start=settings.partition_start),
         "detection": DetectionResource(preset=settings.preset, min_sigma=settings.min_sigma,
                                        min_dip_sigma=settings.min_dip_sigma,
                                        min_obs=settings.min_obs,

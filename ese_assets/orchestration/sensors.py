@@ -1,78 +1,65 @@
-"""Sensor: new FITS files in the incoming directory become runs of their night.
+"""Sensor: new or changed FITS files in the incoming directory become runs of their night.
 
 Each tick lists the directory, registers files that are complete (unmodified for
-``settle_seconds``), records unusable files as rejected with their reason, and requests one run per
-night for the pending images, their paths in the run config. The run key is derived from the
-night and the image list, so a tick repeated after a crash never launches the same work twice.
+``settle_seconds``), records unusable files as rejected with their reason, and then requests runs
+for every image that still needs one: new images, images whose run failed, was canceled or never
+started, and failed images whose backoff has elapsed (:mod:`ese_assets.pipeline.recovery`). One
+run per night and batch, the batch's paths in the run config; the run key holds the batch token,
+so a tick repeated after a crash never launches the same work twice.
 """
 
 # No `from __future__ import annotations`: Dagster reads the config/resource annotations.
-import hashlib
-
 import dagster as dg
 
 from ese_assets import pipeline
-from ese_assets.orchestration.jobs import ese_pipeline_job
-from ese_assets.orchestration.partitions import (
-    PARTITION_START, PARTITION_TIMEZONE, nights_partitions,
-)
 from ese_assets.orchestration.resources import IncomingDirectory, ProductsDatabase
+from ese_assets.orchestration.runs import batch_run_config, batch_tags, plan_unfinished
 from ese_assets.settings import Settings
-from ese_assets.storage import images as images_db
 
-#: Upper bound on images per run, so one run of a busy night stays minutes long, not hours.
-MAX_IMAGES_PER_RUN = 400
 #: New files examined per tick: a tick must finish well within Dagster's sensor timeout (60 s),
 #: so a backlog of thousands of files is registered over several ticks.
 MAX_NEW_FILES_PER_TICK = 2000
 
 
-def night_run_requests(pending, last_night: str) -> list[dg.RunRequest]:
-    """One run request per night (and per ``MAX_IMAGES_PER_RUN`` images) of ``pending`` images."""
-    requests = []
-    for night, group in pending.groupby("night", sort=True):
-        if night > last_night:  # clock skew: the partition does not exist yet; wait for it
-            continue
-        paths = sorted(group["path"])
-        for start in range(0, len(paths), MAX_IMAGES_PER_RUN):
-            chunk = paths[start:start + MAX_IMAGES_PER_RUN]
-            digest = hashlib.sha1("\n".join(chunk).encode()).hexdigest()[:16]
-            requests.append(dg.RunRequest(
-                run_key=f"{night}:{digest}",
-                partition_key=night,
-                run_config={"ops": {"photometry": {"config": {"image_paths": chunk}}}},
-                tags={"ese/trigger": "sensor", "ese/images": str(len(chunk))},
-            ))
-    return requests
+def build_sensor(settings: Settings, job, partitions: dg.PartitionsDefinition):
+    """The incoming-directory sensor of ``job`` (on by default)."""
 
+    @dg.sensor(
+        job=job,
+        minimum_interval_seconds=settings.sensor_interval_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Registers new FITS files in ESE_INCOMING_DIR and runs every image that "
+                    "still needs a run (new, interrupted, failed).",
+    )
+    def incoming_images_sensor(context: dg.SensorEvaluationContext, products_db: ProductsDatabase,
+                               incoming: IncomingDirectory) -> dg.SensorResult | dg.SkipReason:
+        engine = products_db.get_engine()
+        scan = None
+        try:
+            scan = pipeline.scan_directory(engine, incoming.path,
+                                           settle_seconds=incoming.settle_seconds,
+                                           timezone=incoming.timezone,
+                                           first_night=incoming.partition_start,
+                                           limit=MAX_NEW_FILES_PER_TICK)
+        except FileNotFoundError as exc:
+            context.log.warning(str(exc))  # recovery of known images goes on regardless
+        if scan is not None:
+            for path, reason in scan.rejected:
+                context.log.warning(f"rejected {path}: {reason}")
+        plan = plan_unfinished(engine, context.instance, settings,
+                               last_night=partitions.get_last_partition_key(), patient=True)
+        for path in plan.gave_up:
+            context.log.error(f"{path}: giving up after {settings.max_attempts} requests")
+        if not plan.batches:
+            waiting = f", {len(scan.waiting)} still being written" if scan and scan.waiting else ""
+            rejected = len(scan.rejected) if scan else 0
+            return dg.SkipReason(f"nothing to run ({plan.summary()}; {rejected} rejected"
+                                 f"{waiting})")
+        context.log.info(plan.summary() + (f"; {scan.deferred} files left for the next tick"
+                                           if scan and scan.deferred else ""))
+        return dg.SensorResult(run_requests=[
+            dg.RunRequest(run_key=batch.run_key, partition_key=batch.night,
+                          run_config=batch_run_config(batch), tags=batch_tags(batch, "sensor"))
+            for batch in plan.batches])
 
-@dg.sensor(
-    job=ese_pipeline_job,
-    minimum_interval_seconds=Settings.from_env().sensor_interval_seconds,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Registers new FITS files in ESE_INCOMING_DIR and runs their nights.",
-)
-def incoming_images_sensor(context: dg.SensorEvaluationContext, products_db: ProductsDatabase,
-                           incoming: IncomingDirectory) -> dg.SensorResult | dg.SkipReason:
-    engine = products_db.get_engine()
-    try:
-        scan = pipeline.scan_directory(engine, incoming.path,
-                                       settle_seconds=incoming.settle_seconds,
-                                       timezone=PARTITION_TIMEZONE, first_night=PARTITION_START,
-                                       limit=MAX_NEW_FILES_PER_TICK)
-    except FileNotFoundError as exc:
-        return dg.SkipReason(str(exc))
-    for path, reason in scan.rejected:
-        context.log.warning(f"rejected {path}: {reason}")
-    pending = images_db.pending_images(engine)
-    last_night = nights_partitions.get_last_partition_key()
-    requests = night_run_requests(pending, last_night)
-    requested = [p for r in requests for p in r.run_config["ops"]["photometry"]["config"]["image_paths"]]
-    images_db.set_image_status(engine, requested, "queued")
-    if not requests:
-        waiting = f", {len(scan.waiting)} still being written" if scan.waiting else ""
-        return dg.SkipReason(f"no new images ({len(scan.rejected)} rejected{waiting})")
-    context.log.info(f"{len(requested)} new images in {len(requests)} runs; "
-                     f"{len(scan.rejected)} rejected, {len(scan.waiting)} still being written, "
-                     f"{scan.deferred} left for the next tick")
-    return dg.SensorResult(run_requests=requests)
+    return incoming_images_sensor

@@ -22,6 +22,7 @@ from ese_assets.core.photometry import forced_photometry
 from ese_assets.pipeline.progress import Progress, silent
 from ese_assets.storage import images as images_db
 from ese_assets.storage import photometry as photometry_db
+from ese_assets.storage.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,9 @@ def measure_image(engine: Engine, catalog: Catalog, path: str, *, min_flux_mjy: 
     """Forced photometry of every catalog source in one image, stored in one transaction.
 
     The file is read once. Unusable data (e.g. an all-NaN image, a file that became corrupt after
-    registration) marks the image ``rejected``; unexpected errors mark it ``failed`` so the nightly
-    run retries it. Either way the error is recorded and the caller moves on to the next image.
+    registration) marks the image ``rejected``; a file that cannot be read marks it ``failed``
+    (retried later, see :mod:`ese_assets.pipeline.recovery`). A database that is busy or
+    unreachable raises :class:`DatabaseUnavailable`: nothing is recorded, the caller retries.
     """
     now = time.time() if now is None else now
     try:
@@ -51,7 +53,7 @@ def measure_image(engine: Engine, catalog: Catalog, path: str, *, min_flux_mjy: 
         images_db.set_image_status(engine, [path], "rejected", reason=exc.reason)
         return ImageResult(path, "rejected", reason=exc.reason)
     except OSError as exc:
-        reason = f"cannot read file ({exc})"
+        reason = f"cannot read file ({exc.strerror or exc})"
         images_db.mark_image_failed(engine, path, reason)
         return ImageResult(path, "failed", reason=reason)
 
@@ -86,12 +88,19 @@ def measure_image(engine: Engine, catalog: Catalog, path: str, *, min_flux_mjy: 
 
 def measure_images(engine: Engine, catalog: Catalog, paths: Sequence[str], *,
                    min_flux_mjy: float = 0.0, progress: Progress = silent) -> list[ImageResult]:
-    """:func:`measure_image` for each path; one bad image never stops the others."""
+    """:func:`measure_image` for each path; one bad image never stops the others.
+
+    The error boundary is per image, except for :class:`DatabaseUnavailable`: a busy or lost
+    database is not the image's fault, so it propagates (the Dagster step retries with backoff;
+    the images not yet measured stay queued and are requested again if the retries run out).
+    """
     results = []
     for i, path in enumerate(paths, start=1):
         try:
             res = measure_image(engine, catalog, path, min_flux_mjy=min_flux_mjy)
-        except Exception as exc:  # noqa: BLE001 - recorded, and the night goes on
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:  # recorded, and the night goes on
             log.exception("measuring %s failed", path)
             reason = f"{type(exc).__name__}: {exc}"
             images_db.mark_image_failed(engine, path, reason)

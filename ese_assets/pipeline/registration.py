@@ -20,6 +20,7 @@ from ese_assets.core.fits_image import ImageError, ImageInfo, read_image_info
 from ese_assets.core.nights import night_of_mjd
 from ese_assets.pipeline.progress import Progress, silent
 from ese_assets.storage import images as images_db
+from ese_assets.storage import photometry as photometry_db
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class ScanResult:
     waiting: list[str] = field(default_factory=list)  # still being written; looked at next time
     already_known: int = 0
     deferred: int = 0  # new files left for the next call (``limit``)
+    changed: list[str] = field(default_factory=list)  # registered files that changed: re-examined
 
 
 def _candidate_files(directory: Path) -> list[os.DirEntry]:
@@ -60,22 +62,27 @@ def _candidate_files(directory: Path) -> list[os.DirEntry]:
         )
 
 
-def _image_record(info: ImageInfo, *, night: str, size: int, mtime: float, now: float) -> dict:
+def _file_facts(stat: os.stat_result) -> dict:
+    """What identifies a file's version: size and modification time (content), change time
+    (permissions: a rejected unreadable file that becomes readable)."""
+    return {"file_size": stat.st_size, "file_mtime": stat.st_mtime, "file_ctime": stat.st_ctime}
+
+
+def _image_record(info: ImageInfo, *, night: str, stat: os.stat_result, now: float) -> dict:
     return {
         "path": info.path, "night": night, "mjd": info.mjd, "date_obs": info.date_obs,
         "beam_maj_deg": info.beam.major_deg, "beam_min_deg": info.beam.minor_deg,
         "beam_pa_deg": info.beam.pa_deg, "freq_hz": info.freq_hz,
         "ra_center_deg": info.center_ra_deg, "dec_center_deg": info.center_dec_deg,
         "radius_deg": info.radius_deg, "naxis1": info.shape[1], "naxis2": info.shape[0],
-        "status": "pending", "reason": None, "file_size": size, "file_mtime": mtime,
-        "registered_at": now,
+        "status": "pending", "reason": None, "registered_at": now, **_file_facts(stat),
     }
 
 
-def _rejected_record(path: str, reason: str, *, size: int | None, mtime: float | None,
-                     now: float, night: str | None = None, mjd: float | None = None) -> dict:
+def _rejected_record(path: str, reason: str, *, stat: os.stat_result, now: float,
+                     night: str | None = None, mjd: float | None = None) -> dict:
     return {"path": path, "night": night, "mjd": mjd, "status": "rejected", "reason": reason,
-            "file_size": size, "file_mtime": mtime, "registered_at": now}
+            "registered_at": now, **_file_facts(stat)}
 
 
 def _same_pointing(a: dict, b: dict) -> bool:
@@ -98,9 +105,11 @@ def inspect_files(
 ) -> ScanResult:
     """Register the given files in ``images``: usable images as ``pending``, others ``rejected``.
 
-    Files already in ``images`` are left alone, except rejected files whose size or modification
-    time changed since (they are examined again). A file modified less than ``settle_seconds``
-    ago is still being written and is left for the next look. A file is rejected (with a reason
+    Files already in ``images`` are left alone unless they changed since (see
+    :func:`_release_changed_files`): then they are examined again as new files, and a measured
+    file rewritten in place is measured again (its rows are replaced in one transaction). A file
+    modified less than ``settle_seconds`` ago is still being written and is left for the next
+    look. A file is rejected (with a reason
     that names the file and the problem) when it is not a readable FITS image with WCS, beam and
     time, when its night precedes ``first_night`` (the first partition), or when it duplicates an
     image already registered (same observation time and pointing, e.g. the same file copied under
@@ -112,9 +121,11 @@ def inspect_files(
     """
     now = time.time() if now is None else now
     paths = [str(Path(p).expanduser().resolve()) for p in paths]
-    _release_rewritten_rejections(engine, paths)
+    result = ScanResult()
+    result.changed = _release_changed_files(engine, paths, now=now,
+                                            settle_seconds=settle_seconds)
     known = images_db.known_image_paths(engine, paths)
-    result = ScanResult(already_known=len(known))
+    result.already_known = len(known)
     new = [p for p in paths if p not in known]
     if limit is not None and len(new) > limit:
         result.deferred = len(new) - limit
@@ -140,15 +151,20 @@ def _register_batch(engine: Engine, paths: list[str], result: ScanResult, *, tim
         if now - stat.st_mtime < settle_seconds:
             result.waiting.append(path)
             continue
-        records.append(_inspect_one(path, stat, timezone=timezone, first_night=first_night, now=now))
+        records.append(_inspect_one(path, stat, timezone=timezone, first_night=first_night,
+                                    now=now))
     _reject_duplicates(engine, [r for r in records if r["status"] == "pending"])
     images_db.register_images(engine, records)
+    # A measured file rewritten into something unusable: its old rows describe no file any more.
+    changed = set(result.changed)
+    photometry_db.delete_image_photometry(
+        engine, [r["path"] for r in records if r["status"] == "rejected" and r["path"] in changed])
     for rec in records:
         if rec["status"] == "pending":
             result.registered.append(rec["path"])
         else:
             result.rejected.append((rec["path"], rec["reason"]))
-            log.warning("rejected %s: %s", rec["path"], rec["reason"])
+            log.info("rejected %s: %s", rec["path"], rec["reason"])
             progress(f"rejected {rec['path']}: {rec['reason']}")
 
 
@@ -184,20 +200,36 @@ def _reject_duplicates(engine: Engine, usable: list[dict]) -> None:
                        reason=f"duplicate of {twin} (same observation time and pointing)")
 
 
-def _release_rewritten_rejections(engine: Engine, paths: list[str]) -> None:
-    """Forget rejections of files that changed since (e.g. a transfer that stalled past the settle
-    time and then completed), so they are examined again instead of staying rejected forever."""
+def _release_changed_files(engine: Engine, paths: list[str], *, now: float,
+                           settle_seconds: float) -> list[str]:
+    """Forget the registrations of files that changed since; returns their paths.
+
+    A change of size or modification time means new content (an image rewritten in place, a
+    stalled transfer that completed); for rejected files a change of the change time (ctime)
+    counts too, since it is how a permission fix shows (``chmod`` does not touch the content).
+    Files still settling are left for a later look, as new files are.
+    """
+    states = images_db.file_states(engine, paths)
     changed = []
-    for path, (size, mtime) in images_db.rejected_file_states(engine, paths).items():
+    for row in states.itertuples(index=False):
         try:
-            stat = os.stat(path)
-        except FileNotFoundError:
+            stat = os.stat(row.path)
+        except OSError:
+            continue  # gone, or unreachable: nothing to re-examine now
+        if now - stat.st_mtime < settle_seconds:
             continue
-        if size != stat.st_size or mtime is None or abs(mtime - stat.st_mtime) > 1e-6:
-            changed.append(path)
+        content = (row.file_size != stat.st_size or _differs(row.file_mtime, stat.st_mtime))
+        access = row.status == "rejected" and _differs(row.file_ctime, stat.st_ctime)
+        if content or access:
+            changed.append(row.path)
     if changed:
-        images_db.forget_rejected_images(engine, changed)
-        log.info("re-examining %d rejected files that changed: %s", len(changed), changed[:5])
+        images_db.forget_images(engine, changed)
+        log.info("re-examining %d files that changed: %s", len(changed), changed[:5])
+    return changed
+
+
+def _differs(recorded: float | None, actual: float) -> bool:
+    return recorded is None or recorded != recorded or abs(recorded - actual) > 1e-6
 
 
 def _inspect_one(path: str, stat: os.stat_result, *, timezone: str, first_night: str,
@@ -205,17 +237,16 @@ def _inspect_one(path: str, stat: os.stat_result, *, timezone: str, first_night:
     try:
         info = read_image_info(path)
     except ImageError as exc:
-        return _rejected_record(path, exc.reason, size=stat.st_size, mtime=stat.st_mtime, now=now)
+        return _rejected_record(path, exc.reason, stat=stat, now=now)
     except OSError as exc:  # permissions and the like: record, never stop the scan
-        return _rejected_record(path, f"cannot read file ({exc})", size=stat.st_size,
-                                mtime=stat.st_mtime, now=now)
+        return _rejected_record(path, f"cannot read file ({exc.strerror or exc})", stat=stat,
+                                now=now)
     night = night_of_mjd(info.mjd, timezone)
     if night < first_night:
         return _rejected_record(
             path, f"observation night {night} precedes the first partition {first_night} "
-                  f"(set ESE_PARTITION_START)", size=stat.st_size, mtime=stat.st_mtime,
-            now=now, night=night, mjd=info.mjd)
-    return _image_record(info, night=night, size=stat.st_size, mtime=stat.st_mtime, now=now)
+                  f"(set ESE_PARTITION_START)", stat=stat, now=now, night=night, mjd=info.mjd)
+    return _image_record(info, night=night, stat=stat, now=now)
 
 
 def scan_directory(engine: Engine, directory: str | Path, **kwargs) -> ScanResult:

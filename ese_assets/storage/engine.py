@@ -30,12 +30,14 @@ import contextlib
 import os
 import re
 import threading
+import weakref
 from collections.abc import Iterator
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
+from ese_assets.storage.errors import DatabaseUnavailable, describe, is_transient
 from ese_assets.storage.schema import metadata
 
 #: Environment variable: SQLite busy timeout in seconds (float).
@@ -49,6 +51,9 @@ _SCHEMA_LOCK_KEY = 0x45534553  # "ESES"
 
 _engines: dict[tuple[str, int], Engine] = {}
 _engines_lock = threading.Lock()
+# Engines whose schema this process has checked (ensure_schema runs once per engine; a disposed
+# engine is forgotten, so a database re-created under the same URL is checked again).
+_schema_checked: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def _busy_timeout_ms() -> int:
@@ -110,6 +115,21 @@ def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
             conn.exec_driver_sql("BEGIN")
 
 
+def _raise_transient_as_unavailable(engine: Engine) -> None:
+    """Every transient driver error of ``engine`` surfaces as :class:`DatabaseUnavailable`.
+
+    SQLAlchemy's ``handle_error`` hook sees errors of statements, commits and new connections
+    alike, after its own clean-up (a dead connection is still invalidated and replaced), so no
+    call site can forget the translation.
+    """
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: sa.engine.ExceptionContext) -> None:
+        error = context.sqlalchemy_exception
+        if error is not None and is_transient(error):
+            raise DatabaseUnavailable(f"database unavailable: {describe(error)}") from error
+
+
 def make_engine(url_or_path: str | os.PathLike[str]) -> Engine:
     """Return the (cached) engine for a database URL or an SQLite file path.
 
@@ -140,6 +160,7 @@ def make_engine(url_or_path: str | os.PathLike[str]) -> Engine:
             engine = sa.create_engine(url, pool_pre_ping=True)
         else:
             engine = sa.create_engine(url, pool_pre_ping=True)
+        _raise_transient_as_unavailable(engine)
         _engines[key] = engine
         return engine
 
@@ -177,16 +198,58 @@ def begin_write(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
-def ensure_schema(engine: Engine) -> None:
-    """Create missing tables and indexes (``metadata.create_all``); idempotent.
+def _missing_schema(conn: Connection) -> tuple[bool, dict[str, list[sa.Column]]]:
+    """(some table or index is missing, {existing table: columns it lacks})."""
+    inspector = sa.inspect(conn)
+    existing = set(inspector.get_table_names())
+    missing_table = any(t.name not in existing for t in metadata.sorted_tables)
+    missing_columns: dict[str, list[sa.Column]] = {}
+    for table in metadata.sorted_tables:
+        if table.name not in existing:
+            continue
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        lacking = [c for c in table.columns if c.name not in have]
+        if lacking:
+            missing_columns[table.name] = lacking
+        have_indexes = {i["name"] for i in inspector.get_indexes(table.name)}
+        if any(i.name not in have_indexes for i in table.indexes):
+            missing_table = True
+    return missing_table, missing_columns
 
-    Concurrent callers are serialised (SQLite write lock; a PostgreSQL transaction-scoped advisory
-    lock) so two processes starting at once do not both try to create the same table.
+
+def _add_columns(conn: Connection, table: str, columns: list[sa.Column]) -> None:
+    """``ALTER TABLE ... ADD COLUMN`` for columns added to the schema since the file was made.
+
+    Only columns that are nullable or have a server default can be added to a table with rows;
+    every column this project adds is one of those.
     """
-    with begin_write(engine) as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
-        metadata.create_all(conn, checkfirst=True)
+    preparer = conn.dialect.identifier_preparer
+    for column in columns:
+        ddl = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
+        conn.execute(sa.text(f"ALTER TABLE {preparer.quote(table)} ADD COLUMN {ddl}"))
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create missing tables, indexes and added columns; idempotent, once per process and URL.
+
+    The check is a read (no write lock): only a database that lacks something takes the write
+    lock, so readers such as the API never wait for a writer. Concurrent creators are serialised
+    (SQLite write lock; a PostgreSQL transaction-scoped advisory lock) and re-check under it.
+    """
+    if engine in _schema_checked:
+        return
+    with engine.connect() as conn:
+        missing_table, missing_columns = _missing_schema(conn)
+    if missing_table or missing_columns:
+        with begin_write(engine) as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"),
+                             {"key": _SCHEMA_LOCK_KEY})
+            _, missing_columns = _missing_schema(conn)
+            for table, columns in missing_columns.items():
+                _add_columns(conn, table, columns)
+            metadata.create_all(conn, checkfirst=True)
+    _schema_checked.add(engine)
 
 
 _PASSWORD_RE = re.compile(r"(://[^:/@]*:)[^@]*@")

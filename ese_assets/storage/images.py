@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -16,12 +16,13 @@ from ese_assets.storage.access import (
     clean_mapping,
     dialect_insert,
     now,
+    read_chunked,
     read_frame,
     reading,
     unique_str,
     writing,
 )
-from ese_assets.storage.schema import IMAGE_STATUSES, images
+from ese_assets.storage.schema import IMAGE_STATUSES, UNFINISHED_STATUSES, images
 
 #: Statuses :func:`night_images` returns by default: every image that is not ``rejected``.
 USABLE_STATUSES = tuple(s for s in IMAGE_STATUSES if s != "rejected")
@@ -37,29 +38,32 @@ def known_image_paths(bind: Bind, paths: Iterable[str]) -> set[str]:
     return found
 
 
-def rejected_file_states(bind: Bind, paths: Iterable[str]) -> dict[str, tuple[Any, Any]]:
-    """``{path: (file_size, file_mtime)}`` recorded for the rejected images among ``paths``."""
-    states: dict[str, tuple[Any, Any]] = {}
+def file_states(bind: Bind, paths: Iterable[str]) -> pd.DataFrame:
+    """What was recorded about the files among ``paths`` that are registered.
+
+    DataFrame[path, status, file_size, file_mtime, file_ctime], one row per registered path.
+    """
+
+    def stmt(chunk: list[str]) -> sa.Select[Any]:
+        return (sa.select(images.c.path, images.c.status, images.c.file_size,
+                          images.c.file_mtime, images.c.file_ctime)
+                .where(images.c.path.in_(chunk)))
+
     with reading(bind) as conn:
-        for chunk in chunks(unique_str(paths)):
-            rows = conn.execute(
-                sa.select(images.c.path, images.c.file_size, images.c.file_mtime)
-                .where(images.c.path.in_(chunk), images.c.status == "rejected"))
-            states.update({r.path: (r.file_size, r.file_mtime) for r in rows})
-    return states
+        return read_chunked(conn, stmt, unique_str(paths))
 
 
-def forget_rejected_images(bind: Bind, paths: Iterable[str]) -> int:
-    """Delete the ``rejected`` rows of ``paths`` (so the files are examined again); returns count.
+def forget_images(bind: Bind, paths: Iterable[str]) -> int:
+    """Delete the ``images`` rows of ``paths`` so the files are registered again; returns count.
 
-    Only rejected rows are touched: a measured image keeps its row and its photometry.
+    Used for files that changed since they were registered (rewritten in place, a stalled
+    transfer completed, a permission fixed). Their photometry rows stay until the new content is
+    measured (one transaction replaces them) or rejected (then the caller deletes them).
     """
     deleted = 0
     with writing(bind) as conn:
         for chunk in chunks(unique_str(paths)):
-            deleted += conn.execute(
-                sa.delete(images).where(images.c.path.in_(chunk),
-                                        images.c.status == "rejected")).rowcount
+            deleted += conn.execute(sa.delete(images).where(images.c.path.in_(chunk))).rowcount
     return deleted
 
 
@@ -120,8 +124,84 @@ def set_image_status(bind: Bind, paths: Iterable[str], status: str,
 
 
 def mark_image_failed(bind: Bind, path: str, reason: str) -> int:
-    """Set an image to ``failed`` with the reason (its previous photometry rows, if any, stay)."""
-    return set_image_status(bind, [path], "failed", reason=reason)
+    """Set an image to ``failed`` with the reason (earlier photometry rows, if any, stay).
+
+    Its retry time is the one set when it was last requested (:func:`claim_images`), or now for
+    an image that was never requested, so an automatic retry stays possible; only
+    :func:`give_up_images` stops them.
+    """
+    with writing(bind) as conn:
+        return conn.execute(images.update().where(images.c.path == str(path))
+                            .values(status="failed", reason=reason,
+                                    next_attempt_at=sa.func.coalesce(images.c.next_attempt_at,
+                                                                     now()))).rowcount
+
+
+def unfinished_images(bind: Bind) -> pd.DataFrame:
+    """Images that still need a run (:data:`UNFINISHED_STATUSES`), with their bookkeeping.
+
+    DataFrame[path, night, status, reason, batch_token, attempts, queued_at, next_attempt_at],
+    ordered by night and path.
+    """
+    stmt = (sa.select(images.c.path, images.c.night, images.c.status, images.c.reason,
+                      images.c.batch_token, images.c.attempts, images.c.queued_at,
+                      images.c.next_attempt_at)
+            .where(images.c.status.in_(UNFINISHED_STATUSES))
+            .order_by(images.c.night, images.c.path))
+    with reading(bind) as conn:
+        return read_frame(conn, stmt)
+
+
+def claim_images(bind: Bind, expected: Sequence[Mapping[str, Any]], token: str, *,
+                 queued_at: float) -> list[str]:
+    """Queue the images of ``expected`` for the run of batch ``token``; returns the paths claimed.
+
+    Each item of ``expected`` holds ``path``, ``status`` and ``batch_token`` as read by the
+    caller, and ``retry_at``: when the image may be requested again if this run does not measure
+    it. An image is claimed only if it still has that status and token, so two processes
+    planning at once (the sensor and ``ese ingest``) never queue the same image twice: on SQLite
+    the write transaction serialises them, on PostgreSQL the row's conditions are re-checked
+    after a concurrent update.
+    """
+    if not expected:
+        return []
+    stmt = (images.update()
+            .where(images.c.path == sa.bindparam("b_path"),
+                   images.c.status == sa.bindparam("b_status"),
+                   sa.func.coalesce(images.c.batch_token, "") == sa.bindparam("b_token"))
+            .values(status="queued", batch_token=token, queued_at=queued_at,
+                    next_attempt_at=sa.bindparam("b_retry"), attempts=images.c.attempts + 1))
+    params = [{"b_path": str(e["path"]), "b_status": str(e["status"]),
+               "b_token": str(e.get("batch_token") or ""), "b_retry": float(e["retry_at"])}
+              for e in expected]
+    with writing(bind) as conn:
+        for chunk in chunks(params):
+            conn.execute(stmt, chunk)
+        return sorted(conn.execute(sa.select(images.c.path)
+                                   .where(images.c.batch_token == token)).scalars())
+
+
+def give_up_images(bind: Bind, paths: Iterable[str], reason: str) -> int:
+    """Mark images ``failed`` with no automatic retry (the sensor's attempts are used up)."""
+    updated = 0
+    with writing(bind) as conn:
+        for chunk in chunks(unique_str(paths)):
+            updated += conn.execute(images.update().where(images.c.path.in_(chunk))
+                                    .values(status="failed", reason=reason,
+                                            next_attempt_at=None)).rowcount
+    return updated
+
+
+def set_waiting_reason(bind: Bind, paths: Iterable[str], reason: str | None) -> int:
+    """Record why pending images are not requested yet (e.g. their night does not exist)."""
+    updated = 0
+    with writing(bind) as conn:
+        for chunk in chunks(unique_str(paths)):
+            updated += conn.execute(
+                images.update().where(images.c.path.in_(chunk), images.c.status == "pending",
+                                      sa.func.coalesce(images.c.reason, "") != (reason or ""))
+                .values(reason=reason)).rowcount
+    return updated
 
 
 def pending_images(bind: Bind) -> pd.DataFrame:

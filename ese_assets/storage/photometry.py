@@ -108,6 +108,17 @@ def replace_image_photometry(bind: Bind, image_path: str, rows: pd.DataFrame,
     return len(records)
 
 
+def delete_image_photometry(bind: Bind, image_paths: Iterable[str]) -> int:
+    """Delete every photometry row of the given images (files whose content is no longer a usable
+    image: the old rows do not describe any file any more). Returns the rows deleted."""
+    deleted = 0
+    with writing(bind) as conn:
+        for chunk in chunks(unique_str(image_paths)):
+            deleted += conn.execute(
+                photometry.delete().where(photometry.c.image_path.in_(chunk))).rowcount
+    return deleted
+
+
 def _lightcurve_select() -> sa.Select[Any]:
     return sa.select(*(photometry.c[c] for c in LIGHTCURVE_COLUMNS))
 

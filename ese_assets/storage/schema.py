@@ -15,10 +15,14 @@ from ese_assets.core.variability import COUNT_COLUMNS, EXTREME_COLUMNS, SUM_COLU
 
 metadata = sa.MetaData()
 
-#: Image lifecycle: ``pending`` (registered, waiting for a run) -> ``queued`` (a run was requested)
-#: -> ``measured`` | ``failed`` (measurement raised; retried by the nightly run). ``rejected`` files
-#: are not usable images (corrupt, missing keywords...) and are never measured.
+#: Image lifecycle: ``pending`` (registered, waiting for a run) -> ``queued`` (a run was requested
+#: for its batch) -> ``measured`` | ``failed`` (the measurement raised; retried with backoff).
+#: ``rejected`` files are not usable images (corrupt, missing keywords...): never measured, but
+#: examined again when the file changes. Anything not measured or rejected is picked up again
+#: automatically (:mod:`ese_assets.pipeline.recovery`).
 IMAGE_STATUSES = ("pending", "queued", "measured", "failed", "rejected")
+#: Statuses of images that still need a run.
+UNFINISHED_STATUSES = ("pending", "queued", "failed")
 
 images = sa.Table(
     "images",
@@ -45,9 +49,19 @@ images = sa.Table(
     sa.Column("file_mtime", sa.Float, nullable=True),
     sa.Column("registered_at", sa.Float, nullable=False),
     sa.Column("measured_at", sa.Float, nullable=True),
+    # Recovery bookkeeping (added): the change time tells a rejected file that became readable;
+    # a queued image belongs to the batch of one run request (the run's ``ese/batch`` tag);
+    # attempts counts run requests, next_attempt_at is when a failed or orphaned image may be
+    # requested again (exponential backoff).
+    sa.Column("file_ctime", sa.Float, nullable=True),
+    sa.Column("batch_token", sa.String(40), nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("queued_at", sa.Float, nullable=True),
+    sa.Column("next_attempt_at", sa.Float, nullable=True),
     sa.CheckConstraint(sa.column("status").in_(IMAGE_STATUSES), name="ck_images_status"),
 )
 sa.Index("ix_images_night_status", images.c.night, images.c.status)
+sa.Index("ix_images_status", images.c.status)
 
 photometry = sa.Table(
     "photometry",

@@ -1,0 +1,119 @@
+"""What the Dagster instance says about the runs that were asked to measure images.
+
+Every run request for a batch of images carries the batch's token (tag :data:`TOKEN_TAG`), which is
+also written on the batch's ``images`` rows when they are queued. A queued image is *in flight*
+while a run with its token is queued or running; otherwise the run failed, was canceled, died with
+its process, or was never launched, and the image is requested again (see
+:mod:`ese_assets.pipeline.recovery`).
+
+Runs that ``ese ingest`` executes in its own process carry the process id and host name, so a run
+left ``STARTED`` by a killed ``ese ingest`` is recognised as dead and marked failed in the instance
+(the UI then shows it as failed rather than running for ever). Runs launched by the daemon are
+watched by Dagster's own run monitoring (``run_monitoring`` in ``dagster.yaml``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import dagster as dg
+from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
+from sqlalchemy import Engine
+
+from ese_assets.orchestration.jobs import JOB_NAME
+from ese_assets.pipeline.recovery import ORPHAN_GRACE_S, Batch, Plan, plan_runs
+from ese_assets.settings import Settings
+
+#: Tag naming the image batch a run measures (the token stored on the batch's ``images`` rows).
+TOKEN_TAG = "ese/batch"
+#: Tags of runs executed in the process of ``ese ingest`` (pid, host), to recognise dead ones.
+PID_TAG = "ese/pid"
+HOST_TAG = "ese/host"
+
+
+def process_tags() -> dict[str, str]:
+    """Tags that identify the current process, for runs executed in it."""
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _is_dead_cli_run(run: dg.DagsterRun) -> bool:
+    pid, host = run.tags.get(PID_TAG), run.tags.get(HOST_TAG)
+    if not pid or host != socket.gethostname() or not pid.isdigit():
+        return False
+    return int(pid) != os.getpid() and not _process_alive(int(pid))
+
+
+def in_flight_runs(instance: dg.DagsterInstance, job_name: str) -> list[dg.DagsterRun]:
+    """Runs of ``job_name`` that are queued or running, after failing those whose process died."""
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name,
+                                                   statuses=IN_PROGRESS_RUN_STATUSES))
+    alive = []
+    for run in runs:
+        if _is_dead_cli_run(run):
+            instance.report_run_failed(
+                run, message=f"the process that executed this run (pid {run.tags[PID_TAG]}) "
+                             "is gone; its images are requested again")
+        else:
+            alive.append(run)
+    return alive
+
+
+def in_flight_work(instance: dg.DagsterInstance,
+                   job_name: str) -> tuple[set[str], list[tuple[str, str]]]:
+    """(image batch tokens, night ranges ``(first, last)``) being processed by live runs.
+
+    A run without a token (schedule, backfill, a run launched from the UI) measures its whole
+    nights, so its partition key (or key range) is returned as nights in flight.
+    """
+    tokens: set[str] = set()
+    nights: list[tuple[str, str]] = []
+    for run in in_flight_runs(instance, job_name):
+        token = run.tags.get(TOKEN_TAG)
+        if token:
+            tokens.add(token)
+            continue
+        key = run.tags.get("dagster/partition")
+        start = run.tags.get("dagster/asset_partition_range_start")
+        end = run.tags.get("dagster/asset_partition_range_end")
+        if key:
+            nights.append((key, key))
+        elif start and end:
+            nights.append((start, end))
+    return tokens, nights
+
+
+def tokens_with_runs(instance: dg.DagsterInstance, tokens: set[str]) -> set[str]:
+    """The tokens among ``tokens`` for which a run exists in the instance (in any status)."""
+    return {t for t in tokens
+            if instance.get_runs(filters=dg.RunsFilter(tags={TOKEN_TAG: t}), limit=1)}
+
+
+def batch_run_config(batch: Batch) -> dict:
+    """Run config that makes ``photometry`` measure exactly the batch's images."""
+    return {"ops": {"photometry": {"config": {"image_paths": list(batch.paths)}}}}
+
+
+def batch_tags(batch: Batch, trigger: str) -> dict[str, str]:
+    return {TOKEN_TAG: batch.token, "ese/trigger": trigger, "ese/images": str(len(batch.paths))}
+
+
+def plan_unfinished(engine: Engine, instance: dg.DagsterInstance, settings: Settings, *,
+                    last_night: str, patient: bool, grace_s: float = ORPHAN_GRACE_S) -> Plan:
+    """:func:`ese_assets.pipeline.recovery.plan_runs` with the live runs of ``instance``."""
+    tokens, nights = in_flight_work(instance, JOB_NAME)
+    return plan_runs(engine, last_night=last_night, in_flight_tokens=tokens,
+                     in_flight_nights=nights,
+                     tokens_with_runs=lambda wanted: tokens_with_runs(instance, wanted),
+                     retry_delay_s=settings.retry_delay_s, max_attempts=settings.max_attempts,
+                     patient=patient, grace_s=grace_s)
