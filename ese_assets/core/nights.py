@@ -17,13 +17,13 @@ NIGHT_FORMAT = "%Y-%m-%d"
 
 def night_of_mjd(mjd_utc: float, timezone: str = "UTC") -> str:
     """Night (``YYYY-MM-DD`` in ``timezone``) of an observation at UTC MJD ``mjd_utc``."""
-    when = Time(float(mjd_utc), format="mjd", scale="utc").to_datetime(timezone=dt.timezone.utc)
+    when = Time(float(mjd_utc), format="mjd", scale="utc").to_datetime(timezone=dt.UTC)
     return when.astimezone(ZoneInfo(timezone)).strftime(NIGHT_FORMAT)
 
 
 def night_bounds_mjd(night: str, timezone: str = "UTC") -> tuple[float, float]:
     """UTC MJD interval ``[start, end)`` covered by ``night`` in ``timezone``."""
     day = dt.datetime.strptime(night, NIGHT_FORMAT).replace(tzinfo=ZoneInfo(timezone))
-    start = Time(day.astimezone(dt.timezone.utc)).mjd
-    end = Time((day + dt.timedelta(days=1)).astimezone(dt.timezone.utc)).mjd
+    start = Time(day.astimezone(dt.UTC)).mjd
+    end = Time((day + dt.timedelta(days=1)).astimezone(dt.UTC)).mjd
     return float(start), float(end)
