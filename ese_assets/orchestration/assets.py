@@ -24,6 +24,7 @@ from ese_assets.core.candidates import OPEN_STATUSES
 from ese_assets.core.errors import InputError
 from ese_assets.core.values import py_scalar
 from ese_assets.orchestration.partitions import nights_backfill_policy
+from ese_assets.orchestration.runs import PID_TAG, process_tags
 from ese_assets.orchestration.resources import (
     DetectionResource,
     IncomingDirectory,
@@ -151,6 +152,9 @@ def build_assets(partitions: dg.PartitionsDefinition,
         re-running a night (or a run killed half-way) never duplicates or half-writes measurements.
         """
         nights = list(context.partition_keys)
+        if context.run.tags.get(PID_TAG) != process_tags()[PID_TAG]:
+            # lets the sensor tell a run whose process died from one that is still measuring
+            context.instance.add_run_tags(context.run_id, process_tags())
         engine = products_db.get_engine()
         with failures_for_dagster():
             sources = catalog.load()  # validated before any image: a bad catalog fails at once

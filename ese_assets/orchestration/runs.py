@@ -6,10 +6,12 @@ while a run with its token is queued or running; otherwise the run failed, was c
 its process, or was never launched, and the image is requested again (see
 :mod:`ese_assets.pipeline.recovery`).
 
-Runs that ``ese ingest`` executes in its own process carry the process id and host name, so a run
-left ``STARTED`` by a killed ``ese ingest`` is recognised as dead and marked failed in the instance
-(the UI then shows it as failed rather than running for ever). Runs launched by the daemon are
-watched by Dagster's own run monitoring (``run_monitoring`` in ``dagster.yaml``).
+Every run records the process id and host name of the process that executes it (``ese ingest``
+tags its runs; the ``photometry`` step adds the tags to runs launched by the daemon), so a run left
+``STARTED`` by a process that was killed is recognised as dead and marked failed in the instance
+(the UI then shows it failed rather than running for ever). Dagster's own run monitoring
+(``dagster.yaml``) fails runs that never get past ``STARTING``; its worker health check is not
+available for local processes, hence the process tags.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _is_dead_cli_run(run: dg.DagsterRun) -> bool:
+def _is_dead_run(run: dg.DagsterRun) -> bool:
     pid, host = run.tags.get(PID_TAG), run.tags.get(HOST_TAG)
     if not pid or host != socket.gethostname() or not pid.isdigit():
         return False
@@ -60,7 +62,7 @@ def in_flight_runs(instance: dg.DagsterInstance, job_name: str) -> list[dg.Dagst
                                                    statuses=IN_PROGRESS_RUN_STATUSES))
     alive = []
     for run in runs:
-        if _is_dead_cli_run(run):
+        if _is_dead_run(run):
             instance.report_run_failed(
                 run, message=f"the process that executed this run (pid {run.tags[PID_TAG]}) "
                              "is gone; its images are requested again")
