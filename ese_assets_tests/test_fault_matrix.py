@@ -403,22 +403,33 @@ def case_unreadable_then_readable(h: Harness) -> None:
     """``ese ingest`` run as an unprivileged user cannot read a mode-000 file: it is rejected with
     the reason; made readable (only its ctime changes), the next plain run measures it."""
     last = h.names[-1]
-    root = Path(tempfile.mkdtemp(prefix="ese-fault-nobody-"))  # pytest's tmp is root-only
-    h.request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
-    ws = h.workspace(names=h.names, root=root / "ws")
+    # root reads mode-000 files: as root, ``ese ingest`` runs as nobody in a directory it owns
+    # (pytest's tmp is root-only); as anyone else, as that user.
+    user = "nobody" if os.geteuid() == 0 else None
+    if user:
+        root = Path(tempfile.mkdtemp(prefix="ese-fault-nobody-"))
+        h.request.addfinalizer(lambda: shutil.rmtree(root, ignore_errors=True))
+        os.chmod(root, 0o755)
+        ws = h.workspace(root=root / "ws")
+    else:
+        ws = h.workspace()
+
+    def hand_over() -> None:  # everything to nobody, except the file it must not read
+        if user:
+            ws.close()  # root's connection may have created the WAL files
+            subprocess.run(["chown", "-R", "nobody:nogroup", str(ws.root)], check=True)
+            os.chown(locked, 0, 0)
+
     locked = ws.incoming / last
-    subprocess.run(["chown", "-R", "nobody:nogroup", str(root)], check=True)
-    os.chown(locked, 0, 0)
     os.chmod(locked, 0o000)
-    os.chmod(root, 0o755)
-    first = ws.run_ingest(user="nobody")
+    hand_over()
+    first = ws.run_ingest(user=user)
     assert first.returncode == 0, first.stderr
     assert ws.statuses()[last] == "rejected", ws.statuses()
     assert re.search(r"permission denied", ws.images().loc[last, "reason"], re.IGNORECASE)
-    ws.close()  # root's connection may have re-created the WAL files: give them back
-    subprocess.run(["chown", "-R", "nobody:nogroup", str(ws.products_db_dir)], check=True)
     os.chmod(locked, 0o644)
-    second = ws.run_ingest(user="nobody")
+    hand_over()
+    second = ws.run_ingest(user=user)
     assert second.returncode == 0, second.stderr
     assert "Traceback" not in first.stderr + second.stderr
     h.check(ws)
@@ -537,6 +548,7 @@ def _kill_mid_run_then_rerun(h: Harness, ws: Workspace) -> None:
     assert 4 <= measured < len(h.names), f"killed after {measured} images"
     ws.close()
     again = ws.run_ingest()
+    print(f"re-run after the kill:\n{again.stdout}\n{again.stderr}")  # shown on failure
     assert again.returncode == 0, again.stderr
     h.check(ws)
     assert re.search(r"resum", again.stdout, re.IGNORECASE), (
@@ -648,6 +660,7 @@ def _with_connection_killer(h: Harness, path: str, tables: tuple[str, ...]) -> N
         killer.join(timeout=30)
     assert killer.error is None, killer.error
     assert killer.killed, f"no connection was caught working on {tables}"
+    print("terminated:", *(f"{state}: {query[:100]}" for state, query in killer.killed), sep="\n")
     h.check(ws)
 
 
@@ -708,6 +721,7 @@ def case_two_ingests_new_home(h: Harness) -> None:
     procs = [ws.popen_ingest(), ws.popen_ingest()]
     outputs = [p.communicate(timeout=240) for p in procs]
     for proc, (out, err) in zip(procs, outputs, strict=True):
+        print(f"ese ingest {proc.pid}:\n{out}\n{err}")  # shown on failure
         assert proc.returncode == 0, f"{out}\n{err}"
         assert "Traceback" not in err, err
     h.check(ws, ignore=ORDER_DEPENDENT)
@@ -725,6 +739,7 @@ def case_ingest_while_sensor_runs(h: Harness) -> None:
             )
     finally:
         out, err = proc.communicate(timeout=240)
+    print(f"ese ingest:\n{out}\n{err}")  # shown on failure
     assert proc.returncode == 0, f"{out}\n{err}"
     assert "Traceback" not in err, err
     h.check(ws, ignore=ORDER_DEPENDENT)
