@@ -102,8 +102,10 @@ def print_header(title: str, lines: Sequence[str] = ()) -> None:
     print("=" * 100)
     for line in lines:
         print(line)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}, numpy {np.__version__}, pandas {pd.__version__}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, numpy {np.__version__}, pandas {pd.__version__}"
+    )
     print()
 
 
@@ -113,8 +115,10 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
 
     def line(row: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
 
     print(line(cells[0]))
     print("  ".join("-" * w for w in widths))
@@ -149,11 +153,19 @@ def fmt_ratio(value: float) -> str:
     return f"{value:.2f}x" if value < 10 else f"{value:,.0f}x" if value >= 100 else f"{value:.1f}x"
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, *, repeat: int = 3) -> argparse.ArgumentParser:
+def add_common_arguments(
+    parser: argparse.ArgumentParser, *, repeat: int = 3
+) -> argparse.ArgumentParser:
     """Options every benchmark takes: ``--repeat`` and ``--seed``."""
-    parser.add_argument("--repeat", type=int, default=repeat,
-                        help="runs of each fast timed call; the median is reported (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=12345, help="random seed (default: %(default)s)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=repeat,
+        help="runs of each fast timed call; the median is reported (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=12345, help="random seed (default: %(default)s)"
+    )
     return parser
 
 
@@ -196,8 +208,14 @@ class Field:
         return int(self.data.shape[0])
 
 
-def make_field(npix: int, n_sources: int, rng: np.random.Generator, *, rms_mjy: float = 0.5,
-               edge_pix: float = 20.0) -> Field:
+def make_field(
+    npix: int,
+    n_sources: int,
+    rng: np.random.Generator,
+    *,
+    rms_mjy: float = 0.5,
+    edge_pix: float = 20.0,
+) -> Field:
     """Render ``n_sources`` point sources (3-100 mJy, uniform positions ``edge_pix`` inside the
     edges) plus beam-correlated noise on an ``npix`` x ``npix`` SIN image (core.simulate)."""
     shape = (npix, npix)
@@ -221,8 +239,15 @@ def unique_source_ids(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
 
 def write_field_fits(field: Field, path: Path, date_obs: str) -> Path:
     """The field as a FITS image (float32, with beam and DATE-OBS) at ``path``."""
-    return sim.write_fits_image(path, field.data, ra_deg=FIELD_RA_DEG, dec_deg=FIELD_DEC_DEG,
-                                cell_deg=CELL_DEG, beam=field.beam, date_obs=date_obs)
+    return sim.write_fits_image(
+        path,
+        field.data,
+        ra_deg=FIELD_RA_DEG,
+        dec_deg=FIELD_DEC_DEG,
+        cell_deg=CELL_DEG,
+        beam=field.beam,
+        date_obs=date_obs,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,8 +255,12 @@ def write_field_fits(field: Field, path: Path, date_obs: str) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def synthetic_lightcurves(source_ids: Sequence[str], mjds: Sequence[float],
-                          rng: np.random.Generator, mean_mjy: np.ndarray | None = None) -> pd.DataFrame:
+def synthetic_lightcurves(
+    source_ids: Sequence[str],
+    mjds: Sequence[float],
+    rng: np.random.Generator,
+    mean_mjy: np.ndarray | None = None,
+) -> pd.DataFrame:
     """Long table ``source_id, mjd, flux_mjy, flux_err_mjy``: every source at every epoch, constant
     fluxes (``mean_mjy``, default uniform 5-200 mJy) with 2-5 % heteroscedastic errors; rows
     shuffled (any order is valid input)."""
@@ -240,16 +269,20 @@ def synthetic_lightcurves(source_ids: Sequence[str], mjds: Sequence[float],
     mean = rng.uniform(5.0, 200.0, ids.size) if mean_mjy is None else np.asarray(mean_mjy, float)
     err = mean[None, :] * rng.uniform(0.02, 0.05, (mjds.size, ids.size))
     flux = mean[None, :] + err * rng.standard_normal(err.shape)
-    frame = pd.DataFrame({
-        "source_id": np.tile(ids, mjds.size),
-        "mjd": np.repeat(mjds, ids.size),
-        "flux_mjy": flux.ravel(),
-        "flux_err_mjy": err.ravel(),
-    })
+    frame = pd.DataFrame(
+        {
+            "source_id": np.tile(ids, mjds.size),
+            "mjd": np.repeat(mjds, ids.size),
+            "flux_mjy": flux.ravel(),
+            "flux_err_mjy": err.ravel(),
+        }
+    )
     return frame.sample(frac=1.0, random_state=int(rng.integers(2**31))).reset_index(drop=True)
 
 
-def synthetic_source_ids(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def synthetic_source_ids(
+    n: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(source_ids, ra_deg, dec_deg) of ``n`` distinct sources scattered around the field centre."""
     ra = FIELD_RA_DEG + rng.uniform(-2.0, 2.0, n)
     dec = FIELD_DEC_DEG + rng.uniform(-2.0, 2.0, n)
@@ -263,7 +296,9 @@ def night_of(mjd: float) -> str:
 
 def iso_of(mjd: float) -> str:
     """ISO 8601 UTC string (DATE-OBS) of an MJD."""
-    return (pd.Timestamp("1858-11-17") + pd.to_timedelta(mjd, unit="D")).strftime("%Y-%m-%dT%H:%M:%S")
+    return (pd.Timestamp("1858-11-17") + pd.to_timedelta(mjd, unit="D")).strftime(
+        "%Y-%m-%dT%H:%M:%S"
+    )
 
 
 def epochs(first_mjd: float, n_nights: int, images_per_night: int) -> np.ndarray:
@@ -285,8 +320,14 @@ def close_products_db(path: Path) -> None:
     dispose_engine(path)
 
 
-def fill_products_db(engine, lightcurves: pd.DataFrame, ra_deg: dict, dec_deg: dict, *,
-                     progress: Callable[[int, int], None] | None = None) -> int:
+def fill_products_db(
+    engine,
+    lightcurves: pd.DataFrame,
+    ra_deg: dict,
+    dec_deg: dict,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
     """Store a synthetic long table as the pipeline would: one fake image per distinct mjd,
     registered with :func:`images_db.register_images`, its rows written with
     :func:`photometry_db.replace_image_photometry` (one transaction per image). Returns the
@@ -296,24 +337,40 @@ def fill_products_db(engine, lightcurves: pd.DataFrame, ra_deg: dict, dec_deg: d
     source_id to its position. Fake paths such as ``/bench/img_59000.083333.fits`` never exist.
     """
     by_epoch = lightcurves.sort_values(["mjd", "source_id"]).groupby("mjd", sort=True)
-    records = [{"path": f"/bench/img_{mjd:.6f}.fits", "night": night_of(mjd), "mjd": float(mjd),
-                "status": "queued"} for mjd in by_epoch.groups]
+    records = [
+        {
+            "path": f"/bench/img_{mjd:.6f}.fits",
+            "night": night_of(mjd),
+            "mjd": float(mjd),
+            "status": "queued",
+        }
+        for mjd in by_epoch.groups
+    ]
     images_db.register_images(engine, records)
     for i, (record, (mjd, rows)) in enumerate(zip(records, by_epoch, strict=True), start=1):
         ids = rows["source_id"].to_numpy(dtype=object)
-        frame = pd.DataFrame({
-            "ra_deg": [ra_deg[s] for s in ids], "dec_deg": [dec_deg[s] for s in ids],
-            "nvss_flux_mjy": rows["flux_mjy"].to_numpy(),
-            "peak_jyb": rows["flux_mjy"].to_numpy() / 1e3,
-            "peak_err_jyb": rows["flux_err_mjy"].to_numpy() / 1e3,
-            "measured_at": time.time(), "source_id": ids, "mjd": float(mjd),
-            "local_rms_jyb": rows["flux_err_mjy"].to_numpy() / 1e3 / 1.15,
-            "background_jyb": 0.0, "quality_flag": 0,
-        })
+        frame = pd.DataFrame(
+            {
+                "ra_deg": [ra_deg[s] for s in ids],
+                "dec_deg": [dec_deg[s] for s in ids],
+                "nvss_flux_mjy": rows["flux_mjy"].to_numpy(),
+                "peak_jyb": rows["flux_mjy"].to_numpy() / 1e3,
+                "peak_err_jyb": rows["flux_err_mjy"].to_numpy() / 1e3,
+                "measured_at": time.time(),
+                "source_id": ids,
+                "mjd": float(mjd),
+                "local_rms_jyb": rows["flux_err_mjy"].to_numpy() / 1e3 / 1.15,
+                "background_jyb": 0.0,
+                "quality_flag": 0,
+            }
+        )
         rms = float(np.median(frame["local_rms_jyb"]))
-        photometry_db.replace_image_photometry(engine, record["path"], frame,
-                                      {"mjd": float(mjd), "median_rms_jyb": rms,
-                                       "n_sources": len(frame)})
+        photometry_db.replace_image_photometry(
+            engine,
+            record["path"],
+            frame,
+            {"mjd": float(mjd), "median_rms_jyb": rms, "n_sources": len(frame)},
+        )
         if progress is not None:
             progress(i, len(records))
     return len(records)
@@ -322,7 +379,9 @@ def fill_products_db(engine, lightcurves: pd.DataFrame, ra_deg: dict, dec_deg: d
 def progress_printer(label: str, every: int = 500) -> Callable[[int, int], None]:
     """A ``progress(i, n)`` callback printing ``label: i/n`` every ``every`` steps and at the
     end."""
+
     def report(i: int, n: int) -> None:
         if i == n or i % every == 0:
             print(f"  {label}: {i}/{n}", flush=True)
+
     return report

@@ -55,25 +55,42 @@ TIMEZONE = "UTC"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nights", type=int, default=3, help="nights simulated (default: %(default)s)")
+    parser.add_argument(
+        "--nights", type=int, default=3, help="nights simulated (default: %(default)s)"
+    )
     parser.add_argument("--images-per-night", type=int, default=4, help="(default: %(default)s)")
-    parser.add_argument("--npix", type=int, default=512, help="image side in pixels (default: %(default)s)")
-    parser.add_argument("--sources", type=int, default=250, help="sources in the field (default: %(default)s)")
+    parser.add_argument(
+        "--npix", type=int, default=512, help="image side in pixels (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--sources", type=int, default=250, help="sources in the field (default: %(default)s)"
+    )
     return add_common_arguments(parser, repeat=3).parse_args(argv)
 
 
 def survey_config(args) -> SurveyConfig:
     """The default demo survey (SurveyConfig defaults), with fewer nights, images and sources."""
-    return SurveyConfig(seed=args.seed, n_nights=args.nights, images_per_night=args.images_per_night,
-                        npix=args.npix, n_sources=args.sources)
+    return SurveyConfig(
+        seed=args.seed,
+        n_nights=args.nights,
+        images_per_night=args.images_per_night,
+        npix=args.npix,
+        n_sources=args.sources,
+    )
 
 
 def settings_for(base: Settings, survey: Path, work: Path) -> Settings:
     """Settings of one run: private products database, the survey's catalog and images."""
     return dataclasses.replace(
-        base, data_dir=str(work), products_db=str(work / "products.sqlite3"),
-        catalog_path=str(survey / "catalog.csv"), incoming_dir=str(survey / "incoming"),
-        partition_start=PARTITION_START, timezone=TIMEZONE, settle_seconds=0.0)
+        base,
+        data_dir=str(work),
+        products_db=str(work / "products.sqlite3"),
+        catalog_path=str(survey / "catalog.csv"),
+        incoming_dir=str(survey / "incoming"),
+        partition_start=PARTITION_START,
+        timezone=TIMEZONE,
+        settle_seconds=0.0,
+    )
 
 
 @contextlib.contextmanager
@@ -106,32 +123,46 @@ def run_dagster(settings: Settings) -> int:
     failed = [r.night for r in runs if not r.success]
     if failed:
         tail = log.read_text(errors="replace").splitlines()[-20:]
-        raise RuntimeError(f"Dagster runs failed for nights {failed}; log tail:\n" + "\n".join(tail))
+        raise RuntimeError(
+            f"Dagster runs failed for nights {failed}; log tail:\n" + "\n".join(tail)
+        )
     return len(runs)
 
 
 def run_bare(settings: Settings) -> int:
     """The same work with the pipeline functions only; returns the number of nights."""
     engine = open_products_db(Path(settings.products_db))
-    pipeline.scan_directory(engine, settings.incoming_dir, timezone=TIMEZONE,
-                            first_night=PARTITION_START, settle_seconds=0.0)
+    pipeline.scan_directory(
+        engine,
+        settings.incoming_dir,
+        timezone=TIMEZONE,
+        first_night=PARTITION_START,
+        settle_seconds=0.0,
+    )
     catalog = load_catalog(settings.catalog_path)
     pending = images_db.pending_images(engine)
     for night, group in pending.groupby("night", sort=True):
-        pipeline.measure_images(engine, catalog, sorted(group["path"]),
-                                min_flux_mjy=settings.min_flux_mjy)
+        pipeline.measure_images(
+            engine, catalog, sorted(group["path"]), min_flux_mjy=settings.min_flux_mjy
+        )
         pipeline.update_variability(engine, [night], flux_scale_error=settings.flux_scale_error)
-        pipeline.detect_candidates(engine, settings.detection(),
-                                   source_ids=photometry_db.sources_measured_in_nights(engine, [night]),
-                                   night=night)
+        pipeline.detect_candidates(
+            engine,
+            settings.detection(),
+            source_ids=photometry_db.sources_measured_in_nights(engine, [night]),
+            night=night,
+        )
     return pending["night"].nunique()
 
 
 def products_summary(settings: Settings) -> tuple[int, int, int]:
     """(photometry rows, variability_stats rows, candidates) of a finished run."""
     engine = open_products_db(Path(settings.products_db))
-    result = (photometry_db.photometry_counts(engine), len(statistics_db.variability_stats(engine)),
-              len(candidates_db.candidates(engine)))
+    result = (
+        photometry_db.photometry_counts(engine),
+        len(statistics_db.variability_stats(engine)),
+        len(candidates_db.candidates(engine)),
+    )
     close_products_db(Path(settings.products_db))
     return result
 
@@ -143,11 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     n_images = config.n_images
     print_header(
         "bench_ingest_end_to_end: Dagster ingest_directory vs bare pipeline calls, same images",
-        [f"survey: {args.nights} nights x {args.images_per_night} images of "
-         f"{args.npix}x{args.npix} px, {args.sources} sources (core.simulate.SurveyConfig); "
-         f"{args.repeat} runs per path, each on a fresh products database",
-         "ratio = Dagster time / bare time "
-         "(orchestration overhead: runs, event log, asset checks)"],
+        [
+            f"survey: {args.nights} nights x {args.images_per_night} images of "
+            f"{args.npix}x{args.npix} px, {args.sources} sources (core.simulate.SurveyConfig); "
+            f"{args.repeat} runs per path, each on a fresh products database",
+            "ratio = Dagster time / bare time "
+            "(orchestration overhead: runs, event log, asset checks)",
+        ],
     )
     with temp_dir("ingest") as tmp:
         sim = time_call(lambda: simulate_survey(config, tmp / "survey"))
@@ -161,14 +194,19 @@ def main(argv: list[str] | None = None) -> int:
             dagster.append(time_call(lambda s=d_settings: run_dagster(s)))
             bare.append(time_call(lambda s=b_settings: run_bare(s)))
             summaries.append((products_summary(d_settings), products_summary(b_settings)))
-            print(f"  run {i + 1}: Dagster {fmt_seconds(dagster[-1].median)}, "
-                  f"bare {fmt_seconds(bare[-1].median)}", flush=True)
+            print(
+                f"  run {i + 1}: Dagster {fmt_seconds(dagster[-1].median)}, "
+                f"bare {fmt_seconds(bare[-1].median)}",
+                flush=True,
+            )
     print()
     report(dagster, bare, n_images, args.nights)
     same = all(d == b for d, b in summaries)
     d, b = summaries[-1]
-    print(f"same products from both paths: {'yes' if same else 'NO'} (photometry rows, "
-          f"statistics rows, candidates: Dagster {d}, bare {b})")
+    print(
+        f"same products from both paths: {'yes' if same else 'NO'} (photometry rows, "
+        f"statistics rows, candidates: Dagster {d}, bare {b})"
+    )
     return 0
 
 
@@ -177,10 +215,29 @@ def report(dagster, bare, n_images: int, n_nights: int) -> None:
     for i, (d, b) in enumerate(zip(dagster, bare, strict=True)):
         label = "cold (first run in process)" if i == 0 else f"warm (run {i + 1})"
         dt, bt = d.median, b.median
-        rows.append((label, fmt_seconds(dt), fmt_seconds(bt), fmt_seconds(dt / n_images),
-                     fmt_seconds(bt / n_images), fmt_seconds((dt - bt) / n_nights), fmt_ratio(dt / bt)))
-    print_table(["run", "Dagster total", "bare total", "Dagster / image", "bare / image",
-                 "overhead / night run", "ratio"], rows)
+        rows.append(
+            (
+                label,
+                fmt_seconds(dt),
+                fmt_seconds(bt),
+                fmt_seconds(dt / n_images),
+                fmt_seconds(bt / n_images),
+                fmt_seconds((dt - bt) / n_nights),
+                fmt_ratio(dt / bt),
+            )
+        )
+    print_table(
+        [
+            "run",
+            "Dagster total",
+            "bare total",
+            "Dagster / image",
+            "bare / image",
+            "overhead / night run",
+            "ratio",
+        ],
+        rows,
+    )
 
 
 if __name__ == "__main__":

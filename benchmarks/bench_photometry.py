@@ -60,11 +60,19 @@ MESH_BEAMS = 20.0
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--npix", type=int, default=2048, help="image side in pixels (default: %(default)s)")
-    parser.add_argument("--sources", type=int, default=5000, help="sources in the image (default: %(default)s)")
-    parser.add_argument("--sample", type=int, default=25,
-                        help="sources timed for the one-call-per-source baselines, which are then "
-                             "extrapolated to --sources (default: %(default)s)")
+    parser.add_argument(
+        "--npix", type=int, default=2048, help="image side in pixels (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--sources", type=int, default=5000, help="sources in the image (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=25,
+        help="sources timed for the one-call-per-source baselines, which are then "
+        "extrapolated to --sources (default: %(default)s)",
+    )
     return add_common_arguments(parser, repeat=3).parse_args(argv)
 
 
@@ -83,7 +91,8 @@ def _image_geometry(data: np.ndarray, wcs, beam) -> dict:
     major_pix = FWHM_PER_SIGMA * math.sqrt(float(np.linalg.eigvalsh(cov)[-1]))
     half = max(1, math.ceil(0.5 * STAMP_BEAMS * major_pix))
     return {
-        "half": half, "mask_half": (half, math.ceil(major_pix)),
+        "half": half,
+        "mask_half": (half, math.ceil(major_pix)),
         "box": max(1, round(MESH_BEAMS * major_pix)),
         "stride": max(1, math.floor(major_pix / 2.5 + 1e-6)),
         "factor": correlated_noise_factor(cov, half, "beam"),
@@ -95,7 +104,7 @@ def _source_mask(shape, positions, half: int) -> np.ndarray:
     mask = np.zeros(shape, dtype=bool)
     for x, y in positions:
         cx, cy = math.floor(x + 0.5), math.floor(y + 0.5)
-        mask[max(cy - half, 0):cy + half + 1, max(cx - half, 0):cx + half + 1] = True
+        mask[max(cy - half, 0) : cy + half + 1, max(cx - half, 0) : cx + half + 1] = True
     return mask
 
 
@@ -123,8 +132,10 @@ def per_source_loop(data: np.ndarray, wcs, beam, ra: np.ndarray, dec: np.ndarray
         icov = np.linalg.inv(beam_covariance_pixels(wcs, beam, ra[i], dec[i])[0])
         dx = (cx + off - x)[None, :]
         dy = (cy + off - y)[:, None]
-        kernel = np.exp(-0.5 * (icov[0, 0] * dx * dx + 2 * icov[0, 1] * dx * dy + icov[1, 1] * dy * dy))
-        stamp = data[cy - h:cy + h + 1, cx - h:cx + h + 1]
+        kernel = np.exp(
+            -0.5 * (icov[0, 0] * dx * dx + 2 * icov[0, 1] * dx * dy + icov[1, 1] * dy * dy)
+        )
+        stamp = data[cy - h : cy + h + 1, cx - h : cx + h + 1]
         valid = np.isfinite(stamp)
         b = sample_mesh(bkg, geo["box"], x, y, shape=data.shape)
         kw = np.where(valid, kernel, 0.0)
@@ -136,8 +147,12 @@ def per_source_loop(data: np.ndarray, wcs, beam, ra: np.ndarray, dec: np.ndarray
 
 def one_call_per_source(data, wcs, beam, ra, dec) -> np.ndarray:
     """``forced_photometry`` of each source on its own (image already in memory)."""
-    return np.array([forced_photometry(data, wcs, beam, ra[i:i + 1], dec[i:i + 1]).peak_jyb[0]
-                     for i in range(ra.size)])
+    return np.array(
+        [
+            forced_photometry(data, wcs, beam, ra[i : i + 1], dec[i : i + 1]).peak_jyb[0]
+            for i in range(ra.size)
+        ]
+    )
 
 
 def reread_per_source(path: str, catalog, rows: np.ndarray) -> np.ndarray:
@@ -146,8 +161,9 @@ def reread_per_source(path: str, catalog, rows: np.ndarray) -> np.ndarray:
     for i in rows:
         image = load_image(path)
         info = image.info
-        phot = forced_photometry(image.data, info.wcs, info.beam,
-                                 catalog.ra_deg[i:i + 1], catalog.dec_deg[i:i + 1])
+        phot = forced_photometry(
+            image.data, info.wcs, info.beam, catalog.ra_deg[i : i + 1], catalog.dec_deg[i : i + 1]
+        )
         peaks.append(phot.peak_jyb[0])
     return np.array(peaks)
 
@@ -173,11 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     n, k = args.sources, max(1, min(args.sample, args.sources))
     print_header(
         "bench_photometry: forced photometry of one image, vectorized vs one source at a time",
-        [f"image {args.npix}x{args.npix} px (float32 FITS), {n} point sources, "
-         f"beam-correlated noise (core.simulate); median of {args.repeat} runs for the "
-         "vectorized rows",
-         f"one-call-per-source rows: {k} sources timed, per-source time x {n} (extrapolated)",
-         "ratio = time of the row / time of 'vectorized, image in memory' (higher = slower)"],
+        [
+            f"image {args.npix}x{args.npix} px (float32 FITS), {n} point sources, "
+            f"beam-correlated noise (core.simulate); median of {args.repeat} runs for the "
+            "vectorized rows",
+            f"one-call-per-source rows: {k} sources timed, per-source time x {n} (extrapolated)",
+            "ratio = time of the row / time of 'vectorized, image in memory' (higher = slower)",
+        ],
     )
     field = make_field(args.npix, n, rng)
     cat = field.catalog
@@ -189,13 +207,16 @@ def main(argv: list[str] | None = None) -> int:
         sample = np.sort(rng.choice(n, k, replace=False))
 
         vec = time_call(lambda: forced_photometry(data, wcs, beam, ra, dec), args.repeat)
-        from_file = time_call(lambda: forced_photometry(
-            load_image(path).data, wcs, beam, ra, dec), args.repeat)
+        from_file = time_call(
+            lambda: forced_photometry(load_image(path).data, wcs, beam, ra, dec), args.repeat
+        )
         loop = time_call(lambda: per_source_loop(data, wcs, beam, ra, dec))
         calls = time_call(lambda: one_call_per_source(data, wcs, beam, ra[sample], dec[sample]))
         reread = time_call(lambda: reread_per_source(path, cat, sample))
         mem_vec = peak_traced_mib(lambda: forced_photometry(data, wcs, beam, ra, dec))
-        mem_file = peak_traced_mib(lambda: forced_photometry(load_image(path).data, wcs, beam, ra, dec))
+        mem_file = peak_traced_mib(
+            lambda: forced_photometry(load_image(path).data, wcs, beam, ra, dec)
+        )
         mem_one = peak_traced_mib(lambda: forced_photometry(data, wcs, beam, ra[:1], dec[:1]))
         mem_loop = peak_traced_mib(lambda: per_source_loop(data, wcs, beam, ra, dec))
 
@@ -205,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report_speed(n: int, k: int, vec: Timing, from_file: Timing, loop: Timing,
-                 calls: Timing, reread: Timing) -> None:
+def report_speed(
+    n: int, k: int, vec: Timing, from_file: Timing, loop: Timing, calls: Timing, reread: Timing
+) -> None:
     base = vec.median
     extrap = n / k
     rows = [
@@ -216,9 +238,10 @@ def report_speed(n: int, k: int, vec: Timing, from_file: Timing, loop: Timing,
         ("forced_photometry called per source", calls.median * extrap, f"{k} timed, extrapolated"),
         ("seed: re-read FITS per source", reread.median * extrap, f"{k} timed, extrapolated"),
     ]
-    print_table(["method", f"time / image ({n} src)", "sources/s", "ratio", "how"],
-                [(name, fmt_seconds(t), fmt_rate(n, t), fmt_ratio(t / base), how)
-                 for name, t, how in rows])
+    print_table(
+        ["method", f"time / image ({n} src)", "sources/s", "ratio", "how"],
+        [(name, fmt_seconds(t), fmt_rate(n, t), fmt_ratio(t / base), how) for name, t, how in rows],
+    )
 
 
 def report_agreement(vec, loop: np.ndarray, calls: np.ndarray, sample: np.ndarray) -> None:
@@ -229,23 +252,30 @@ def report_agreement(vec, loop: np.ndarray, calls: np.ndarray, sample: np.ndarra
     peak, err = vec.peak_jyb, vec.peak_err_jyb
     rows = [
         ("loop: peak, isolated sources", *deviation_sigma(peak, err, loop[:, 0], isolated)),
-        ("loop: background (mesh) at isolated", *deviation_sigma(vec.background_jyb, err,
-                                                                 loop[:, 2], isolated)),
+        (
+            "loop: background (mesh) at isolated",
+            *deviation_sigma(vec.background_jyb, err, loop[:, 2], isolated),
+        ),
         ("loop: peak, blended (fitted alone)", *deviation_sigma(peak, err, loop[:, 0], blended)),
-        ("one call per source: peak, isolated", *deviation_sigma(peak[sample], err[sample], calls,
-                                                                isolated[sample])),
+        (
+            "one call per source: peak, isolated",
+            *deviation_sigma(peak[sample], err[sample], calls, isolated[sample]),
+        ),
     ]
-    print("agreement with the vectorized result, |difference| / sigma_F (a one-source call masks "
-          "only that source in its mesh,\nhence small differences; blended sources are fitted "
-          "jointly only by the vectorized code):")
+    print(
+        "agreement with the vectorized result, |difference| / sigma_F (a one-source call masks "
+        "only that source in its mesh,\nhence small differences; blended sources are fitted "
+        "jointly only by the vectorized code):"
+    )
     print_table(["comparison", "sources", "median", "max"], rows)
     n_edge = int(((flags & FLAG_EDGE) != 0).sum())
     if n_edge:
         print(f"({n_edge} sources too close to the edge were not measured by any method)\n")
 
 
-def report_memory(data: np.ndarray, mem_vec: float, mem_file: float, mem_one: float,
-                  mem_loop: float) -> None:
+def report_memory(
+    data: np.ndarray, mem_vec: float, mem_file: float, mem_one: float, mem_loop: float
+) -> None:
     image_mib = data.nbytes / 2**20
     rows = [
         ("vectorized, image in memory", f"{mem_vec:.1f}", fmt_ratio(mem_vec / image_mib)),
@@ -253,8 +283,10 @@ def report_memory(data: np.ndarray, mem_vec: float, mem_file: float, mem_one: fl
         ("per-source Python loop, mesh once", f"{mem_loop:.1f}", fmt_ratio(mem_loop / image_mib)),
         ("forced_photometry of one source", f"{mem_one:.1f}", fmt_ratio(mem_one / image_mib)),
     ]
-    print(f"peak memory per image (tracemalloc: peak heap growth during the call; the image array "
-          f"itself is {image_mib:.1f} MiB {data.dtype}):")
+    print(
+        f"peak memory per image (tracemalloc: peak heap growth during the call; the image array "
+        f"itself is {image_mib:.1f} MiB {data.dtype}):"
+    )
     print_table(["method", "peak MiB", "x image size"], rows)
     maxrss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"process max RSS over the whole benchmark: {maxrss_mib:.0f} MiB")

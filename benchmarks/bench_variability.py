@@ -55,21 +55,45 @@ from ese_assets.storage import photometry as photometry_db
 FLUX_SCALE_ERROR = 0.02  # the project's default (ESE_FLUX_SCALE_ERROR)
 FIRST_MJD = 60676.0  # 2025-01-01
 IMAGES_PER_NIGHT = 4
-COMPARED = ("n_obs", "mean_flux_mjy", "std_flux_mjy", "weighted_mean_flux_mjy", "chi2_nu",
-            "eta_metric", "v_index", "sigma_deviation", "median_flux_mjy", "robust_std_mjy",
-            "dip_significance", "dip_start_mjd", "dip_n_epochs", "dip_depth_frac")
+COMPARED = (
+    "n_obs",
+    "mean_flux_mjy",
+    "std_flux_mjy",
+    "weighted_mean_flux_mjy",
+    "chi2_nu",
+    "eta_metric",
+    "v_index",
+    "sigma_deviation",
+    "median_flux_mjy",
+    "robust_std_mjy",
+    "dip_significance",
+    "dip_start_mjd",
+    "dip_n_epochs",
+    "dip_depth_frac",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sources", type=int, default=5000, help="sources, part 1 (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=200, help="epochs per source (default: %(default)s)")
-    parser.add_argument("--sample", type=int, default=300,
-                        help="sources timed for 'variability_metrics per source' (extrapolated; "
-                             "default: %(default)s)")
-    parser.add_argument("--db-sources", type=int, default=2000,
-                        help="sources in the SQLite database of part 2 (x --epochs rows; "
-                             "default: %(default)s)")
+    parser.add_argument(
+        "--sources", type=int, default=5000, help="sources, part 1 (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=200, help="epochs per source (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=300,
+        help="sources timed for 'variability_metrics per source' (extrapolated; "
+        "default: %(default)s)",
+    )
+    parser.add_argument(
+        "--db-sources",
+        type=int,
+        default=2000,
+        help="sources in the SQLite database of part 2 (x --epochs rows; default: %(default)s)",
+    )
     return add_common_arguments(parser, repeat=3).parse_args(argv)
 
 
@@ -82,7 +106,7 @@ def _dip_scan(mjd, f, sigma, median, robust_std, min_len=3, clip=5.0) -> dict:
     """Windowed dip statistic of one source (time-ordered arrays), as in core.variability."""
     n = f.size
     sigma_med = np.median(sigma)
-    excess2 = max(0.0, robust_std ** 2 - sigma_med ** 2)
+    excess2 = max(0.0, robust_std**2 - sigma_med**2)
     z = np.clip((f - median) / np.sqrt(sigma * sigma + excess2), -clip, clip)
     cz = np.concatenate(([0.0], np.cumsum(z)))
     best, best_pos, best_len = -1.0, 0, 0
@@ -96,14 +120,16 @@ def _dip_scan(mjd, f, sigma, median, robust_std, min_len=3, clip=5.0) -> dict:
     window = slice(best_pos, best_pos + best_len)
     return {
         "dip_significance": (cz[best_pos + best_len] - cz[best_pos]) / math.sqrt(best_len),
-        "dip_start_mjd": mjd[best_pos], "dip_end_mjd": mjd[best_pos + best_len - 1],
+        "dip_start_mjd": mjd[best_pos],
+        "dip_end_mjd": mjd[best_pos + best_len - 1],
         "dip_n_epochs": best_len,
         "dip_depth_frac": np.mean(f[window]) / median - 1.0 if median > 0 else np.nan,
     }
 
 
-def metrics_one_source(mjd: np.ndarray, flux: np.ndarray, err: np.ndarray,
-                       flux_scale_error: float) -> dict:
+def metrics_one_source(
+    mjd: np.ndarray, flux: np.ndarray, err: np.ndarray, flux_scale_error: float
+) -> dict:
     """Variability metrics of one source (see core.variability for the definitions)."""
     order = np.argsort(mjd, kind="stable")
     mjd, f, err = mjd[order], flux[order], err[order]
@@ -117,15 +143,24 @@ def metrics_one_source(mjd: np.ndarray, flux: np.ndarray, err: np.ndarray,
     median = np.median(f)
     robust_std = MAD_TO_SIGMA * np.median(np.abs(f - median))
     out = {
-        "n_obs": n, "mean_flux_mjy": mean, "std_flux_mjy": std,
-        "min_flux_mjy": f.min(), "max_flux_mjy": f.max(), "weighted_mean_flux_mjy": wmean,
+        "n_obs": n,
+        "mean_flux_mjy": mean,
+        "std_flux_mjy": std,
+        "min_flux_mjy": f.min(),
+        "max_flux_mjy": f.max(),
+        "weighted_mean_flux_mjy": wmean,
         "chi2_nu": np.sum(w * (f - wmean) ** 2) / (n - 1) if n > 1 else np.nan,
-        "eta_metric": (n / (n - 1) * (np.mean(w * d * d) - np.mean(w * d) ** 2 / np.mean(w))
-                       if n > 1 else np.nan),
+        "eta_metric": (
+            n / (n - 1) * (np.mean(w * d * d) - np.mean(w * d) ** 2 / np.mean(w))
+            if n > 1
+            else np.nan
+        ),
         "v_index": std / mean,
         "sigma_deviation": max(abs(f.max() - mean), abs(f.min() - mean)) / std,
-        "median_flux_mjy": median, "robust_std_mjy": robust_std,
-        "first_mjd": mjd[0], "last_mjd": mjd[-1],
+        "median_flux_mjy": median,
+        "robust_std_mjy": robust_std,
+        "first_mjd": mjd[0],
+        "last_mjd": mjd[-1],
     }
     out.update(_dip_scan(mjd, f, sigma, median, robust_std))
     return out
@@ -135,8 +170,12 @@ def per_source_loop(lc: pd.DataFrame, flux_scale_error: float) -> pd.DataFrame:
     """One row of metrics per source, a Python loop over the groups of ``source_id``."""
     rows = []
     for sid, group in lc.groupby("source_id", sort=True):
-        row = metrics_one_source(group["mjd"].to_numpy(), group["flux_mjy"].to_numpy(),
-                                 group["flux_err_mjy"].to_numpy(), flux_scale_error)
+        row = metrics_one_source(
+            group["mjd"].to_numpy(),
+            group["flux_mjy"].to_numpy(),
+            group["flux_err_mjy"].to_numpy(),
+            flux_scale_error,
+        )
         row["source_id"] = sid
         rows.append(row)
     return pd.DataFrame(rows)
@@ -176,17 +215,21 @@ NIGHTS_SQL = (
     "SELECT source_id, mjd, peak_jyb, peak_err_jyb, ra_deg, dec_deg, nvss_flux_mjy, image_path, "
     "measured_at, quality_flag FROM photometry WHERE source_id IN (SELECT DISTINCT p.source_id "
     "FROM photometry p JOIN images i ON i.path = p.image_path WHERE i.night IN ({marks})) "
-    "ORDER BY source_id, mjd, image_path")
-SOURCE_SQL = ("SELECT source_id, mjd, peak_jyb, peak_err_jyb, ra_deg, dec_deg, nvss_flux_mjy, "
-              "image_path, measured_at, quality_flag FROM photometry WHERE source_id = ? "
-              "ORDER BY mjd, image_path")
+    "ORDER BY source_id, mjd, image_path"
+)
+SOURCE_SQL = (
+    "SELECT source_id, mjd, peak_jyb, peak_err_jyb, ra_deg, dec_deg, nvss_flux_mjy, "
+    "image_path, measured_at, quality_flag FROM photometry WHERE source_id = ? "
+    "ORDER BY mjd, image_path"
+)
 
 
 def read_nights_as_tuples(engine, nights: list[str]) -> pd.DataFrame:
     """Diagnostic: the single query, rows converted to plain tuples before building the frame."""
     with engine.connect() as conn:
-        result = conn.exec_driver_sql(NIGHTS_SQL.format(marks=",".join("?" * len(nights))),
-                                      tuple(nights))
+        result = conn.exec_driver_sql(
+            NIGHTS_SQL.format(marks=",".join("?" * len(nights))), tuple(nights)
+        )
         columns = list(result.keys())
         return pd.DataFrame.from_records([tuple(r) for r in result.fetchall()], columns=columns)
 
@@ -212,7 +255,9 @@ def read_per_source_sql(engine, source_ids) -> int:
 
 def bench_metrics(args, rng) -> None:
     ids, _, _ = synthetic_source_ids(args.sources, rng)
-    mjds = epochs(FIRST_MJD, math.ceil(args.epochs / IMAGES_PER_NIGHT), IMAGES_PER_NIGHT)[:args.epochs]
+    mjds = epochs(FIRST_MJD, math.ceil(args.epochs / IMAGES_PER_NIGHT), IMAGES_PER_NIGHT)[
+        : args.epochs
+    ]
     lc = synthetic_lightcurves(ids, mjds, rng)
     n = args.sources
     k = max(1, min(args.sample, n))
@@ -227,32 +272,56 @@ def bench_metrics(args, rng) -> None:
         ("Python loop over sources (groupby + numpy)", loop.median, "measured"),
         ("variability_metrics called per source", calls.median * n / k, f"{k} timed, extrapolated"),
     ]
-    print(f"part 1: metrics in memory, {n} sources x {args.epochs} epochs = {len(lc):,} rows "
-          f"(flux_scale_error {FLUX_SCALE_ERROR}); median of {args.repeat} runs for the baseline")
-    print_table(["method", "time", "sources/s", "rows/s", "ratio", "how"],
-                [(name, fmt_seconds(t), fmt_rate(n, t), fmt_rate(len(lc), t), fmt_ratio(t / base), how)
-                 for name, t, how in rows])
+    print(
+        f"part 1: metrics in memory, {n} sources x {args.epochs} epochs = {len(lc):,} rows "
+        f"(flux_scale_error {FLUX_SCALE_ERROR}); median of {args.repeat} runs for the baseline"
+    )
+    print_table(
+        ["method", "time", "sources/s", "rows/s", "ratio", "how"],
+        [
+            (name, fmt_seconds(t), fmt_rate(n, t), fmt_rate(len(lc), t), fmt_ratio(t / base), how)
+            for name, t, how in rows
+        ],
+    )
     worst, column = max_relative_difference(vec.value, loop.value)
-    print(f"agreement: largest relative difference loop vs vectorized over {len(COMPARED)} "
-          f"columns = {worst:.1e} (in {column})\n")
+    print(
+        f"agreement: largest relative difference loop vs vectorized over {len(COMPARED)} "
+        f"columns = {worst:.1e} (in {column})\n"
+    )
 
 
 def bench_reads(args, rng) -> None:
     n = args.db_sources
     ids, ra, dec = synthetic_source_ids(n, rng)
-    mjds = epochs(FIRST_MJD, math.ceil(args.epochs / IMAGES_PER_NIGHT), IMAGES_PER_NIGHT)[:args.epochs]
+    mjds = epochs(FIRST_MJD, math.ceil(args.epochs / IMAGES_PER_NIGHT), IMAGES_PER_NIGHT)[
+        : args.epochs
+    ]
     lc = synthetic_lightcurves(ids, mjds, rng)
     nights = sorted({night_of(m) for m in mjds})
     with temp_dir("variability") as tmp:
         path = tmp / "products.sqlite3"
         engine = open_products_db(path)
-        print(f"part 2: building an SQLite products database of {n} sources x {len(mjds)} images "
-              f"= {len(lc):,} photometry rows ...", flush=True)
-        build = time_call(lambda: fill_products_db(engine, lc, dict(zip(ids, ra, strict=True)), dict(zip(ids, dec, strict=True)),
-                                                   progress=progress_printer("images", 100)))
-        print(f"  built in {fmt_seconds(build.median)} ({fmt_rate(len(lc), build.median, 'rows/s')}, "
-              f"one transaction per image)\n")
-        single = time_call(lambda: photometry_db.lightcurves_for_nights(engine, nights), args.repeat)
+        print(
+            f"part 2: building an SQLite products database of {n} sources x {len(mjds)} images "
+            f"= {len(lc):,} photometry rows ...",
+            flush=True,
+        )
+        build = time_call(
+            lambda: fill_products_db(
+                engine,
+                lc,
+                dict(zip(ids, ra, strict=True)),
+                dict(zip(ids, dec, strict=True)),
+                progress=progress_printer("images", 100),
+            )
+        )
+        print(
+            f"  built in {fmt_seconds(build.median)} ({fmt_rate(len(lc), build.median, 'rows/s')}, "
+            f"one transaction per image)\n"
+        )
+        single = time_call(
+            lambda: photometry_db.lightcurves_for_nights(engine, nights), args.repeat
+        )
         tuples = time_call(lambda: read_nights_as_tuples(engine, nights), args.repeat)
         per_source = time_call(lambda: read_per_source(engine, ids))
         per_sql = time_call(lambda: read_per_source_sql(engine, ids))
@@ -267,11 +336,17 @@ def bench_reads(args, rng) -> None:
         ("seed: plain SQL query per source (tuples)", per_sql.median, per_sql.value),
         ("diagnostic: one query, tuples -> DataFrame", tuples.median, len(tuples.value)),
     ]
-    print(f"reading every source's history from SQLite ({size_mib:.0f} MiB file, {len(nights)} "
-          f"nights); median of {args.repeat} runs for the one-query rows, per-source rows run once")
-    print_table(["method", "time", "rows read", "sources/s", "ratio"],
-                [(name, fmt_seconds(t), f"{r:,}", fmt_rate(n, t), fmt_ratio(t / base))
-                 for name, t, r in rows])
+    print(
+        f"reading every source's history from SQLite ({size_mib:.0f} MiB file, {len(nights)} "
+        f"nights); median of {args.repeat} runs for the one-query rows, per-source rows run once"
+    )
+    print_table(
+        ["method", "time", "rows read", "sources/s", "ratio"],
+        [
+            (name, fmt_seconds(t), f"{r:,}", fmt_rate(n, t), fmt_ratio(t / base))
+            for name, t, r in rows
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

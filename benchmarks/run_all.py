@@ -21,8 +21,8 @@ SCRIPTS = ("bench_photometry", "bench_variability", "bench_incremental", "bench_
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=SCRIPTS, help="run only these scripts")
     parser.add_argument("--skip", nargs="+", choices=SCRIPTS, default=[], help="skip these scripts")
@@ -32,7 +32,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def run_script(name: str, extra: list[str]) -> tuple[int, float]:
     """Run one script with this interpreter, output streamed; returns (exit code, seconds)."""
     start = time.perf_counter()
-    code = subprocess.call([sys.executable, "-u", str(HERE / f"{name}.py"), *extra], cwd=HERE.parent)
+    code = subprocess.call(
+        [sys.executable, "-u", str(HERE / f"{name}.py"), *extra], cwd=HERE.parent
+    )
     return code, time.perf_counter() - start
 
 

@@ -33,8 +33,19 @@ from ese_assets.storage import statistics as statistics_db
 from ese_assets.storage.engine import ensure_schema, make_engine
 
 #: Fields of one candidate in ``detect_ese_candidates`` output (the seed's JSON fields).
-CANDIDATE_FIELDS = ("source_id", "ra_deg", "dec_deg", "significance", "nvss_flux_mjy",
-                    "mean_flux_mjy", "std_flux_mjy", "chi2_nu", "n_obs", "last_mjd", "flag_type")
+CANDIDATE_FIELDS = (
+    "source_id",
+    "ra_deg",
+    "dec_deg",
+    "significance",
+    "nvss_flux_mjy",
+    "mean_flux_mjy",
+    "std_flux_mjy",
+    "chi2_nu",
+    "n_obs",
+    "last_mjd",
+    "flag_type",
+)
 
 
 def _engine(products_db: str | Path | Engine) -> Engine:
@@ -45,16 +56,26 @@ def _engine(products_db: str | Path | Engine) -> Engine:
     return engine
 
 
-def update_variability_stats_for_source(products_db: str | Path | Engine, source_id: str, *,
-                                        flux_scale_error: float = DEFAULT_FLUX_SCALE_ERROR,
-                                        dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
-                                        exclude_flags: int = DEFAULT_EXCLUDED_FLAGS) -> bool:
+def update_variability_stats_for_source(
+    products_db: str | Path | Engine,
+    source_id: str,
+    *,
+    flux_scale_error: float = DEFAULT_FLUX_SCALE_ERROR,
+    dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
+    exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
+) -> bool:
     """Rebuild one source's sums and statistics from its usable photometry (no ``exclude_flags``
     quality bit); False if it has none."""
-    return pipeline.recompute_variability(_engine(products_db), [source_id],
-                                          flux_scale_error=flux_scale_error,
-                                          dip_window_days=dip_window_days,
-                                          exclude_flags=exclude_flags) > 0
+    return (
+        pipeline.recompute_variability(
+            _engine(products_db),
+            [source_id],
+            flux_scale_error=flux_scale_error,
+            dip_window_days=dip_window_days,
+            exclude_flags=exclude_flags,
+        )
+        > 0
+    )
 
 
 def detect_ese_candidates(
@@ -83,18 +104,24 @@ def detect_ese_candidates(
     settings = DetectionSettings(
         min_sigma=resolve_min_sigma(preset, min_sigma),
         min_dip_sigma=DEFAULT_MIN_DIP_SIGMA if min_dip_sigma is None else min_dip_sigma,
-        min_obs=DEFAULT_MIN_OBS if min_obs is None else min_obs)
+        min_obs=DEFAULT_MIN_OBS if min_obs is None else min_obs,
+    )
     ids = [source_id] if source_id else None
     if recompute:
-        pipeline.recompute_variability(engine, ids, flux_scale_error=flux_scale_error,
-                                       dip_window_days=dip_window_days,
-                                       exclude_flags=exclude_flags)
+        pipeline.recompute_variability(
+            engine,
+            ids,
+            flux_scale_error=flux_scale_error,
+            dip_window_days=dip_window_days,
+            exclude_flags=exclude_flags,
+        )
     summary = pipeline.detect_candidates(engine, settings, source_ids=ids)
     if summary.flagged.empty:
         return []
-    stats = statistics_db.variability_stats(engine, source_ids=summary.flagged["source_id"].tolist())
-    merged = summary.flagged.merge(stats, on="source_id", how="left",
-                                   suffixes=("", "_stats"))
+    stats = statistics_db.variability_stats(
+        engine, source_ids=summary.flagged["source_id"].tolist()
+    )
+    merged = summary.flagged.merge(stats, on="source_id", how="left", suffixes=("", "_stats"))
     merged = merged.sort_values("significance", ascending=False)
     out = []
     for row in merged.to_dict("records"):
@@ -102,16 +129,18 @@ def detect_ese_candidates(
         item["sigma_deviation"] = py_scalar(row.get("sigma_deviation"))
         item["dip_significance"] = py_scalar(row.get("dip_significance"))
         if use_composite_scoring:
-            score, confidence = composite_score(row.get("sigma_deviation"), row.get("chi2_nu"),
-                                                row.get("eta_metric"))
+            score, confidence = composite_score(
+                row.get("sigma_deviation"), row.get("chi2_nu"), row.get("eta_metric")
+            )
             item["composite_score"] = py_scalar(score)
             item["confidence"] = py_scalar(confidence)
         out.append(item)
     return out
 
 
-def auto_detect_ese_for_new_measurements(products_db: str | Path | Engine, source_id: str,
-                                         min_sigma: float = DEFAULT_MIN_SIGMA) -> dict | None:
+def auto_detect_ese_for_new_measurements(
+    products_db: str | Path | Engine, source_id: str, min_sigma: float = DEFAULT_MIN_SIGMA
+) -> dict | None:
     """Update one source's statistics and flag it if it qualifies (seed name).
 
     Returns the candidate, or None when the source is not flagged.
@@ -138,10 +167,13 @@ class Source:
 
     @property
     def variability(self) -> dict | None:
-        stats = statistics_db.variability_stats(_engine(self.products_db), source_ids=[self.source_id])
+        stats = statistics_db.variability_stats(
+            _engine(self.products_db), source_ids=[self.source_id]
+        )
         return {k: py_scalar(v) for k, v in stats.iloc[0].items()} if len(stats) else None
 
     def mark(self, status: str, notes: str | None = None, by: str = "user") -> None:
         """Set this source's open candidate to ``investigated`` or ``dismissed``."""
-        candidates_db.set_candidate_status(_engine(self.products_db), self.source_id, status,
-                                  notes=notes, by=by)
+        candidates_db.set_candidate_status(
+            _engine(self.products_db), self.source_id, status, notes=notes, by=by
+        )

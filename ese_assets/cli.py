@@ -33,8 +33,10 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _add_db(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--products-db", help="products database: SQLite path or SQLAlchemy URL "
-                                              "(default: $PIPELINE_PRODUCTS_DB)")
+    parser.add_argument(
+        "--products-db",
+        help="products database: SQLite path or SQLAlchemy URL (default: $PIPELINE_PRODUCTS_DB)",
+    )
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -56,8 +58,11 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     add("--flux-scale-error", type=float, default=d.flux_scale_error)
     add("--cube-fraction", type=float, default=d.cube_fraction)
     add("--jitter-arcmin", type=float, default=d.pointing_jitter_arcmin)
-    add("--stable-only", action="store_true",
-        help="no variables, no ESEs, no flux-scale error (unbiasedness checks)")
+    add(
+        "--stable-only",
+        action="store_true",
+        help="no variables, no ESEs, no flux-scale error (unbiasedness checks)",
+    )
     add("--overwrite", action="store_true", help="replace an existing simulation")
     add("--quiet", action="store_true", help="no progress output")
     return parser
@@ -68,10 +73,17 @@ def survey_config_from_args(args: argparse.Namespace) -> SurveyConfig:
     from ese_assets.core.simulate import SurveyConfig
 
     config = SurveyConfig(
-        seed=args.seed, n_nights=args.nights, images_per_night=args.images_per_night,
-        start_date=args.start_date, npix=args.npix, n_sources=args.n_sources,
-        n_variables=args.n_variables, n_ese=args.n_ese, rms_mjy=args.rms_mjy,
-        flux_scale_error=args.flux_scale_error, cube_fraction=args.cube_fraction,
+        seed=args.seed,
+        n_nights=args.nights,
+        images_per_night=args.images_per_night,
+        start_date=args.start_date,
+        npix=args.npix,
+        n_sources=args.n_sources,
+        n_variables=args.n_variables,
+        n_ese=args.n_ese,
+        rms_mjy=args.rms_mjy,
+        flux_scale_error=args.flux_scale_error,
+        cube_fraction=args.cube_fraction,
         pointing_jitter_arcmin=args.jitter_arcmin,
     )
     return config.without_variability() if args.stable_only else config
@@ -83,16 +95,24 @@ def run_simulate(args: argparse.Namespace) -> SurveyManifest:
 
     def report(i: int, n: int, path: Path) -> None:
         if i == n or i % 10 == 0:
-            print(f"\rsimulate: {i}/{n} images", end="\n" if i == n else "", file=sys.stderr,
-                  flush=True)
+            print(
+                f"\rsimulate: {i}/{n} images",
+                end="\n" if i == n else "",
+                file=sys.stderr,
+                flush=True,
+            )
 
     manifest = simulate_survey(
-        survey_config_from_args(args), args.out_dir, overwrite=args.overwrite,
+        survey_config_from_args(args),
+        args.out_dir,
+        overwrite=args.overwrite,
         progress=None if args.quiet else report,
     )
-    print(f"wrote {manifest.n_images} images to {manifest.incoming_dir}, catalog "
-          f"{manifest.catalog_path} ({manifest.n_sources} sources, {manifest.n_variables} "
-          f"variables, {manifest.n_ese} ESEs) in {manifest.elapsed_s:.1f} s")
+    print(
+        f"wrote {manifest.n_images} images to {manifest.incoming_dir}, catalog "
+        f"{manifest.catalog_path} ({manifest.n_sources} sources, {manifest.n_variables} "
+        f"variables, {manifest.n_ese} ESEs) in {manifest.elapsed_s:.1f} s"
+    )
     return manifest
 
 
@@ -108,14 +128,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if not Path(args.directory).is_dir():
         print(f"ese ingest: {args.directory} is not a directory", file=sys.stderr)
         return 2
-    report = ingest_directory(settings, args.directory, settle_seconds=args.settle_seconds,
-                              verbose=args.verbose)
+    report = ingest_directory(
+        settings, args.directory, settle_seconds=args.settle_seconds, verbose=args.verbose
+    )
     failed = report.failed
     print(f"{len(report.runs)} runs, {len(failed)} failed")
     if failed:
-        print(f"ese ingest: {len(failed)} of {len(report.runs)} runs failed (first: night "
-              f"{failed[0].night}: {failed[0].error}); their images stay queued and are "
-              "measured by the next `ese ingest` or sensor tick", file=sys.stderr)
+        print(
+            f"ese ingest: {len(failed)} of {len(report.runs)} runs failed (first: night "
+            f"{failed[0].night}: {failed[0].error}); their images stay queued and are "
+            "measured by the next `ese ingest` or sensor tick",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -125,20 +149,32 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     found = detect_ese_candidates(
-        settings.products_db, args.min_sigma, preset=args.preset, recompute=args.recompute,
-        source_id=args.source_id, use_composite_scoring=args.use_composite_scoring,
-        min_dip_sigma=args.min_dip_sigma, min_obs=args.min_obs,
-        flux_scale_error=settings.flux_scale_error, dip_window_days=settings.dip_window_days,
-        exclude_flags=settings.exclude_flags)
-    print(json.dumps({
-        "products_db": settings.products_db,
-        "preset": args.preset,
-        "min_sigma": resolve_min_sigma(args.preset, args.min_sigma),
-        "source_id": args.source_id,
-        "recompute": args.recompute,
-        "candidates_found": len(found),
-        "candidates": found,
-    }, indent=2))
+        settings.products_db,
+        args.min_sigma,
+        preset=args.preset,
+        recompute=args.recompute,
+        source_id=args.source_id,
+        use_composite_scoring=args.use_composite_scoring,
+        min_dip_sigma=args.min_dip_sigma,
+        min_obs=args.min_obs,
+        flux_scale_error=settings.flux_scale_error,
+        dip_window_days=settings.dip_window_days,
+        exclude_flags=settings.exclude_flags,
+    )
+    print(
+        json.dumps(
+            {
+                "products_db": settings.products_db,
+                "preset": args.preset,
+                "min_sigma": resolve_min_sigma(args.preset, args.min_sigma),
+                "source_id": args.source_id,
+                "recompute": args.recompute,
+                "candidates_found": len(found),
+                "candidates": found,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -149,12 +185,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     if lc.empty:
         print(f"ese export: no measurements for source {args.source_id!r}", file=sys.stderr)
         return 1
-    cols = ["source_id", "mjd", "flux_mjy", "flux_err_mjy", "peak_jyb", "peak_err_jyb",
-            "quality_flag", "image_path"]
+    cols = [
+        "source_id",
+        "mjd",
+        "flux_mjy",
+        "flux_err_mjy",
+        "peak_jyb",
+        "peak_err_jyb",
+        "quality_flag",
+        "image_path",
+    ]
     lc = lc[cols]
-    text = (lc.to_csv(index=False) if args.format == "csv"
-            else json.dumps({"source_id": args.source_id, "n_obs": len(lc),
-                             "measurements": json.loads(lc.to_json(orient="records"))}, indent=2))
+    text = (
+        lc.to_csv(index=False)
+        if args.format == "csv"
+        else json.dumps(
+            {
+                "source_id": args.source_id,
+                "n_obs": len(lc),
+                "measurements": json.loads(lc.to_json(orient="records")),
+            },
+            indent=2,
+        )
+    )
     if args.output:
         Path(args.output).write_text(text)
         print(f"wrote {len(lc)} measurements of {args.source_id} to {args.output}")
@@ -178,8 +231,17 @@ def cmd_candidates(args: argparse.Namespace) -> int:
     elif df.empty:
         print(f"no {args.status} candidates")
     else:
-        cols = ["source_id", "status", "significance", "flag_type", "n_obs", "mean_flux_mjy",
-                "chi2_nu", "night", "last_night"]
+        cols = [
+            "source_id",
+            "status",
+            "significance",
+            "flag_type",
+            "n_obs",
+            "mean_flux_mjy",
+            "chi2_nu",
+            "night",
+            "last_night",
+        ]
         print(df[[c for c in cols if c in df.columns]].to_string(index=False))
     return 0
 
@@ -188,8 +250,9 @@ def cmd_mark(args: argparse.Namespace) -> int:
     from ese_assets.api import Source
 
     try:
-        Source(args.source_id, _settings(args).products_db).mark(args.status, notes=args.notes,
-                                                                 by=args.by)
+        Source(args.source_id, _settings(args).products_db).mark(
+            args.status, notes=args.notes, by=args.by
+        )
     except ValueError as exc:
         print(f"ese mark: {exc}", file=sys.stderr)
         return 1
@@ -211,29 +274,49 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_arguments(p)
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("ingest", help="register a directory of images and run their nights "
-                                      "through the Dagster instance")
+    p = sub.add_parser(
+        "ingest",
+        help="register a directory of images and run their nights through the Dagster instance",
+    )
     p.add_argument("directory")
     p.add_argument("--catalog", help="source catalog (default: $ESE_CATALOG or $MASTER_SOURCES_DB)")
-    p.add_argument("--settle-seconds", type=float, default=0.0,
-                   help="skip files modified less than this many seconds ago (default 0)")
+    p.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=0.0,
+        help="skip files modified less than this many seconds ago (default 0)",
+    )
     p.add_argument("--verbose", action="store_true", help="also print Dagster's step logs")
     _add_db(p)
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("detect", help="flag ESE candidates; prints JSON")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="sigma_deviation threshold preset "
-                        f"(default {DEFAULT_PRESET} = {PRESETS[DEFAULT_PRESET]:g})")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="sigma_deviation threshold preset "
+        f"(default {DEFAULT_PRESET} = {PRESETS[DEFAULT_PRESET]:g})",
+    )
     p.add_argument("--min-sigma", type=float, default=None, help="custom sigma_deviation threshold")
-    p.add_argument("--min-dip-sigma", type=float, default=None,
-                   help="dip-statistic threshold (default: the calibrated value)")
+    p.add_argument(
+        "--min-dip-sigma",
+        type=float,
+        default=None,
+        help="dip-statistic threshold (default: the calibrated value)",
+    )
     p.add_argument("--min-obs", type=int, default=None, help="minimum number of epochs")
     p.add_argument("--source-id", help="examine only this source")
-    p.add_argument("--recompute", action="store_true",
-                   help="recompute variability statistics from photometry first")
-    p.add_argument("--use-composite-scoring", action="store_true",
-                   help="add the seed's composite score and confidence to each candidate")
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="recompute variability statistics from photometry first",
+    )
+    p.add_argument(
+        "--use-composite-scoring",
+        action="store_true",
+        help="add the seed's composite score and confidence to each candidate",
+    )
     _add_db(p)
     p.set_defaults(func=cmd_detect)
 
@@ -245,8 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("candidates", help="list ESE candidates")
-    p.add_argument("--status", default="open",
-                   choices=["open", *CANDIDATE_STATUSES, "all"])
+    p.add_argument("--status", default="open", choices=["open", *CANDIDATE_STATUSES, "all"])
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     _add_db(p)
     p.set_defaults(func=cmd_candidates)
@@ -275,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DatabaseUnavailable as exc:
-        print(f"ese {args.command}: {exc} (nothing was lost; run the command again)",
-              file=sys.stderr)
+        print(
+            f"ese {args.command}: {exc} (nothing was lost; run the command again)", file=sys.stderr
+        )
         return 3
     except (ValueError, FileNotFoundError) as exc:  # InputError is a ValueError
         print(f"ese {args.command}: {exc}", file=sys.stderr)

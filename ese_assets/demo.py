@@ -24,8 +24,12 @@ MAX_STABLE_FLAGGED = 1
 def demo_settings(out_dir: Path) -> Settings:
     base = Settings.from_env()
     return dataclasses.replace(
-        base, data_dir=str(out_dir.parent), products_db=str(out_dir / "products.sqlite3"),
-        catalog_path=str(out_dir / "catalog.csv"), incoming_dir=str(out_dir / "incoming"))
+        base,
+        data_dir=str(out_dir.parent),
+        products_db=str(out_dir / "products.sqlite3"),
+        catalog_path=str(out_dir / "catalog.csv"),
+        incoming_dir=str(out_dir / "incoming"),
+    )
 
 
 def compare_with_truth(candidates: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
@@ -35,30 +39,47 @@ def compare_with_truth(candidates: pd.DataFrame, truth: pd.DataFrame) -> pd.Data
     rows = rows[(rows["kind"] == "ese") | rows["flagged"]].copy()
     rows["significance"] = rows["name"].map(flagged["significance"])
     rows["flag_type"] = rows["name"].map(flagged["flag_type"])
-    rows["required"] = ((rows["kind"] == "ese") & (rows["ese_depth"] >= MIN_DEPTH)
-                        & (rows["ese_epochs_in_event"] >= MIN_EPOCHS_IN_EVENT))
+    rows["required"] = (
+        (rows["kind"] == "ese")
+        & (rows["ese_depth"] >= MIN_DEPTH)
+        & (rows["ese_epochs_in_event"] >= MIN_EPOCHS_IN_EVENT)
+    )
     return rows.sort_values(["kind", "name"]).reset_index(drop=True)
 
 
 def print_report(report: pd.DataFrame, print_=print) -> bool:
-    cols = ["name", "kind", "mean_flux_mjy", "ese_depth", "ese_duration_days",
-            "ese_epochs_in_event", "required", "flagged", "significance", "flag_type"]
-    with pd.option_context("display.width", 200, "display.max_columns", 20,
-                           "display.float_format", "{:.2f}".format):
+    cols = [
+        "name",
+        "kind",
+        "mean_flux_mjy",
+        "ese_depth",
+        "ese_duration_days",
+        "ese_epochs_in_event",
+        "required",
+        "flagged",
+        "significance",
+        "flag_type",
+    ]
+    with pd.option_context(
+        "display.width", 200, "display.max_columns", 20, "display.float_format", "{:.2f}".format
+    ):
         print_(report[cols].to_string(index=False))
     missed = report[report["required"] & ~report["flagged"]]
     stable = report[(report["kind"] == "stable") & report["flagged"]]
     n_required = int(report["required"].sum())
-    print_(f"\nrequired ESEs (depth >= {MIN_DEPTH:.0%}, >= {MIN_EPOCHS_IN_EVENT} epochs in event): "
-           f"{n_required - len(missed)}/{n_required} flagged; "
-           f"stable sources flagged: {len(stable)} (allowed {MAX_STABLE_FLAGGED})")
+    print_(
+        f"\nrequired ESEs (depth >= {MIN_DEPTH:.0%}, >= {MIN_EPOCHS_IN_EVENT} epochs in event): "
+        f"{n_required - len(missed)}/{n_required} flagged; "
+        f"stable sources flagged: {len(stable)} (allowed {MAX_STABLE_FLAGGED})"
+    )
     ok = missed.empty and len(stable) <= MAX_STABLE_FLAGGED
     print_("DEMO PASSED" if ok else "DEMO FAILED")
     return ok
 
 
-def run_demo(out_dir: str | Path, *, fresh: bool = False, config: SurveyConfig | None = None,
-             print_=print) -> bool:
+def run_demo(
+    out_dir: str | Path, *, fresh: bool = False, config: SurveyConfig | None = None, print_=print
+) -> bool:
     out_dir = Path(out_dir).expanduser().resolve()
     if fresh and out_dir.exists():
         shutil.rmtree(out_dir)

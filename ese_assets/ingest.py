@@ -109,13 +109,21 @@ def _run_error(result: dg.ExecuteInProcessResult) -> str | None:
 
 def _check_catalog(settings: Settings) -> str:
     if not settings.catalog_path:
-        raise CatalogError("(no catalog)", "no source catalog configured: pass --catalog or set "
-                                           "ESE_CATALOG / MASTER_SOURCES_DB")
+        raise CatalogError(
+            "(no catalog)",
+            "no source catalog configured: pass --catalog or set ESE_CATALOG / MASTER_SOURCES_DB",
+        )
     return check_catalog(settings.catalog_path)
 
 
-def ingest_directory(settings: Settings, directory: str | Path, *, settle_seconds: float = 0.0,
-                     progress=print, verbose: bool = False) -> IngestReport:
+def ingest_directory(
+    settings: Settings,
+    directory: str | Path,
+    *,
+    settle_seconds: float = 0.0,
+    progress=print,
+    verbose: bool = False,
+) -> IngestReport:
     """Register the files of ``directory`` and run every image that still needs a run.
 
     The catalog is validated first (a bad one raises :class:`CatalogError` before anything is
@@ -127,17 +135,29 @@ def ingest_directory(settings: Settings, directory: str | Path, *, settle_second
     progress(_check_catalog(settings))
     engine = make_engine(settings.products_db)
     ensure_schema(engine)
-    scan = pipeline.scan_directory(engine, directory, settle_seconds=settle_seconds,
-                                   timezone=settings.timezone,
-                                   first_night=settings.partition_start, progress=progress)
+    scan = pipeline.scan_directory(
+        engine,
+        directory,
+        settle_seconds=settle_seconds,
+        timezone=settings.timezone,
+        first_night=settings.partition_start,
+        progress=progress,
+    )
     changed = f", {len(scan.changed)} changed since" if scan.changed else ""
-    progress(f"{directory}: {len(scan.registered)} new images, {len(scan.rejected)} rejected, "
-             f"{scan.already_known} already known{changed}, {len(scan.waiting)} still being "
-             "written")
+    progress(
+        f"{directory}: {len(scan.registered)} new images, {len(scan.rejected)} rejected, "
+        f"{scan.already_known} already known{changed}, {len(scan.waiting)} still being "
+        "written"
+    )
     instance = dagster_instance(settings)
-    plan = plan_unfinished(engine, instance, settings,
-                           last_night=build_partitions(settings).get_last_partition_key(),
-                           patient=False, grace_s=INGEST_GRACE_S)
+    plan = plan_unfinished(
+        engine,
+        instance,
+        settings,
+        last_night=build_partitions(settings).get_last_partition_key(),
+        patient=False,
+        grace_s=INGEST_GRACE_S,
+    )
     progress(f"to measure: {plan.summary()}")
     report = IngestReport(scan, plan)
     if not plan.batches:
@@ -148,15 +168,26 @@ def ingest_directory(settings: Settings, directory: str | Path, *, settle_second
         started = time.monotonic()
         result = job.execute_in_process(
             partition_key=batch.night,
-            run_config={**batch_run_config(batch),
-                        "loggers": {"console": {"config": {"log_level": log_level}}}},
-            instance=instance, tags={**batch_tags(batch, "cli"), **process_tags()},
-            raise_on_error=False)
-        run = NightRun(batch.night, result.run_id, result.success, len(batch.paths),
-                       time.monotonic() - started,
-                       error=None if result.success else _run_error(result))
+            run_config={
+                **batch_run_config(batch),
+                "loggers": {"console": {"config": {"log_level": log_level}}},
+            },
+            instance=instance,
+            tags={**batch_tags(batch, "cli"), **process_tags()},
+            raise_on_error=False,
+        )
+        run = NightRun(
+            batch.night,
+            result.run_id,
+            result.success,
+            len(batch.paths),
+            time.monotonic() - started,
+            error=None if result.success else _run_error(result),
+        )
         report.runs.append(run)
         outcome = "succeeded" if run.success else f"FAILED: {run.error}"
-        progress(f"[{i}/{len(plan.batches)}] night {run.night}: {run.n_images} images, "
-                 f"{outcome} ({run.seconds:.1f} s, run {run.run_id[:8]})")
+        progress(
+            f"[{i}/{len(plan.batches)}] night {run.night}: {run.n_images} images, "
+            f"{outcome} ({run.seconds:.1f} s, run {run.run_id[:8]})"
+        )
     return report

@@ -88,22 +88,33 @@ def _validate(settings: Settings) -> None:
     try:
         dt.date.fromisoformat(settings.partition_start)
     except ValueError:
-        raise ValueError(f"ESE_PARTITION_START={settings.partition_start!r} is not a date "
-                         "(YYYY-MM-DD)") from None
+        raise ValueError(
+            f"ESE_PARTITION_START={settings.partition_start!r} is not a date (YYYY-MM-DD)"
+        ) from None
     try:
         ZoneInfo(settings.timezone)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"ESE_TIMEZONE={settings.timezone!r} is not an IANA time zone "
-                         "(e.g. UTC, America/Los_Angeles)") from None
+        raise ValueError(
+            f"ESE_TIMEZONE={settings.timezone!r} is not an IANA time zone "
+            "(e.g. UTC, America/Los_Angeles)"
+        ) from None
     checks = (
         ("ESE_SETTLE_SECONDS", settings.settle_seconds, settings.settle_seconds >= 0, ">= 0"),
         ("ESE_MIN_FLUX_MJY", settings.min_flux_mjy, settings.min_flux_mjy >= 0, ">= 0"),
-        ("ESE_FLUX_SCALE_ERROR", settings.flux_scale_error,
-         0 <= settings.flux_scale_error < 1, "in [0, 1)"),
+        (
+            "ESE_FLUX_SCALE_ERROR",
+            settings.flux_scale_error,
+            0 <= settings.flux_scale_error < 1,
+            "in [0, 1)",
+        ),
         ("ESE_MIN_OBS", settings.min_obs, settings.min_obs >= 2, ">= 2"),
         ("ESE_NIGHTLY_HOUR", settings.nightly_hour, 0 <= settings.nightly_hour <= 23, "0-23"),
-        ("ESE_SENSOR_INTERVAL_SECONDS", settings.sensor_interval_seconds,
-         settings.sensor_interval_seconds >= 1, ">= 1"),
+        (
+            "ESE_SENSOR_INTERVAL_SECONDS",
+            settings.sensor_interval_seconds,
+            settings.sensor_interval_seconds >= 1,
+            ">= 1",
+        ),
         ("ESE_RETRY_DELAY_S", settings.retry_delay_s, settings.retry_delay_s >= 0, ">= 0"),
         ("ESE_MAX_ATTEMPTS", settings.max_attempts, settings.max_attempts >= 1, ">= 1"),
     )
@@ -155,7 +166,9 @@ class Settings:
         catalog = _env("ESE_CATALOG") or _env("MASTER_SOURCES_DB")
         return cls(
             data_dir=data_dir,
-            products_db=_abspath(_env("PIPELINE_PRODUCTS_DB", str(Path(data_dir) / "products.sqlite3"))),
+            products_db=_abspath(
+                _env("PIPELINE_PRODUCTS_DB", str(Path(data_dir) / "products.sqlite3"))
+            ),
             catalog_path=_abspath(catalog) if catalog else None,
             incoming_dir=_abspath(_env("ESE_INCOMING_DIR", str(Path(data_dir) / "incoming"))),
             partition_start=_env("ESE_PARTITION_START", DEFAULT_PARTITION_START),
@@ -169,13 +182,15 @@ class Settings:
             min_dip_sigma=_env_float("ESE_MIN_DIP_SIGMA", DEFAULT_MIN_DIP_SIGMA),
             min_obs=_int("ESE_MIN_OBS", DEFAULT_MIN_OBS),
             nightly_hour=_int("ESE_NIGHTLY_HOUR", DEFAULT_NIGHTLY_HOUR),
-            sensor_interval_seconds=_int("ESE_SENSOR_INTERVAL_SECONDS",
-                                         DEFAULT_SENSOR_INTERVAL_SECONDS),
+            sensor_interval_seconds=_int(
+                "ESE_SENSOR_INTERVAL_SECONDS", DEFAULT_SENSOR_INTERVAL_SECONDS
+            ),
             exclude_flags=_exclude_flags("ESE_EXCLUDE_FLAGS"),
             retry_delay_s=_env_float("ESE_RETRY_DELAY_S", DEFAULT_RETRY_DELAY_S),
             max_attempts=_int("ESE_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS),
         )
 
     def detection(self) -> DetectionSettings:
-        return DetectionSettings(min_sigma=self.min_sigma, min_dip_sigma=self.min_dip_sigma,
-                                 min_obs=self.min_obs)
+        return DetectionSettings(
+            min_sigma=self.min_sigma, min_dip_sigma=self.min_dip_sigma, min_obs=self.min_obs
+        )

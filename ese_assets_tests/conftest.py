@@ -34,14 +34,16 @@ BACKENDS = ("sqlite", "postgresql")
 
 def _postgres_unavailable(message: str) -> None:
     if os.environ.get(REQUIRE_POSTGRES_ENV, "").strip() in ("1", "true", "yes"):
-        pytest.fail(f"PostgreSQL tests are required ({REQUIRE_POSTGRES_ENV}=1) but {message}",
-                    pytrace=False)
+        pytest.fail(
+            f"PostgreSQL tests are required ({REQUIRE_POSTGRES_ENV}=1) but {message}", pytrace=False
+        )
     pytest.skip(f"PostgreSQL tests skipped: {message}")
 
 
 # --------------------------------------------------------------------------------------------------
 # SQLite
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def sqlite_db_path(tmp_path) -> Iterator[str]:
@@ -63,6 +65,7 @@ def sqlite_engine(sqlite_db_path: str) -> Engine:
 # PostgreSQL
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def _postgres_test_database() -> Iterator[sa.URL]:
     """URL of a database created for this test session on the ESE_TEST_POSTGRES_URL server."""
@@ -70,7 +73,8 @@ def _postgres_test_database() -> Iterator[sa.URL]:
     if not raw:
         _postgres_unavailable(
             f"{POSTGRES_URL_ENV} is not set "
-            "(e.g. postgresql+psycopg://postgres@127.0.0.1:5432/postgres)")
+            "(e.g. postgresql+psycopg://postgres@127.0.0.1:5432/postgres)"
+        )
     server_url = make_url(raw)
     name = f"ese_test_{uuid.uuid4().hex[:12]}"
     # CREATE/DROP DATABASE cannot run inside a transaction block: AUTOCOMMIT, no pooled connections.
@@ -80,8 +84,9 @@ def _postgres_test_database() -> Iterator[sa.URL]:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     except sa.exc.OperationalError as exc:
         admin.dispose()
-        _postgres_unavailable(f"the server at {server_url.render_as_string()} "
-                              f"is not usable: {exc.orig}")
+        _postgres_unavailable(
+            f"the server at {server_url.render_as_string()} is not usable: {exc.orig}"
+        )
     try:
         yield server_url.set(database=name)
     finally:
@@ -119,6 +124,7 @@ def postgres_engine(postgres_url: str) -> Engine:
 # --------------------------------------------------------------------------------------------------
 # Both backends
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(params=BACKENDS)
 def db_url(request) -> str:

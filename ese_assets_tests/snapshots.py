@@ -17,17 +17,29 @@ from ese_assets.storage.schema import metadata
 SNAPSHOT_EXCLUDE = ("id", "measured_at", "updated_at", "flagged_at", "registered_at")
 #: Columns of ``images`` that record how the work went (file versions, run requests), not what
 #: was measured: two runs that reach the same result may differ in them.
-IMAGE_BOOKKEEPING = ("file_mtime", "file_ctime", "batch_token", "attempts", "queued_at",
-                     "next_attempt_at")
+IMAGE_BOOKKEEPING = (
+    "file_mtime",
+    "file_ctime",
+    "batch_token",
+    "attempts",
+    "queued_at",
+    "next_attempt_at",
+)
 
 #: Natural keys that :func:`table_snapshot` sorts by first (readable diffs), then all other columns.
-SNAPSHOT_SORT_KEYS = {"images": ("path",), "photometry": ("image_path", "source_id"),
-                      "variability_stats": ("source_id",), "ese_candidates": ("source_id",),
-                      "source_night_sums": ("source_id", "night"), "source_sums": ("source_id",)}
+SNAPSHOT_SORT_KEYS = {
+    "images": ("path",),
+    "photometry": ("image_path", "source_id"),
+    "variability_stats": ("source_id",),
+    "ese_candidates": ("source_id",),
+    "source_night_sums": ("source_id", "night"),
+    "source_sums": ("source_id",),
+}
 
 
-def table_snapshot(engine: Engine, table_name: str,
-                   exclude: Sequence[str] = SNAPSHOT_EXCLUDE) -> pd.DataFrame:
+def table_snapshot(
+    engine: Engine, table_name: str, exclude: Sequence[str] = SNAPSHOT_EXCLUDE
+) -> pd.DataFrame:
     """Whole table without the ``exclude`` columns, sorted deterministically, index 0..n-1.
 
     Sort order: the table's natural key (images.path; photometry image_path, source_id;

@@ -47,8 +47,13 @@ def brute_force_inside(catalog: Catalog, wcs: WCS, shape, margin=0.0, min_flux_m
 
 def random_catalog(rng, ra_deg, dec_deg, flux_mjy=None) -> Catalog:
     flux = rng.uniform(1.0, 100.0, len(ra_deg)) if flux_mjy is None else flux_mjy
-    return Catalog(source_id=np.array([f"S{i}" for i in range(len(ra_deg))], dtype=object),
-                   ra_deg=np.mod(ra_deg, 360.0), dec_deg=dec_deg, flux_mjy=flux, path="test")
+    return Catalog(
+        source_id=np.array([f"S{i}" for i in range(len(ra_deg))], dtype=object),
+        ra_deg=np.mod(ra_deg, 360.0),
+        dec_deg=dec_deg,
+        flux_mjy=flux,
+        path="test",
+    )
 
 
 # -- footprint selection --------------------------------------------------------------------------
@@ -90,14 +95,16 @@ def test_selection_at_the_pole(dec_centre):
 def test_selection_all_sky_random_fields_match_brute_force():
     rng = np.random.default_rng(13)
     n = 3000
-    catalog = random_catalog(rng, rng.uniform(0.0, 360.0, n),
-                             np.degrees(np.arcsin(rng.uniform(-1.0, 1.0, n))))
+    catalog = random_catalog(
+        rng, rng.uniform(0.0, 360.0, n), np.degrees(np.arcsin(rng.uniform(-1.0, 1.0, n)))
+    )
     # A big cell makes each field cover many sources of a sparse all-sky catalog.
     shape, cell = (120, 160), 0.25
     for ra_c, dec_c in zip(rng.uniform(0, 360, 8), rng.uniform(-90, 90, 8), strict=True):
         wcs = sin_wcs(ra_c, dec_c, shape, cell)
-        np.testing.assert_array_equal(catalog.select_in_footprint(wcs, shape),
-                                      brute_force_inside(catalog, wcs, shape))
+        np.testing.assert_array_equal(
+            catalog.select_in_footprint(wcs, shape), brute_force_inside(catalog, wcs, shape)
+        )
 
 
 def test_margin_and_min_flux():
@@ -120,15 +127,25 @@ def test_pixel_boundary_is_inclusive():
     xs = np.array([1e-6, nx - 1.0 - 1e-6, -0.01, nx - 0.99, 50.0])
     ys = np.array([1e-6, ny - 1.0 - 1e-6, 5.0, 5.0, ny - 0.99])
     ra, dec = wcs.pixel_to_world_values(xs, ys)
-    catalog = Catalog(source_id=np.array(list("abcde"), dtype=object), ra_deg=ra, dec_deg=dec,
-                      flux_mjy=np.ones(5), path="edge")
+    catalog = Catalog(
+        source_id=np.array(list("abcde"), dtype=object),
+        ra_deg=ra,
+        dec_deg=dec,
+        flux_mjy=np.ones(5),
+        path="edge",
+    )
     assert catalog.select_in_footprint(wcs, SHAPE).tolist() == [0, 1]
 
 
 def test_nan_flux_only_selected_without_flux_cut():
     wcs = sin_wcs(10.0, 10.0, SHAPE, CELL_DEG)
-    catalog = Catalog(source_id=np.array(["a", "b"], dtype=object), ra_deg=[10.0, 10.1],
-                      dec_deg=[10.0, 10.1], flux_mjy=[np.nan, 20.0], path="nan")
+    catalog = Catalog(
+        source_id=np.array(["a", "b"], dtype=object),
+        ra_deg=[10.0, 10.1],
+        dec_deg=[10.0, 10.1],
+        flux_mjy=[np.nan, 20.0],
+        path="nan",
+    )
     assert catalog.select_in_footprint(wcs, SHAPE).tolist() == [0, 1]
     assert catalog.select_in_footprint(wcs, SHAPE, min_flux_mjy=10.0).tolist() == [1]
 
@@ -138,8 +155,11 @@ def test_index_built_once_and_arrays_read_only(monkeypatch):
     catalog = random_catalog(rng, rng.uniform(0, 10, 100), rng.uniform(0, 10, 100))
     calls = []
     original = catalog_module._SkyIndex.build
-    monkeypatch.setattr(catalog_module._SkyIndex, "build",
-                        classmethod(lambda cls, ra, dec: calls.append(1) or original(ra, dec)))
+    monkeypatch.setattr(
+        catalog_module._SkyIndex,
+        "build",
+        classmethod(lambda cls, ra, dec: calls.append(1) or original(ra, dec)),
+    )
     wcs = sin_wcs(5.0, 5.0, SHAPE, CELL_DEG)
     first = catalog.select_in_footprint(wcs, SHAPE)
     second = catalog.select_in_footprint(sin_wcs(6.0, 4.0, SHAPE, CELL_DEG), SHAPE)
@@ -163,11 +183,16 @@ def test_catalog_pickles_without_its_index():
 
 def test_catalog_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="equal length"):
-        Catalog(source_id=np.array(["a"], dtype=object), ra_deg=[1.0, 2.0], dec_deg=[0.0, 0.0],
-                flux_mjy=[1.0, 1.0])
+        Catalog(
+            source_id=np.array(["a"], dtype=object),
+            ra_deg=[1.0, 2.0],
+            dec_deg=[0.0, 0.0],
+            flux_mjy=[1.0, 1.0],
+        )
 
 
 # -- loaders --------------------------------------------------------------------------------------
+
 
 def test_csv_with_aliases_and_generated_ids(tmp_path):
     path = tmp_path / "nvss.csv"
@@ -203,8 +228,14 @@ def test_missing_flux_column_gives_nan(tmp_path):
 
 def test_fits_table_with_jy_column(tmp_path):
     path = tmp_path / "cat.fits"
-    table = Table({"SOURCE_ID": ["a", "b"], "RA_DEG": [10.0, 20.0], "DEC_DEG": [-5.0, 5.0],
-                   "FLUX_JY": [0.1, 0.2]})
+    table = Table(
+        {
+            "SOURCE_ID": ["a", "b"],
+            "RA_DEG": [10.0, 20.0],
+            "DEC_DEG": [-5.0, 5.0],
+            "FLUX_JY": [0.1, 0.2],
+        }
+    )
     table.write(path)
     catalog = load_catalog(path)
     assert list(catalog.source_id) == ["a", "b"]
@@ -221,8 +252,14 @@ def test_fits_table_unit_overrides_name(tmp_path):
 def test_votable(tmp_path):
     # peak_flux with a declared unit: the unit wins over the PyBDSF/Aegean convention (Jy/beam).
     path = tmp_path / "cat.vot"
-    Table({"name": ["x", "y", "z"], "ra": [1.0, 2.0, 3.0], "dec": [0.0, 1.0, 2.0],
-           "peak_flux": [1.0, 2.0, 3.0] * u.mJy / u.beam}).write(path, format="votable")
+    Table(
+        {
+            "name": ["x", "y", "z"],
+            "ra": [1.0, 2.0, 3.0],
+            "dec": [0.0, 1.0, 2.0],
+            "peak_flux": [1.0, 2.0, 3.0] * u.mJy / u.beam,
+        }
+    ).write(path, format="votable")
     catalog = load_catalog(path)
     assert list(catalog.source_id) == ["x", "y", "z"]
     np.testing.assert_allclose(catalog.flux_mjy, [1.0, 2.0, 3.0])
@@ -230,8 +267,9 @@ def test_votable(tmp_path):
 
 def make_sqlite(path, rows, table="sources"):
     with sqlite3.connect(path) as connection:
-        connection.execute(f"CREATE TABLE {table} (source_id TEXT, ra_deg REAL, dec_deg REAL, "
-                           "nvss_flux_mjy REAL)")
+        connection.execute(
+            f"CREATE TABLE {table} (source_id TEXT, ra_deg REAL, dec_deg REAL, nvss_flux_mjy REAL)"
+        )
         connection.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?)", rows)
     connection.close()
 
@@ -259,6 +297,7 @@ def test_sqlite_file_that_is_not_a_database(tmp_path):
 
 
 # -- validation errors ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("content", "fragment"),
@@ -296,6 +335,7 @@ def test_unknown_format_and_missing_file(tmp_path):
 
 # -- cache ----------------------------------------------------------------------------------------
 
+
 def test_load_catalog_cached_reloads_when_file_changes(tmp_path):
     clear_catalog_cache()
     path = tmp_path / "cache.csv"
@@ -313,8 +353,9 @@ def test_generated_ids_agree_with_scalar_function(tmp_path):
     rng = np.random.default_rng(16)
     ra, dec = rng.uniform(0, 360, 50), rng.uniform(-90, 90, 50)
     path = tmp_path / "gen.csv"
-    path.write_text("ra,dec\n" + "".join(f"{float(r)!r},{float(d)!r}\n"
-                                       for r, d in zip(ra, dec, strict=True)))
+    path.write_text(
+        "ra,dec\n" + "".join(f"{float(r)!r},{float(d)!r}\n" for r, d in zip(ra, dec, strict=True))
+    )
     catalog = load_catalog(path)
     assert list(catalog.source_id) == [iau_source_id(r, d) for r, d in zip(ra, dec, strict=True)]
     assert list(catalog.source_id) == list(iau_source_ids(ra, dec))

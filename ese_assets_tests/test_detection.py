@@ -44,8 +44,9 @@ def test_detection_settings():
     s = DetectionSettings()
     got = (s.min_sigma, s.min_dip_sigma, s.min_obs, s.use_sigma_rule, s.use_dip_rule)
     assert got == (5.0, 6.0, 10, True, True)
-    assert DetectionSettings.from_preset("moderate", min_obs=20) == DetectionSettings(min_sigma=3.5,
-                                                                                     min_obs=20)
+    assert DetectionSettings.from_preset("moderate", min_obs=20) == DetectionSettings(
+        min_sigma=3.5, min_obs=20
+    )
     with pytest.raises(ValueError):
         DetectionSettings(min_obs=0)
     with pytest.raises(ValueError):
@@ -57,7 +58,9 @@ def test_detection_settings():
 def test_max_sigma_deviation_and_preset_epoch_limits():
     assert max_sigma_deviation(1) == 0.0
     assert max_sigma_deviation(4) == pytest.approx(1.5)
-    np.testing.assert_allclose(max_sigma_deviation(np.array([2, 9, 100])), [1 / math.sqrt(2), 8 / 3, 9.9])
+    np.testing.assert_allclose(
+        max_sigma_deviation(np.array([2, 9, 100])), [1 / math.sqrt(2), 8 / 3, 9.9]
+    )
     assert math.isnan(max_sigma_deviation(0))
     # Smallest N at which each preset can fire at all: 27, 15, 11 ((N - 1)/sqrt(N) >= threshold).
     for preset, n_min in (("conservative", 27), ("moderate", 15), ("sensitive", 11)):
@@ -68,18 +71,25 @@ def test_max_sigma_deviation_and_preset_epoch_limits():
 
 
 def _stats():
-    return pd.DataFrame({
-        "source_id": ["quiet", "sig", "dip", "spike", "both", "few", "nan", "dipboth"],
-        "n_obs": [100, 100, 100, 100, 100, 9, 100, 100],
-        "sigma_deviation": [2.0, 5.5, 1.0, 2.0, 6.5, 9.0, np.nan, 7.0],
-        "dip_significance": [-3.0, 2.0, -8.0, 6.0, 9.0, -20.0, np.nan, -7.5],
-    })
+    return pd.DataFrame(
+        {
+            "source_id": ["quiet", "sig", "dip", "spike", "both", "few", "nan", "dipboth"],
+            "n_obs": [100, 100, 100, 100, 100, 9, 100, 100],
+            "sigma_deviation": [2.0, 5.5, 1.0, 2.0, 6.5, 9.0, np.nan, 7.0],
+            "dip_significance": [-3.0, 2.0, -8.0, 6.0, 9.0, -20.0, np.nan, -7.5],
+        }
+    )
 
 
 def test_flag_candidates_rules():
     out = flag_candidates(_stats(), DetectionSettings())
-    assert list(out.columns) == ["source_id", "significance", "flag_type", "sigma_deviation",
-                                 "dip_significance"]
+    assert list(out.columns) == [
+        "source_id",
+        "significance",
+        "flag_type",
+        "sigma_deviation",
+        "dip_significance",
+    ]
     got = {r.source_id: (r.flag_type, r.significance) for r in out.itertuples()}
     assert got == {
         "sig": ("sigma_deviation", 5.5),
@@ -94,13 +104,21 @@ def test_flag_candidates_rules():
 def test_flag_candidates_switches_and_thresholds():
     only_sigma = flag_candidates(_stats(), DetectionSettings(use_dip_rule=False))
     assert dict(zip(only_sigma.source_id, only_sigma.flag_type, strict=True)) == {
-        "sig": "sigma_deviation", "both": "sigma_deviation", "dipboth": "sigma_deviation"}
+        "sig": "sigma_deviation",
+        "both": "sigma_deviation",
+        "dipboth": "sigma_deviation",
+    }
     assert only_sigma.set_index("source_id").loc["both", "significance"] == 6.5
     only_dip = flag_candidates(_stats(), DetectionSettings(use_sigma_rule=False, min_dip_sigma=7.8))
-    assert dict(zip(only_dip.source_id, only_dip.flag_type, strict=True)) == {"dip": "dip", "both": "spike"}
+    assert dict(zip(only_dip.source_id, only_dip.flag_type, strict=True)) == {
+        "dip": "dip",
+        "both": "spike",
+    }
     few_ok = flag_candidates(_stats(), DetectionSettings(min_obs=5))
     assert "few" in set(few_ok.source_id)
-    sensitive = flag_candidates(_stats(), DetectionSettings.from_preset("sensitive", use_dip_rule=False))
+    sensitive = flag_candidates(
+        _stats(), DetectionSettings.from_preset("sensitive", use_dip_rule=False)
+    )
     assert set(sensitive.source_id) == {"sig", "both", "dipboth"}
     assert len(flag_candidates(_stats().iloc[:0])) == 0
 
@@ -115,8 +133,16 @@ def test_flag_candidates_on_metrics_output():
         f = 100 + 5 * rng.standard_normal(n)
         if dip:
             f[80:120] -= 25
-        frames.append(pd.DataFrame({"source_id": sid, "mjd": np.arange(n, dtype=float), "flux_mjy": f,
-                                    "flux_err_mjy": 5.0}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "source_id": sid,
+                    "mjd": np.arange(n, dtype=float),
+                    "flux_mjy": f,
+                    "flux_err_mjy": 5.0,
+                }
+            )
+        )
     stats = variability_metrics(pd.concat(frames, ignore_index=True))
     assert stats.set_index("source_id").loc["A", "sigma_deviation"] < 5
     out = flag_candidates(stats, DetectionSettings())
@@ -157,8 +183,10 @@ NOW = 1_700_000_000.0
 
 
 def _flagged(*rows):
-    return pd.DataFrame(rows, columns=["source_id", "significance", "flag_type", "sigma_deviation",
-                                       "dip_significance"])
+    return pd.DataFrame(
+        rows,
+        columns=["source_id", "significance", "flag_type", "sigma_deviation", "dip_significance"],
+    )
 
 
 def _existing(*rows):
@@ -179,49 +207,83 @@ class _Table:
             self.rows[new_id] = {"id": new_id, "dismissed_at": None, **ins}
 
     def existing(self):
-        return _existing(*[(r["id"], r["source_id"], r["status"], r["significance"], r["dismissed_at"])
-                           for r in self.rows.values()])
+        return _existing(
+            *[
+                (r["id"], r["source_id"], r["status"], r["significance"], r["dismissed_at"])
+                for r in self.rows.values()
+            ]
+        )
 
 
 def test_new_source_is_inserted():
-    ins, upd = plan_candidate_changes(_flagged(("S1", 7.0, "dip", 2.0, -7.0)), _existing(),
-                                      night="2025-01-02", now=NOW)
+    ins, upd = plan_candidate_changes(
+        _flagged(("S1", 7.0, "dip", 2.0, -7.0)), _existing(), night="2025-01-02", now=NOW
+    )
     assert upd == []
-    assert ins == [{
-        "source_id": "S1", "flagged_at": NOW, "flagged_by": "auto", "significance": 7.0,
-        "flag_type": "dip", "status": "active", "night": "2025-01-02", "last_night": "2025-01-02",
-        "sigma_deviation": 2.0, "dip_significance": -7.0, "notes": None,
-    }]
+    assert ins == [
+        {
+            "source_id": "S1",
+            "flagged_at": NOW,
+            "flagged_by": "auto",
+            "significance": 7.0,
+            "flag_type": "dip",
+            "status": "active",
+            "night": "2025-01-02",
+            "last_night": "2025-01-02",
+            "sigma_deviation": 2.0,
+            "dip_significance": -7.0,
+            "notes": None,
+        }
+    ]
     assert all(type(v) in (str, float, type(None)) for v in ins[0].values())
     assert plan_candidate_changes(_flagged(), _existing(), night="x", now=NOW) == ([], [])
-    assert plan_candidate_changes(_flagged(("S1", 7.0, "dip", np.nan, -7.0)), None, night="n",
-                                  now=NOW)[0][0]["sigma_deviation"] is None
+    assert (
+        plan_candidate_changes(
+            _flagged(("S1", 7.0, "dip", np.nan, -7.0)), None, night="n", now=NOW
+        )[0][0]["sigma_deviation"]
+        is None
+    )
 
 
 @pytest.mark.parametrize("status", ["active", "investigated"])
 def test_open_candidate_is_updated_status_unchanged(status):
     existing = _existing((11, "S1", "dismissed", 6.0, NOW - 1e6), (12, "S1", status, 6.5, None))
-    ins, upd = plan_candidate_changes(_flagged(("S1", 8.0, "sigma_deviation+dip", 5.2, -8.0)), existing,
-                                      night="2025-01-03", now=NOW)
+    ins, upd = plan_candidate_changes(
+        _flagged(("S1", 8.0, "sigma_deviation+dip", 5.2, -8.0)),
+        existing,
+        night="2025-01-03",
+        now=NOW,
+    )
     assert ins == []
-    assert upd == [{"id": 12, "significance": 8.0, "flag_type": "sigma_deviation+dip",
-                    "sigma_deviation": 5.2, "dip_significance": -8.0, "last_night": "2025-01-03"}]
+    assert upd == [
+        {
+            "id": 12,
+            "significance": 8.0,
+            "flag_type": "sigma_deviation+dip",
+            "sigma_deviation": 5.2,
+            "dip_significance": -8.0,
+            "last_night": "2025-01-03",
+        }
+    ]
     assert "status" not in upd[0]  # an investigated candidate stays investigated
 
 
 def test_dismissed_candidate_stays_dismissed_unless_significance_grows():
     existing = _existing((5, "S1", "dismissed", 8.0, NOW - 86400.0))
     for sig in (6.0, 8.0, 9.99):
-        assert plan_candidate_changes(_flagged(("S1", sig, "dip", 1.0, -sig)), existing,
-                                      night="n", now=NOW) == ([], [])
-    ins, upd = plan_candidate_changes(_flagged(("S1", 10.0, "dip", 1.0, -10.0)), existing,
-                                      night="2025-02-01", now=NOW)  # 10 >= 1.25 x 8
+        assert plan_candidate_changes(
+            _flagged(("S1", sig, "dip", 1.0, -sig)), existing, night="n", now=NOW
+        ) == ([], [])
+    ins, upd = plan_candidate_changes(
+        _flagged(("S1", 10.0, "dip", 1.0, -10.0)), existing, night="2025-02-01", now=NOW
+    )  # 10 >= 1.25 x 8
     assert upd == [] and len(ins) == 1
     assert ins[0]["status"] == "active" and ins[0]["significance"] == 10.0
     assert "dismiss" in ins[0]["notes"] and "8.00" in ins[0]["notes"] and "id 5" in ins[0]["notes"]
     # A custom regrow factor.
-    ins2, _ = plan_candidate_changes(_flagged(("S1", 9.0, "dip", 1.0, -9.0)), existing, night="n",
-                                     now=NOW, regrow_factor=1.1)
+    ins2, _ = plan_candidate_changes(
+        _flagged(("S1", 9.0, "dip", 1.0, -9.0)), existing, night="n", now=NOW, regrow_factor=1.1
+    )
     assert len(ins2) == 1
     # Only the most recent dismissal counts: an older, weaker dismissal does not lower the bar.
     two = _existing((5, "S1", "dismissed", 4.0, NOW - 2e6), (9, "S1", "dismissed", 8.0, NOW - 1e6))
@@ -231,20 +293,66 @@ def test_dismissed_candidate_stays_dismissed_unless_significance_grows():
 
 def test_workflow_is_idempotent_and_mixed_batch():
     table = _Table()
-    table.apply([{"source_id": "OLD", "flagged_at": 1.0, "flagged_by": "auto", "significance": 6.0,
-                  "flag_type": "dip", "status": "dismissed", "night": "2024-12-01",
-                  "last_night": "2024-12-01", "sigma_deviation": 1.0, "dip_significance": -6.0,
-                  "notes": None}], [])
-    table.apply([{"source_id": "INV", "flagged_at": 1.0, "flagged_by": "alice", "significance": 5.0,
-                  "flag_type": "sigma_deviation", "status": "investigated", "night": "2024-12-01",
-                  "last_night": "2024-12-01", "sigma_deviation": 5.0, "dip_significance": 1.0,
-                  "notes": "looks real"}], [])
-    flagged = _flagged(("NEW", 7.0, "dip", 2.0, -7.0), ("INV", 5.5, "sigma_deviation", 5.5, 1.0),
-                       ("OLD", 7.4, "dip", 1.0, -7.4), ("GROWN", 6.1, "spike", 1.0, 6.1))
-    table.apply([{"source_id": "GROWN", "flagged_at": 1.0, "flagged_by": "auto", "significance": 4.0,
-                  "flag_type": "dip", "status": "dismissed", "night": "2024-12-01",
-                  "last_night": "2024-12-01", "sigma_deviation": 1.0, "dip_significance": -4.0,
-                  "notes": None}], [])
+    table.apply(
+        [
+            {
+                "source_id": "OLD",
+                "flagged_at": 1.0,
+                "flagged_by": "auto",
+                "significance": 6.0,
+                "flag_type": "dip",
+                "status": "dismissed",
+                "night": "2024-12-01",
+                "last_night": "2024-12-01",
+                "sigma_deviation": 1.0,
+                "dip_significance": -6.0,
+                "notes": None,
+            }
+        ],
+        [],
+    )
+    table.apply(
+        [
+            {
+                "source_id": "INV",
+                "flagged_at": 1.0,
+                "flagged_by": "alice",
+                "significance": 5.0,
+                "flag_type": "sigma_deviation",
+                "status": "investigated",
+                "night": "2024-12-01",
+                "last_night": "2024-12-01",
+                "sigma_deviation": 5.0,
+                "dip_significance": 1.0,
+                "notes": "looks real",
+            }
+        ],
+        [],
+    )
+    flagged = _flagged(
+        ("NEW", 7.0, "dip", 2.0, -7.0),
+        ("INV", 5.5, "sigma_deviation", 5.5, 1.0),
+        ("OLD", 7.4, "dip", 1.0, -7.4),
+        ("GROWN", 6.1, "spike", 1.0, 6.1),
+    )
+    table.apply(
+        [
+            {
+                "source_id": "GROWN",
+                "flagged_at": 1.0,
+                "flagged_by": "auto",
+                "significance": 4.0,
+                "flag_type": "dip",
+                "status": "dismissed",
+                "night": "2024-12-01",
+                "last_night": "2024-12-01",
+                "sigma_deviation": 1.0,
+                "dip_significance": -4.0,
+                "notes": None,
+            }
+        ],
+        [],
+    )
     ins, upd = plan_candidate_changes(flagged, table.existing(), night="2025-01-05", now=NOW)
     assert sorted(i["source_id"] for i in ins) == ["GROWN", "NEW"]  # OLD: 7.4 < 1.25 x 6
     assert [u["id"] for u in upd] == [2]
@@ -256,21 +364,40 @@ def test_workflow_is_idempotent_and_mixed_batch():
     ins2, upd2 = plan_candidate_changes(flagged, table.existing(), night="2025-01-05", now=NOW + 60)
     assert ins2 == []
     assert sorted(u["id"] for u in upd2) == sorted(
-        k for k, r in table.rows.items()
-        if r["source_id"] in {"NEW", "INV", "GROWN"} and r["status"] != "dismissed")
+        k
+        for k, r in table.rows.items()
+        if r["source_id"] in {"NEW", "INV", "GROWN"} and r["status"] != "dismissed"
+    )
     table.apply(ins2, upd2)
     assert table.rows == snapshot  # identical values: nothing changed
 
     # Sources not flagged tonight are left alone.
-    assert plan_candidate_changes(_flagged(), table.existing(), night="2025-01-06", now=NOW) == ([], [])
+    assert plan_candidate_changes(_flagged(), table.existing(), night="2025-01-06", now=NOW) == (
+        [],
+        [],
+    )
 
 
 def test_rerunning_an_older_night_keeps_the_latest_confirming_night():
-    flagged = pd.DataFrame({"source_id": ["A"], "significance": [9.0], "flag_type": ["dip"],
-                            "sigma_deviation": [2.0], "dip_significance": [-9.0]})
-    existing = pd.DataFrame({"id": [1], "source_id": ["A"], "status": ["active"],
-                             "significance": [9.0], "dismissed_at": [None],
-                             "last_night": ["2025-01-03"]})
+    flagged = pd.DataFrame(
+        {
+            "source_id": ["A"],
+            "significance": [9.0],
+            "flag_type": ["dip"],
+            "sigma_deviation": [2.0],
+            "dip_significance": [-9.0],
+        }
+    )
+    existing = pd.DataFrame(
+        {
+            "id": [1],
+            "source_id": ["A"],
+            "status": ["active"],
+            "significance": [9.0],
+            "dismissed_at": [None],
+            "last_night": ["2025-01-03"],
+        }
+    )
     _, updates = plan_candidate_changes(flagged, existing, night="2025-01-02", now=0.0)
     assert updates[0]["last_night"] == "2025-01-03"
     _, updates = plan_candidate_changes(flagged, existing, night="2025-01-04", now=0.0)

@@ -46,9 +46,18 @@ def test_candidate_check_constraint_and_open_index_follow_the_workflow(engine):
 
     def insert(source_id: str, status: str) -> None:
         with engine.begin() as conn:
-            conn.execute(ese_candidates.insert(), [{
-                "source_id": source_id, "flagged_at": 1.0, "significance": 7.0,
-                "flag_type": "dip", "status": status}])
+            conn.execute(
+                ese_candidates.insert(),
+                [
+                    {
+                        "source_id": source_id,
+                        "flagged_at": 1.0,
+                        "significance": 7.0,
+                        "flag_type": "dip",
+                        "status": status,
+                    }
+                ],
+            )
 
     closed = [s for s in CANDIDATE_STATUSES if s not in OPEN_STATUSES]
     for status in closed * 2:
@@ -78,13 +87,19 @@ def test_sums_tables_have_the_sums_columns_of_the_science_core():
 
 
 def test_review_update_is_the_audit_trail():
-    values = review_update("dismissed", old_notes="flagged", notes="RFI", by="ann",
-                           now=1_700_000_000.0)
-    assert values == {"status": "dismissed", "dismissed_at": 1_700_000_000.0,
-                      "notes": "flagged\n2023-11-14T22:13:20Z ann: dismissed: RFI"}
+    values = review_update(
+        "dismissed", old_notes="flagged", notes="RFI", by="ann", now=1_700_000_000.0
+    )
+    assert values == {
+        "status": "dismissed",
+        "dismissed_at": 1_700_000_000.0,
+        "notes": "flagged\n2023-11-14T22:13:20Z ann: dismissed: RFI",
+    }
     assert review_update("investigated", old_notes=None, notes=None, by="bo", now=0.0) == {
-        "status": "investigated", "investigated_at": 0.0,
-        "notes": "1970-01-01T00:00:00Z bo: investigated"}
+        "status": "investigated",
+        "investigated_at": 0.0,
+        "notes": "1970-01-01T00:00:00Z bo: investigated",
+    }
     assert set(REVIEW_STATUSES) == set(CANDIDATE_STATUSES) - {"active"}
     with pytest.raises(ValueError, match="'active'"):
         review_update("active", old_notes=None, notes=None, by="x", now=0.0)

@@ -42,9 +42,11 @@ def free_port() -> int:
 
 
 def graphql(port: int, query: str) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql",
-                                 data=json.dumps({"query": query}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())["data"]
 
@@ -53,8 +55,10 @@ def wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen, log
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"dagster dev exited ({proc.returncode}) while waiting for {what}:\n"
-                        + log.read_text()[-4000:])
+            pytest.fail(
+                f"dagster dev exited ({proc.returncode}) while waiting for {what}:\n"
+                + log.read_text()[-4000:]
+            )
         try:
             value = predicate()
         except AssertionError:
@@ -64,7 +68,9 @@ def wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen, log
         if value:
             return value
         time.sleep(2)
-    pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}:\n" + log.read_text()[-4000:])
+    pytest.fail(
+        f"timed out after {timeout_s:.0f} s waiting for {what}:\n" + log.read_text()[-4000:]
+    )
 
 
 @pytest.fixture
@@ -88,14 +94,40 @@ def dagster_dev(tmp_path, small_survey):
     log = tmp_path / "dagster_dev.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(DAGSTER), "dev", "-m", "ese_assets.definitions", "-h", "127.0.0.1", "-p", str(port)],
-            cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(DAGSTER),
+                "dev",
+                "-m",
+                "ese_assets.definitions",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            cwd=PROJECT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info",
-                                                timeout=5).status == 200,
-                 120, "the webserver", proc, log)
-        yield {"port": port, "incoming": incoming, "db": env["PIPELINE_PRODUCTS_DB"],
-               "proc": proc, "log": log}
+        wait_for(
+            lambda: (
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5).status
+                == 200
+            ),
+            120,
+            "the webserver",
+            proc,
+            log,
+        )
+        yield {
+            "port": port,
+            "incoming": incoming,
+            "db": env["PIPELINE_PRODUCTS_DB"],
+            "proc": proc,
+            "log": log,
+        }
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -105,21 +137,27 @@ def dagster_dev(tmp_path, small_survey):
             proc.wait(timeout=30)
 
 
-def test_files_dropped_into_incoming_flow_through_a_real_dagster_instance(dagster_dev,
-                                                                           small_survey):
+def test_files_dropped_into_incoming_flow_through_a_real_dagster_instance(
+    dagster_dev, small_survey
+):
     port, incoming = dagster_dev["port"], dagster_dev["incoming"]
     proc, log = dagster_dev["proc"], dagster_dev["log"]
     for fits in sorted((small_survey / "incoming").glob("*.fits")):
         shutil.copy(fits, incoming / fits.name)
-    (incoming / "broken.fits").write_bytes(b"SIMPLE  =                    T / garbage" + b"\x01" * 3000)
+    (incoming / "broken.fits").write_bytes(
+        b"SIMPLE  =                    T / garbage" + b"\x01" * 3000
+    )
     (incoming / "README.txt").write_text("observer notes, not an image\n")
 
     engine = make_engine(dagster_dev["db"])
 
     def sensor_runs_done():
         runs = graphql(port, RUNS_QUERY)["runsOrError"]["results"]
-        sensor_runs = [r for r in runs
-                       if any(t["key"] == "ese/trigger" and t["value"] == "sensor" for t in r["tags"])]
+        sensor_runs = [
+            r
+            for r in runs
+            if any(t["key"] == "ese/trigger" and t["value"] == "sensor" for t in r["tags"])
+        ]
         failed = [r for r in sensor_runs if r["status"] in ("FAILURE", "CANCELED")]
         assert not failed, f"runs failed: {failed}\n" + log.read_text()[-4000:]
         all_measured = images_db.image_counts_by_status(engine).get("measured") == 12

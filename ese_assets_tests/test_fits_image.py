@@ -20,8 +20,9 @@ NY, NX = 64, 80
 CELL_DEG = 0.01
 
 
-def make_header(*, ra_deg=150.0, dec_deg=30.0, ny=NY, nx=NX, cube=False, nfreq=1,
-                drop=(), **extra) -> fits.Header:
+def make_header(
+    *, ra_deg=150.0, dec_deg=30.0, ny=NY, nx=NX, cube=False, nfreq=1, drop=(), **extra
+) -> fits.Header:
     """Primary header of a SIN-projected image (2-D, or 4-D CASA order x, y, FREQ, STOKES)."""
     header = fits.Header()
     header["CTYPE1"], header["CRVAL1"], header["CDELT1"] = "RA---SIN", ra_deg, -CELL_DEG
@@ -67,6 +68,7 @@ def assert_image_error(path, fragment, reader=read_image_info):
 
 # -- good files -----------------------------------------------------------------------------------
 
+
 def test_good_2d_image(tmp_path):
     data = np.arange(NY * NX, dtype=np.float32).reshape(NY, NX)
     path = write_image(tmp_path / "good.fits", data)
@@ -106,8 +108,7 @@ def test_center_wraps_ra_into_0_360(tmp_path):
     # The central pixel (0-based (nx-1)/2) is half a pixel east of CRPIX: RA = CRVAL1 + 0.5 cell
     # / cos(dec), which crosses 360 deg here and must come back wrapped into [0, 360).
     for crval_deg in (359.999, -0.001):
-        info = read_image_info(write_image(tmp_path / "wrap.fits", ra_deg=crval_deg,
-                                           dec_deg=-10.0))
+        info = read_image_info(write_image(tmp_path / "wrap.fits", ra_deg=crval_deg, dec_deg=-10.0))
         expected = (crval_deg + 0.5 * CELL_DEG / np.cos(np.radians(10.0))) % 360.0
         assert 0.0 <= info.center_ra_deg < 360.0
         assert info.center_ra_deg == pytest.approx(expected, abs=1e-6)
@@ -143,8 +144,9 @@ def test_beam_in_arcsec_is_converted(tmp_path):
 
 
 def test_bmin_larger_than_bmaj_is_swapped(tmp_path):
-    beam = read_image_info(write_image(tmp_path / "swap.fits", BMAJ=0.005, BMIN=0.01,
-                                       BPA=10.0)).beam
+    beam = read_image_info(
+        write_image(tmp_path / "swap.fits", BMAJ=0.005, BMIN=0.01, BPA=10.0)
+    ).beam
     assert (beam.major_deg, beam.minor_deg, beam.pa_deg) == (0.01, 0.005, 100.0)
 
 
@@ -169,8 +171,9 @@ def test_mjd_obs_used_when_it_agrees_with_date_obs(tmp_path):
 def test_conflicting_mjd_obs_and_date_obs_rejected(tmp_path):
     # Formerly MJD-OBS silently won; now both values are named.
     path = write_image(tmp_path / "mjd.fits", **{"MJD-OBS": 60000.25})
-    err = assert_image_error(path, "DATE-OBS '2024-03-01T12:00:00.000' and MJD-OBS 60000.25 "
-                                   "disagree")
+    err = assert_image_error(
+        path, "DATE-OBS '2024-03-01T12:00:00.000' and MJD-OBS 60000.25 disagree"
+    )
     assert_image_error(path, err.reason, reader=load_image)
 
 
@@ -217,6 +220,7 @@ def test_load_image_opens_the_file_once(tmp_path, monkeypatch):
             if str(file) == path:
                 opened.append(file)
             return opener(file, *args, **kwargs)
+
         return wrapper
 
     monkeypatch.setattr(builtins, "open", counting(real_open))
@@ -226,6 +230,7 @@ def test_load_image_opens_the_file_once(tmp_path, monkeypatch):
 
 
 # -- failures -------------------------------------------------------------------------------------
+
 
 def test_not_a_fits_file(tmp_path):
     text = tmp_path / "notes.fits"
@@ -279,8 +284,9 @@ def test_missing_beam_keyword(tmp_path, key):
 
 
 def test_missing_bpa_only_allowed_for_circular_beam(tmp_path):
-    assert_image_error(write_image(tmp_path / "nobpa.fits", drop=("BPA",)),
-                       "missing beam keyword BPA")
+    assert_image_error(
+        write_image(tmp_path / "nobpa.fits", drop=("BPA",)), "missing beam keyword BPA"
+    )
     circular = write_image(tmp_path / "circ.fits", drop=("BPA",), BMIN=0.01)
     assert read_image_info(circular).beam == Beam(0.01, 0.01, 0.0)
 
@@ -320,16 +326,18 @@ def test_all_nan_image(tmp_path):
 def test_no_data_in_primary_hdu(tmp_path):
     path = tmp_path / "empty.fits"
     header = make_header()
-    fits.HDUList([fits.PrimaryHDU(header=header),
-                  fits.ImageHDU(np.zeros((NY, NX), dtype=np.float32))]).writeto(path)
+    fits.HDUList(
+        [fits.PrimaryHDU(header=header), fits.ImageHDU(np.zeros((NY, NX), dtype=np.float32))]
+    ).writeto(path)
     assert_image_error(path, "no image data in primary HDU")
     assert_image_error(path, "no image data in primary HDU", reader=load_image)
 
 
 def test_integer_image_scaled_to_float(tmp_path):
     path = tmp_path / "int.fits"
-    hdu = fits.PrimaryHDU(data=np.arange(NY * NX, dtype=np.int16).reshape(NY, NX) % 100,
-                          header=make_header())
+    hdu = fits.PrimaryHDU(
+        data=np.arange(NY * NX, dtype=np.int16).reshape(NY, NX) % 100, header=make_header()
+    )
     hdu.header["BSCALE"], hdu.header["BZERO"] = 1e-3, 0.0
     hdu.writeto(path)
     image = load_image(path)

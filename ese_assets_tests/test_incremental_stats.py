@@ -36,13 +36,15 @@ STATS_VOLATILE = ("updated_at", "last_measured_at")
 # core: night_partial_sums / combine_partial_sums / metrics_from_sums
 # --------------------------------------------------------------------------------------------------
 
+
 def _with_nights_and_shift(df: pd.DataFrame, rng, offset_frac: float = 0.1) -> pd.DataFrame:
     """Nights = integer MJD; a per-source shift near (not at) the source's level, like a catalog."""
     df = df.copy()
     df["night"] = np.floor(df["mjd"]).astype(int).astype(str)
     level = df.groupby("source_id")["flux_mjy"].transform("median")
-    factor = df["source_id"].map({s: 1 + offset_frac * rng.standard_normal()
-                                  for s in df["source_id"].unique()})
+    factor = df["source_id"].map(
+        {s: 1 + offset_frac * rng.standard_normal() for s in df["source_id"].unique()}
+    )
     df["shift_mjy"] = level * factor
     return df
 
@@ -50,24 +52,32 @@ def _with_nights_and_shift(df: pd.DataFrame, rng, offset_frac: float = 0.1) -> p
 def _sums_metrics(df: pd.DataFrame, k: float, rng) -> pd.DataFrame:
     parts = night_partial_sums(df, flux_scale_error=k)
     # Nights combined in a random order, as an incremental history would add them.
-    return metrics_from_sums(combine_partial_sums(
-        parts.sample(frac=1.0, random_state=int(rng.integers(1 << 30)))))
+    return metrics_from_sums(
+        combine_partial_sums(parts.sample(frac=1.0, random_state=int(rng.integers(1 << 30))))
+    )
 
 
 def _assert_moments_equal(got: pd.DataFrame, ref: pd.DataFrame, rtol: float) -> None:
     assert list(got.columns) == list(MOMENT_COLUMNS)
     assert list(got["source_id"]) == list(ref["source_id"])
     for col in MOMENT_COLUMNS[1:]:
-        np.testing.assert_allclose(got[col].to_numpy(float), ref[col].to_numpy(float), rtol=rtol,
-                                   atol=0, equal_nan=True, err_msg=col)
+        np.testing.assert_allclose(
+            got[col].to_numpy(float),
+            ref[col].to_numpy(float),
+            rtol=rtol,
+            atol=0,
+            equal_nan=True,
+            err_msg=col,
+        )
 
 
 @pytest.mark.parametrize("k", [0.0, 0.05])
 def test_metrics_from_sums_equal_full_history_metrics(k):
     rng = np.random.default_rng(77)
     df = _with_nights_and_shift(_random_table(rng, n_src=40, max_epochs=120), rng)  # unsorted rows
-    _assert_moments_equal(_sums_metrics(df, k, rng),
-                          variability_metrics(df, flux_scale_error=k), rtol=1e-9)
+    _assert_moments_equal(
+        _sums_metrics(df, k, rng), variability_metrics(df, flux_scale_error=k), rtol=1e-9
+    )
 
 
 def test_metrics_from_sums_stable_for_large_offset():
@@ -88,9 +98,14 @@ def test_metrics_from_sums_stable_for_large_offset():
 
 
 def test_partial_sums_single_epoch_bad_errors_and_nonfinite_rows():
-    df = pd.concat([_lc([5.0], [0.5], sid="one"),
-                    _lc([10, 11, 12, 9], [1, 0.0, 1, 1], sid="bad"),
-                    _lc([10, 11, np.nan, 9], [1, 1, 1, 1], sid="nan")], ignore_index=True)
+    df = pd.concat(
+        [
+            _lc([5.0], [0.5], sid="one"),
+            _lc([10, 11, 12, 9], [1, 0.0, 1, 1], sid="bad"),
+            _lc([10, 11, np.nan, 9], [1, 1, 1, 1], sid="nan"),
+        ],
+        ignore_index=True,
+    )
     df["night"] = "2026-01-01"
     df["shift_mjy"] = 10.0
     parts = night_partial_sums(df)
@@ -98,12 +113,19 @@ def test_partial_sums_single_epoch_bad_errors_and_nonfinite_rows():
     got = metrics_from_sums(combine_partial_sums(parts)).set_index("source_id")
     ref = variability_metrics(df).set_index("source_id")
     assert got.loc["nan", "n_obs"] == 3
-    assert np.isnan(got.loc["bad", "chi2_nu"]) and np.isnan(got.loc["bad", "weighted_mean_flux_mjy"])
+    assert np.isnan(got.loc["bad", "chi2_nu"]) and np.isnan(
+        got.loc["bad", "weighted_mean_flux_mjy"]
+    )
     assert got.loc["bad", "mean_flux_mjy"] == pytest.approx(10.5)
     assert np.isnan(got.loc["one", "std_flux_mjy"]) and np.isnan(got.loc["one", "chi2_nu"])
     for col in MOMENT_COLUMNS[1:]:
-        np.testing.assert_allclose(got[col].to_numpy(float), ref[col].to_numpy(float),
-                                   rtol=1e-12, equal_nan=True, err_msg=col)
+        np.testing.assert_allclose(
+            got[col].to_numpy(float),
+            ref[col].to_numpy(float),
+            rtol=1e-12,
+            equal_nan=True,
+            err_msg=col,
+        )
 
 
 def test_equal_input_gives_bit_identical_sums_and_shifts_must_match():
@@ -143,11 +165,17 @@ def _photometry(night: str, j: int, seed: int, sources=SOURCES) -> pd.DataFrame:
     peak = level * (1 + 0.03 * rng.standard_normal(n))
     if night in NIGHTS[5:8]:
         peak[:3] *= 0.6  # a dip in three sources
-    return pd.DataFrame({
-        "source_id": list(sources), "ra_deg": 150.0 + 0.01 * np.arange(n), "dec_deg": 30.0,
-        "nvss_flux_mjy": np.where(np.arange(n) == 4, np.nan, level * 1e3 * 1.1),  # one unknown
-        "peak_jyb": peak, "peak_err_jyb": 1e-3 * (1 + 0.2 * rng.random(n)),
-        "mjd": _mjd(night, j)})
+    return pd.DataFrame(
+        {
+            "source_id": list(sources),
+            "ra_deg": 150.0 + 0.01 * np.arange(n),
+            "dec_deg": 30.0,
+            "nvss_flux_mjy": np.where(np.arange(n) == 4, np.nan, level * 1e3 * 1.1),  # one unknown
+            "peak_jyb": peak,
+            "peak_err_jyb": 1e-3 * (1 + 0.2 * rng.random(n)),
+            "mjd": _mjd(night, j),
+        }
+    )
 
 
 def _measure(engine, night: str, j: int, seed: int, sources=SOURCES) -> None:
@@ -167,8 +195,10 @@ def _stats(engine) -> pd.DataFrame:
 
 
 def _sums(engine) -> dict[str, pd.DataFrame]:
-    return {t: snapshots.table_snapshot(engine, t, exclude=("last_measured_at",))
-            for t in ("source_night_sums", "source_sums")}
+    return {
+        t: snapshots.table_snapshot(engine, t, exclude=("last_measured_at",))
+        for t in ("source_night_sums", "source_sums")
+    }
 
 
 def _assert_frames(a: pd.DataFrame, b: pd.DataFrame, rtol: float = 1e-9) -> None:
@@ -196,9 +226,20 @@ def test_incremental_in_any_order_with_remeasured_images_equals_rebuild(engine):
     ref = ref.set_index("source_id").loc[incremental["source_id"]]
     assert (incremental["n_obs"].to_numpy() == ref["n_obs"].to_numpy()).all()
     assert statistics_db.stats_photometry_mismatches(engine, SOURCES) == 0
-    for col in ("mean_flux_mjy", "std_flux_mjy", "min_flux_mjy", "max_flux_mjy", "chi2_nu",
-                "eta_metric", "weighted_mean_flux_mjy", "sigma_deviation", "median_flux_mjy",
-                "dip_significance", "first_mjd", "last_mjd"):
+    for col in (
+        "mean_flux_mjy",
+        "std_flux_mjy",
+        "min_flux_mjy",
+        "max_flux_mjy",
+        "chi2_nu",
+        "eta_metric",
+        "weighted_mean_flux_mjy",
+        "sigma_deviation",
+        "median_flux_mjy",
+        "dip_significance",
+        "first_mjd",
+        "last_mjd",
+    ):
         np.testing.assert_allclose(incremental[col], ref[col], rtol=1e-9, err_msg=col)
 
     assert pipeline.recompute_variability(engine, flux_scale_error=FSE) == len(SOURCES)
@@ -246,16 +287,22 @@ def test_dip_statistics_cover_the_trailing_window_only(engine):
     _fill(engine)
     window_days = 4.0
     for night in NIGHTS:
-        pipeline.update_variability(engine, [night], flux_scale_error=FSE,
-                                    dip_window_days=window_days)
+        pipeline.update_variability(
+            engine, [night], flux_scale_error=FSE, dip_window_days=window_days
+        )
     stats = _stats(engine).set_index("source_id")
     lc = photometry_db.lightcurves(engine)
     last = lc.groupby("source_id")["mjd"].transform("max")
     recent = lc[lc["mjd"] >= last - window_days]
     ref = pipeline.stats_from_lightcurves(recent, flux_scale_error=FSE).set_index("source_id")
     for col in WINDOW_COLUMNS[1:]:
-        np.testing.assert_allclose(stats[col].astype(float), ref[col].astype(float), rtol=1e-12,
-                                   equal_nan=True, err_msg=col)
+        np.testing.assert_allclose(
+            stats[col].astype(float),
+            ref[col].astype(float),
+            rtol=1e-12,
+            equal_nan=True,
+            err_msg=col,
+        )
     assert (stats["n_obs"] == len(NIGHTS) * IMAGES_PER_NIGHT).all()  # moments: whole history
     assert (stats["first_mjd"] == _mjd(NIGHTS[0], 0)).all()
 
@@ -269,7 +316,9 @@ def test_failed_update_leaves_the_previous_sums(engine, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(statistics_db, "upsert_variability_stats", crash)  # after the sums were written
+    monkeypatch.setattr(
+        statistics_db, "upsert_variability_stats", crash
+    )  # after the sums were written
     with pytest.raises(RuntimeError, match="killed"):
         pipeline.update_variability(engine, [NIGHTS[2]], flux_scale_error=FSE)
     after = {**_sums(engine), "variability_stats": _stats(engine)}
@@ -290,17 +339,27 @@ def test_bounded_night_check_catches_what_the_full_check_catches(engine):
     # New photometry of a night whose statistics have not run yet: the night's sums are stale.
     _measure(engine, NIGHTS[1], 0, seed=555, sources=SOURCES[:-3])
     assert statistics_db.night_stats_mismatches(engine, [NIGHTS[1]]) == 3
-    assert statistics_db.night_stats_mismatches(engine, [NIGHTS[0]]) == 0  # other nights are not read
+    assert (
+        statistics_db.night_stats_mismatches(engine, [NIGHTS[0]]) == 0
+    )  # other nights are not read
     pipeline.update_variability(engine, [NIGHTS[1]], flux_scale_error=FSE)
     assert statistics_db.night_stats_mismatches(engine, NIGHTS[:3]) == 0
     # Statistics that disagree with the accumulated sums, and a night's sums that disagree with
     # its photometry, are both counted.
     with engine.begin() as conn:
-        conn.execute(sa.update(stats_table).where(stats_table.c.source_id == SOURCES[0])
-                     .values(n_obs=stats_table.c.n_obs + 1))
-        conn.execute(sa.update(source_night_sums)
-                     .where(source_night_sums.c.source_id == SOURCES[1],
-                            source_night_sums.c.night == NIGHTS[2])
-                     .values(n_obs=source_night_sums.c.n_obs - 1))
+        conn.execute(
+            sa.update(stats_table)
+            .where(stats_table.c.source_id == SOURCES[0])
+            .values(n_obs=stats_table.c.n_obs + 1)
+        )
+        conn.execute(
+            sa.update(source_night_sums)
+            .where(
+                source_night_sums.c.source_id == SOURCES[1], source_night_sums.c.night == NIGHTS[2]
+            )
+            .values(n_obs=source_night_sums.c.n_obs - 1)
+        )
     assert statistics_db.night_stats_mismatches(engine, [NIGHTS[2]]) == 2
-    assert statistics_db.stats_photometry_mismatches(engine, SOURCES) == 1  # the stats row, via photometry
+    assert (
+        statistics_db.stats_photometry_mismatches(engine, SOURCES) == 1
+    )  # the stats row, via photometry

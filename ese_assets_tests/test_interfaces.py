@@ -20,8 +20,19 @@ from ese_assets.storage.engine import make_engine
 from ese_assets_tests.survey import NIGHTS, make_workspace
 from ese_assets_tests.test_orchestration import run_night
 
-SEED_FIELDS = {"source_id", "ra_deg", "dec_deg", "significance", "nvss_flux_mjy", "mean_flux_mjy",
-               "std_flux_mjy", "chi2_nu", "n_obs", "last_mjd", "flag_type"}
+SEED_FIELDS = {
+    "source_id",
+    "ra_deg",
+    "dec_deg",
+    "significance",
+    "nvss_flux_mjy",
+    "mean_flux_mjy",
+    "std_flux_mjy",
+    "chi2_nu",
+    "n_obs",
+    "last_mjd",
+    "flag_type",
+}
 
 
 @pytest.fixture
@@ -36,11 +47,29 @@ def processed(tmp_path, small_survey):
 
 def test_detect_prints_the_seed_json(processed, capsys):
     settings, truth = processed
-    assert cli.main(["detect", "--preset", "sensitive", "--recompute",
-                     "--products-db", settings.products_db]) == 0
+    assert (
+        cli.main(
+            [
+                "detect",
+                "--preset",
+                "sensitive",
+                "--recompute",
+                "--products-db",
+                settings.products_db,
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
-    assert {"products_db", "preset", "min_sigma", "source_id", "recompute", "candidates_found",
-            "candidates"} <= set(out)
+    assert {
+        "products_db",
+        "preset",
+        "min_sigma",
+        "source_id",
+        "recompute",
+        "candidates_found",
+        "candidates",
+    } <= set(out)
     assert out["min_sigma"] == 3.0 and out["candidates_found"] == len(out["candidates"]) >= 1
     assert set(out["candidates"][0]) >= SEED_FIELDS
     ese = truth.loc[truth["kind"] == "ese", "name"].iloc[0]
@@ -65,18 +94,46 @@ def test_export_and_candidates_commands(processed, tmp_path, capsys):
     settings, truth = processed
     ese = truth.loc[truth["kind"] == "ese", "name"].iloc[0]
     out_csv = tmp_path / "lc.csv"
-    assert cli.main(["export", "--source-id", ese, "--format", "csv", "--output", str(out_csv),
-                     "--products-db", settings.products_db]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                "--source-id",
+                ese,
+                "--format",
+                "csv",
+                "--output",
+                str(out_csv),
+                "--products-db",
+                settings.products_db,
+            ]
+        )
+        == 0
+    )
     lc = pd.read_csv(out_csv)
     assert len(lc) == 12 and lc["mjd"].is_monotonic_increasing
-    assert cli.main(["export", "--source-id", ese, "--format", "json",
-                     "--products-db", settings.products_db]) == 0
+    assert (
+        cli.main(
+            [
+                "export",
+                "--source-id",
+                ese,
+                "--format",
+                "json",
+                "--products-db",
+                settings.products_db,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert cli.main(["candidates", "--format", "json", "--products-db", settings.products_db]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert ese in {c["source_id"] for c in listed}
-    assert cli.main(["export", "--source-id", "J000000+000000",
-                     "--products-db", settings.products_db]) == 1
+    assert (
+        cli.main(["export", "--source-id", "J000000+000000", "--products-db", settings.products_db])
+        == 1
+    )
 
 
 def test_ingest_records_runs_in_the_persistent_instance(tmp_path, small_survey, monkeypatch):
@@ -84,9 +141,22 @@ def test_ingest_records_runs_in_the_persistent_instance(tmp_path, small_survey, 
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     settings = make_workspace(tmp_path, small_survey)
     proc = subprocess.run(
-        [sys.executable, "-m", "ese_assets.cli", "ingest", settings.incoming_dir,
-         "--catalog", settings.catalog_path, "--products-db", settings.products_db],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "DAGSTER_HOME": str(home)})
+        [
+            sys.executable,
+            "-m",
+            "ese_assets.cli",
+            "ingest",
+            settings.incoming_dir,
+            "--catalog",
+            settings.catalog_path,
+            "--products-db",
+            settings.products_db,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "DAGSTER_HOME": str(home)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "night 2025-01-03" in proc.stdout and "3 runs, 0 failed" in proc.stdout
     with dg.DagsterInstance.from_config(str(home)) as instance:
@@ -98,8 +168,12 @@ def test_ingest_records_runs_in_the_persistent_instance(tmp_path, small_survey, 
 
 def test_definitions_validate_command(tmp_path):
     dagster = Path(sys.executable).with_name("dagster")
-    proc = subprocess.run([str(dagster), "definitions", "validate", "-m", "ese_assets.definitions"],
-                          capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1],
-                          env={**os.environ, "DAGSTER_HOME": str(tmp_path)})
+    proc = subprocess.run(
+        [str(dagster), "definitions", "validate", "-m", "ese_assets.definitions"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "DAGSTER_HOME": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

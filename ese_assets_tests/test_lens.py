@@ -35,7 +35,9 @@ def test_gain_tends_to_one_far_from_lens(alpha):
     # Far means beyond the multiple-image region too: for alpha = 5 it reaches |u'| ~ 11.5.
     u_prime = np.array([-1000.0, -50.0, -20.0, 20.0, 50.0, 1000.0])
     np.testing.assert_allclose(lens.gaussian_lens_gain(u_prime, alpha), 1.0, atol=1e-9)
-    np.testing.assert_allclose(lens.gaussian_lens_gain(u_prime, alpha, source_size=0.1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(
+        lens.gaussian_lens_gain(u_prime, alpha, source_size=0.1), 1.0, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("alpha", [0.1, 0.5, 1.0, 1.4, 1.49])
@@ -77,8 +79,11 @@ def test_roots_match_brute_force(alpha):
     rng = np.random.default_rng(7)
     u_prime = np.concatenate([rng.uniform(-4, 4, 40), [0.0, 1.3, -2.2]])
     roots, gains = lens.lens_images(u_prime, alpha)
-    np.testing.assert_allclose(lens.lens_map(np.where(np.isfinite(roots), roots, 0.0), alpha)[np.isfinite(roots)],
-                               np.broadcast_to(u_prime[:, None], roots.shape)[np.isfinite(roots)], atol=1e-12)
+    np.testing.assert_allclose(
+        lens.lens_map(np.where(np.isfinite(roots), roots, 0.0), alpha)[np.isfinite(roots)],
+        np.broadcast_to(u_prime[:, None], roots.shape)[np.isfinite(roots)],
+        atol=1e-12,
+    )
     for k, up in enumerate(u_prime):
         mine = np.sort(roots[k][np.isfinite(roots[k])])
         brute = brute_force_images(up, alpha)
@@ -98,10 +103,14 @@ def test_array_alpha_broadcasts_like_scalar_calls():
         np.testing.assert_allclose(grid[:, j], lens.gaussian_lens_gain(u_prime, a), rtol=1e-13)
     smooth = lens.gaussian_lens_gain(u_prime[:, None], alphas[None, :], 0.1)
     for j, a in enumerate(alphas):
-        np.testing.assert_allclose(smooth[:, j], lens.gaussian_lens_gain(u_prime, a, 0.1), rtol=1e-10)
+        np.testing.assert_allclose(
+            smooth[:, j], lens.gaussian_lens_gain(u_prime, a, 0.1), rtol=1e-10
+        )
 
 
-@pytest.mark.parametrize(("alpha", "size"), [(1.0, 0.0), (0.5, 0.0), (1.0, 0.05), (3.0, 0.1), (3.0, 0.03)])
+@pytest.mark.parametrize(
+    ("alpha", "size"), [(1.0, 0.0), (0.5, 0.0), (1.0, 0.05), (3.0, 0.1), (3.0, 0.03)]
+)
 def test_flux_conservation(alpha, size):
     """Integral of (G - 1) du' vanishes: integral of G over an interval of u' is the length of its
     pre-image in u (change of variables over each image), and far from the lens u = u'. The flux
@@ -130,7 +139,9 @@ def test_preimage_excess_is_bounded_antiderivative_of_gain_excess():
     # |u'_u| > 0.3.
     smooth = (np.nanmin(jac, axis=-1) > 0.3) & (n_end[1:] == n_end[:-1])
     assert (~smooth).sum() < 1000 and (n_end == 3).sum() > 1000
-    np.testing.assert_allclose(dq[smooth], lens.gaussian_lens_gain(mid[smooth], alpha) - 1, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(
+        dq[smooth], lens.gaussian_lens_gain(mid[smooth], alpha) - 1, rtol=1e-3, atol=1e-4
+    )
 
 
 def test_finite_source_equals_brute_force_convolution():
@@ -138,7 +149,9 @@ def test_finite_source_equals_brute_force_convolution():
     v = np.linspace(-10, 10, 200_001)
     point = lens.gaussian_lens_gain(v, alpha)
     targets = np.array([-2.5, -1.3, -0.4, 0.0, 0.7, 1.5, 3.0])
-    kernel = np.exp(-0.5 * ((v[None, :] - targets[:, None]) / size) ** 2) / (size * np.sqrt(2 * np.pi))
+    kernel = np.exp(-0.5 * ((v[None, :] - targets[:, None]) / size) ** 2) / (
+        size * np.sqrt(2 * np.pi)
+    )
     brute = (kernel * point).sum(axis=1) * (v[1] - v[0])
     np.testing.assert_allclose(lens.gaussian_lens_gain(targets, alpha, size), brute, rtol=1e-6)
 
@@ -162,7 +175,9 @@ def test_ese_lightcurve_time_convention():
     g = lens.ese_lightcurve(t, t0, duration, depth, source_size=0.0)
     alpha = lens.alpha_for_depth(depth)
     # u' = (t - t0) / T with T = duration / 4.
-    np.testing.assert_allclose(g, lens.gaussian_lens_gain((t - t0) / (duration / 4), alpha), rtol=1e-14)
+    np.testing.assert_allclose(
+        g, lens.gaussian_lens_gain((t - t0) / (duration / 4), alpha), rtol=1e-14
+    )
     assert g[120] == pytest.approx(1 - depth)
     np.testing.assert_allclose(g, g[::-1], rtol=1e-10)
     assert np.all(np.abs(g[np.abs(t - t0) > 2 * duration] - 1) < 1e-6)

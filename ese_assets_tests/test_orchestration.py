@@ -26,28 +26,43 @@ from ese_assets.storage.engine import ensure_schema, make_engine
 from ese_assets_tests import snapshots
 from ese_assets_tests.survey import NIGHTS, make_workspace
 
-TABLES = ("images", "photometry", "variability_stats", "ese_candidates", "source_night_sums",
-          "source_sums")
+TABLES = (
+    "images",
+    "photometry",
+    "variability_stats",
+    "ese_candidates",
+    "source_night_sums",
+    "source_sums",
+)
 # Processing timestamps differ between runs by design; everything else must be identical.
-VOLATILE = ("id", "measured_at", "updated_at", "flagged_at", "registered_at", "last_measured_at",
-            *snapshots.IMAGE_BOOKKEEPING)
+VOLATILE = (
+    "id",
+    "measured_at",
+    "updated_at",
+    "flagged_at",
+    "registered_at",
+    "last_measured_at",
+    *snapshots.IMAGE_BOOKKEEPING,
+)
 
 
 def snapshot(engine) -> dict[str, pd.DataFrame]:
-    return {t: snapshots.table_snapshot(engine, t, exclude=VOLATILE).reset_index(drop=True)
-            for t in TABLES}
+    return {
+        t: snapshots.table_snapshot(engine, t, exclude=VOLATILE).reset_index(drop=True)
+        for t in TABLES
+    }
 
 
 def assert_same_tables(a: dict, b: dict) -> None:
     for table in TABLES:
-        pd.testing.assert_frame_equal(a[table], b[table], check_exact=False, rtol=1e-12,
-                                      obj=table)
+        pd.testing.assert_frame_equal(a[table], b[table], check_exact=False, rtol=1e-12, obj=table)
 
 
 def run_night(settings, night: str, instance, run_config=None, tags=None):
     job = build_definitions(settings, bind_env=False).resolve_job_def("ese_pipeline")
-    result = job.execute_in_process(partition_key=night, instance=instance,
-                                    run_config=run_config or {}, tags=tags or {})
+    result = job.execute_in_process(
+        partition_key=night, instance=instance, run_config=run_config or {}, tags=tags or {}
+    )
     assert result.success
     return result
 
@@ -68,11 +83,18 @@ def test_definitions_load_and_automation_is_on():
     defs = build_definitions()
     dg.Definitions.validate_loadable(defs)
     assert {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} == {
-        "photometry", "variability_stats", "ese_candidates"}
-    assert defs.resolve_sensor_def("incoming_images_sensor").default_status == \
-        dg.DefaultSensorStatus.RUNNING
-    assert defs.resolve_schedule_def("nightly_reconciliation").default_status == \
-        dg.DefaultScheduleStatus.RUNNING
+        "photometry",
+        "variability_stats",
+        "ese_candidates",
+    }
+    assert (
+        defs.resolve_sensor_def("incoming_images_sensor").default_status
+        == dg.DefaultSensorStatus.RUNNING
+    )
+    assert (
+        defs.resolve_schedule_def("nightly_reconciliation").default_status
+        == dg.DefaultScheduleStatus.RUNNING
+    )
 
 
 def test_sensor_registers_files_and_requests_one_run_per_night(tmp_path, small_survey):
@@ -84,15 +106,17 @@ def test_sensor_registers_files_and_requests_one_run_per_night(tmp_path, small_s
     defs = build_definitions(settings, bind_env=False)
     sensor = defs.resolve_sensor_def("incoming_images_sensor")
     with dg.instance_for_test() as instance:
-        ctx = dg.build_sensor_context(instance=instance,
-                                      resources=resources_from_settings(settings, bind_env=False))
+        ctx = dg.build_sensor_context(
+            instance=instance, resources=resources_from_settings(settings, bind_env=False)
+        )
         result = sensor(ctx)
         requests = result.run_requests
         assert sorted(r.partition_key for r in requests) == list(NIGHTS)
         for r in requests:
             paths = r.run_config["ops"]["photometry"]["config"]["image_paths"]
-            assert len(paths) == 4 and all(r.partition_key.replace("-", "") in Path(p).name
-                                           for p in paths)
+            assert len(paths) == 4 and all(
+                r.partition_key.replace("-", "") in Path(p).name for p in paths
+            )
         engine = make_engine(settings.products_db)
         rejected = images_db.rejected_images(engine).set_index("path")["reason"]
         assert set(Path(p).name for p in rejected.index) == {"corrupt.fits", "observing_log.txt"}
@@ -100,8 +124,11 @@ def test_sensor_registers_files_and_requests_one_run_per_night(tmp_path, small_s
         assert images_db.image_counts_by_status(engine)["queued"] == 12
 
         # Nothing new: the next tick skips, and does not request the same work again.
-        again = sensor(dg.build_sensor_context(
-            instance=instance, resources=resources_from_settings(settings, bind_env=False)))
+        again = sensor(
+            dg.build_sensor_context(
+                instance=instance, resources=resources_from_settings(settings, bind_env=False)
+            )
+        )
         assert isinstance(again, dg.SkipReason) or not again.run_requests
 
 
@@ -131,8 +158,9 @@ def test_truncated_file_is_rejected_once_settled(tmp_path, small_survey):
     ensure_schema(engine)
     from ese_assets import pipeline
 
-    scan = pipeline.scan_directory(engine, settings.incoming_dir, timezone="UTC",
-                                   first_night="2020-01-01")
+    scan = pipeline.scan_directory(
+        engine, settings.incoming_dir, timezone="UTC", first_night="2020-01-01"
+    )
     assert len(scan.rejected) == 1 and "truncated" in scan.rejected[0][1]
 
 
@@ -179,12 +207,19 @@ def test_ranged_backfill_run_processes_every_night(tmp_path, small_survey):
     settings = make_workspace(tmp_path, small_survey)
     job = build_definitions(settings, bind_env=False).resolve_job_def("ese_pipeline")
     with dg.instance_for_test() as instance:
-        result = job.execute_in_process(instance=instance, tags={
-            "dagster/asset_partition_range_start": NIGHTS[0],
-            "dagster/asset_partition_range_end": NIGHTS[-1]})
+        result = job.execute_in_process(
+            instance=instance,
+            tags={
+                "dagster/asset_partition_range_start": NIGHTS[0],
+                "dagster/asset_partition_range_end": NIGHTS[-1],
+            },
+        )
         assert result.success
-        mats = [m for m in result.get_asset_materialization_events()
-                if m.asset_key.to_user_string() == "photometry"]
+        mats = [
+            m
+            for m in result.get_asset_materialization_events()
+            if m.asset_key.to_user_string() == "photometry"
+        ]
         assert sorted(m.partition for m in mats) == list(NIGHTS)
     engine = make_engine(settings.products_db)
     assert images_db.image_counts_by_status(engine)["measured"] == 12
@@ -198,15 +233,21 @@ def test_nightly_schedule_runs_the_night_that_just_ended(tmp_path, small_survey)
     schedule = defs.resolve_schedule_def("nightly_reconciliation")
     with dg.instance_for_test() as instance:
         ctx = dg.build_schedule_context(
-            instance=instance, repository_def=defs.get_repository_def(),
-            scheduled_execution_time=dt.datetime(2025, 1, 3, 12, 0, tzinfo=dt.UTC))
+            instance=instance,
+            repository_def=defs.get_repository_def(),
+            scheduled_execution_time=dt.datetime(2025, 1, 3, 12, 0, tzinfo=dt.UTC),
+        )
         data = schedule.evaluate_tick(ctx)
         assert [r.partition_key for r in data.run_requests] == ["2025-01-02"]
         # No image list: the run measures every usable image of the night.
         assert not data.run_requests[0].run_config
-        before = schedule.evaluate_tick(dg.build_schedule_context(
-            instance=instance, repository_def=defs.get_repository_def(),
-            scheduled_execution_time=dt.datetime(2020, 1, 1, 12, 0, tzinfo=dt.UTC)))
+        before = schedule.evaluate_tick(
+            dg.build_schedule_context(
+                instance=instance,
+                repository_def=defs.get_repository_def(),
+                scheduled_execution_time=dt.datetime(2020, 1, 1, 12, 0, tzinfo=dt.UTC),
+            )
+        )
         assert not before.run_requests and "precedes the first partition" in before.skip_message
 
 
@@ -244,10 +285,15 @@ def test_killed_run_then_rerun_equals_one_clean_run(tmp_path, small_survey):
         run_night(clean, night, instance)
 
     engine = make_engine(killed.products_db)
-    overrides = {"products_db": killed.products_db, "catalog_path": killed.catalog_path,
-                 "incoming_dir": killed.incoming_dir, "data_dir": killed.data_dir}
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE_RUN, json.dumps(overrides), night],
-                            start_new_session=True)
+    overrides = {
+        "products_db": killed.products_db,
+        "catalog_path": killed.catalog_path,
+        "incoming_dir": killed.incoming_dir,
+        "data_dir": killed.data_dir,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE_RUN, json.dumps(overrides), night], start_new_session=True
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -266,7 +312,8 @@ def test_killed_run_then_rerun_equals_one_clean_run(tmp_path, small_survey):
         run_night(killed, night, instance)
     assert_same_tables(
         relocate_paths(snapshot(make_engine(clean.products_db)), str(tmp_path / "clean"), "WS"),
-        relocate_paths(snapshot(engine), str(tmp_path / "killed"), "WS"))
+        relocate_paths(snapshot(engine), str(tmp_path / "killed"), "WS"),
+    )
 
 
 def test_postgresql_gives_the_same_tables_as_sqlite(tmp_path, small_survey, postgres_url):
@@ -285,7 +332,8 @@ def test_postgresql_gives_the_same_tables_as_sqlite(tmp_path, small_survey, post
     assert len(first["ese_candidates"]) >= 1
     assert_same_tables(
         relocate_paths(snapshot(make_engine(lite.products_db)), str(tmp_path / "sqlite"), "WS"),
-        relocate_paths(first, str(tmp_path / "pg"), "WS"))
+        relocate_paths(first, str(tmp_path / "pg"), "WS"),
+    )
 
 
 def test_a_rejected_file_is_examined_again_once_it_changes(tmp_path, small_survey):
@@ -299,8 +347,9 @@ def test_a_rejected_file_is_examined_again_once_it_changes(tmp_path, small_surve
     from ese_assets import pipeline
 
     def scan():
-        return pipeline.scan_directory(engine, settings.incoming_dir, timezone="UTC",
-                                       first_night="2020-01-01")
+        return pipeline.scan_directory(
+            engine, settings.incoming_dir, timezone="UTC", first_night="2020-01-01"
+        )
 
     assert len(scan().rejected) == 1
     assert scan().already_known == 1  # unchanged: stays rejected, not re-read every tick
@@ -317,8 +366,9 @@ def test_a_backlog_is_registered_over_several_limited_passes(tmp_path, small_sur
     from ese_assets import pipeline
 
     def scan():
-        return pipeline.scan_directory(engine, settings.incoming_dir, timezone="UTC",
-                                       first_night="2020-01-01", limit=5)
+        return pipeline.scan_directory(
+            engine, settings.incoming_dir, timezone="UTC", first_night="2020-01-01", limit=5
+        )
 
     first, second, third = scan(), scan(), scan()
     assert (len(first.registered), first.deferred) == (5, 7)

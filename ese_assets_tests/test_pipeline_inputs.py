@@ -26,8 +26,9 @@ def _first_image(survey: Path) -> Path:
 def _scan(settings):
     engine = make_engine(settings.products_db)
     ensure_schema(engine)
-    return engine, pipeline.scan_directory(engine, settings.incoming_dir, timezone="UTC",
-                                           first_night="2020-01-01")
+    return engine, pipeline.scan_directory(
+        engine, settings.incoming_dir, timezone="UTC", first_night="2020-01-01"
+    )
 
 
 def test_unusable_files_are_rejected_with_named_reasons(tmp_path, small_survey):
@@ -76,7 +77,8 @@ def test_duplicate_file_under_another_name_is_rejected(tmp_path, small_survey):
     _, scan = _scan(settings)
     assert len(scan.registered) == 12
     assert [(Path(p).name, original.name in r) for p, r in scan.rejected] == [
-        ("zz_copy_of_first.fits", True)]
+        ("zz_copy_of_first.fits", True)
+    ]
 
 
 def test_cube_and_plain_images_are_both_measured(tmp_path, small_survey):
@@ -102,8 +104,9 @@ def test_malformed_catalog_fails_the_run_with_the_file_named(tmp_path, small_sur
 
     job = build_definitions(settings, bind_env=False).resolve_job_def("ese_pipeline")
     with dg.instance_for_test() as instance:
-        result = job.execute_in_process(partition_key=NIGHTS[0], instance=instance,
-                                        raise_on_error=False)
+        result = job.execute_in_process(
+            partition_key=NIGHTS[0], instance=instance, raise_on_error=False
+        )
         assert not result.success
         failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
         assert "bad_catalog.csv" in failure.event_specific_data.error.to_string()
@@ -122,4 +125,5 @@ def test_copy_arriving_after_the_original_is_rejected(tmp_path, small_survey):
     _, later = _scan(settings)
     assert not later.registered
     assert [(Path(p).name, str(original) in r) for p, r in later.rejected] == [
-        ("late_copy.fits", True)]
+        ("late_copy.fits", True)
+    ]

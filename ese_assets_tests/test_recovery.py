@@ -21,34 +21,54 @@ DELAY_S = 10.0
 
 
 def _register(engine, names_nights: list[tuple[str, str]]) -> None:
-    images_db.register_images(engine, [
-        {"path": f"/in/{name}.fits", "night": night, "mjd": 60000.0 + i, "status": "pending"}
-        for i, (name, night) in enumerate(names_nights)])
+    images_db.register_images(
+        engine,
+        [
+            {"path": f"/in/{name}.fits", "night": night, "mjd": 60000.0 + i, "status": "pending"}
+            for i, (name, night) in enumerate(names_nights)
+        ],
+    )
 
 
 def _plan(engine, *, now=NOW, tokens=(), nights=(), launched=None, patient=True, **kwargs):
-    return plan_runs(engine, last_night="2025-01-03", in_flight_tokens=set(tokens),
-                     in_flight_nights=nights,
-                     tokens_with_runs=lambda wanted: set(wanted) & set(launched or ()),
-                     retry_delay_s=DELAY_S, max_attempts=3, patient=patient, now=now, **kwargs)
+    return plan_runs(
+        engine,
+        last_night="2025-01-03",
+        in_flight_tokens=set(tokens),
+        in_flight_nights=nights,
+        tokens_with_runs=lambda wanted: set(wanted) & set(launched or ()),
+        retry_delay_s=DELAY_S,
+        max_attempts=3,
+        patient=patient,
+        now=now,
+        **kwargs,
+    )
 
 
 def _row(engine, name: str) -> dict:
     with engine.connect() as conn:
-        return dict(conn.execute(sa.select(images).where(images.c.path == f"/in/{name}.fits"))
-                    .mappings().one())
+        return dict(
+            conn.execute(sa.select(images).where(images.c.path == f"/in/{name}.fits"))
+            .mappings()
+            .one()
+        )
 
 
 def test_pending_images_are_batched_per_night_and_claimed_once(engine):
     _register(engine, [("a", "2025-01-01"), ("b", "2025-01-01"), ("c", "2025-01-02")])
     plan = _plan(engine, max_images_per_run=1)
     assert [(b.night, b.paths) for b in plan.batches] == [
-        ("2025-01-01", ("/in/a.fits",)), ("2025-01-01", ("/in/b.fits",)),
-        ("2025-01-02", ("/in/c.fits",))]
+        ("2025-01-01", ("/in/a.fits",)),
+        ("2025-01-01", ("/in/b.fits",)),
+        ("2025-01-02", ("/in/c.fits",)),
+    ]
     assert plan.new == 3 and len({b.token for b in plan.batches}) == 3
     row = _row(engine, "a")
     assert (row["status"], row["batch_token"], row["attempts"]) == (
-        "queued", plan.batches[0].token, 1)
+        "queued",
+        plan.batches[0].token,
+        1,
+    )
     assert row["next_attempt_at"] == NOW + DELAY_S
     # The same tick again (runs now in flight): nothing is requested twice.
     again = _plan(engine, tokens=[b.token for b in plan.batches])
@@ -158,11 +178,15 @@ def _terminate(url: str, pid: int) -> None:
 def test_an_older_database_gets_the_columns_added_since(tmp_path):
     path = str(tmp_path / "old.sqlite3")
     with sqlite3.connect(path) as old:  # the images table as the first release wrote it
-        old.execute("CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, "
-                    "night VARCHAR(10), mjd FLOAT, status VARCHAR(16) NOT NULL, reason TEXT, "
-                    "registered_at FLOAT NOT NULL)")
-        old.execute("INSERT INTO images (path, night, status, registered_at) "
-                    "VALUES ('/in/old.fits', '2025-01-01', 'measured', 1.0)")
+        old.execute(
+            "CREATE TABLE images (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, "
+            "night VARCHAR(10), mjd FLOAT, status VARCHAR(16) NOT NULL, reason TEXT, "
+            "registered_at FLOAT NOT NULL)"
+        )
+        old.execute(
+            "INSERT INTO images (path, night, status, registered_at) "
+            "VALUES ('/in/old.fits', '2025-01-01', 'measured', 1.0)"
+        )
     engine = make_engine(path)
     ensure_schema(engine)
     columns = {c["name"] for c in sa.inspect(engine).get_columns("images")}
@@ -171,14 +195,17 @@ def test_an_older_database_gets_the_columns_added_since(tmp_path):
     dispose_engine(path)
 
 
-@pytest.mark.parametrize(("name", "value", "message"), [
-    ("ESE_TIMEZONE", "Mars/Olympus", "not an IANA time zone"),
-    ("ESE_PARTITION_START", "2025-13-01", "not a date"),
-    ("ESE_NIGHTLY_HOUR", "25", "0-23"),
-    ("ESE_MAX_ATTEMPTS", "0", ">= 1"),
-    ("ESE_RETRY_DELAY_S", "soon", "not a number"),
-    ("ESE_MIN_OBS", "2.5", "whole number"),
-])
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("ESE_TIMEZONE", "Mars/Olympus", "not an IANA time zone"),
+        ("ESE_PARTITION_START", "2025-13-01", "not a date"),
+        ("ESE_NIGHTLY_HOUR", "25", "0-23"),
+        ("ESE_MAX_ATTEMPTS", "0", ">= 1"),
+        ("ESE_RETRY_DELAY_S", "soon", "not a number"),
+        ("ESE_MIN_OBS", "2.5", "whole number"),
+    ],
+)
 def test_bad_settings_are_refused_naming_the_variable(monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValueError, match=name) as err:

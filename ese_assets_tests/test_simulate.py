@@ -78,11 +78,13 @@ def test_render_point_source_peak_and_integral():
     ra, dec = wcs.wcs_pix2world(30.3, 60.8, 0)
     img = sim.render_point_sources(shape, wcs, BEAM, [ra], [dec], [1.0])
     icov = np.linalg.inv(sim.beam_covariance_pix(wcs, BEAM, 30.3, 60.8))
-    for (yy, xx) in [(61, 30), (60, 31), (63, 28), (58, 33)]:
+    for yy, xx in [(61, 30), (60, 31), (63, 28), (58, 33)]:
         d = np.array([xx - 30.3, yy - 60.8])
         assert img[yy, xx] == pytest.approx(np.exp(-0.5 * d @ icov @ d), rel=1e-9)
     # Sources add linearly and sources off the image (or with NaN positions) are harmless.
-    two = sim.render_point_sources(shape, wcs, BEAM, [ra, 150.0, 160.0], [dec, 30.0, 30.0], [1.0, 0.25, 9.0])
+    two = sim.render_point_sources(
+        shape, wcs, BEAM, [ra, 150.0, 160.0], [dec, 30.0, 30.0], [1.0, 0.25, 9.0]
+    )
     one = sim.render_point_sources(shape, wcs, BEAM, [150.0], [30.0], [0.25])
     np.testing.assert_allclose(two, img + one, atol=1e-15)
 
@@ -90,7 +92,9 @@ def test_render_point_source_peak_and_integral():
 def test_render_clips_at_edges():
     shape = (40, 50)
     wcs = sim.make_sin_wcs(150.0, 30.0, CELL_DEG, shape)
-    ra, dec = wcs.wcs_pix2world([0.0, 49.0, 2.0], [0.0, 39.0, 45.0], 0)  # last one just above the top
+    ra, dec = wcs.wcs_pix2world(
+        [0.0, 49.0, 2.0], [0.0, 39.0, 45.0], 0
+    )  # last one just above the top
     img = sim.render_point_sources(shape, wcs, BEAM, ra, dec, [1.0, 2.0, 3.0])
     assert img[0, 0] == pytest.approx(1.0) and img[39, 49] == pytest.approx(2.0)
     assert 0 < img[39, 2] < 3.0 * np.exp(-0.5 * 36 / 3.1)  # tail of the source 6 px above the edge
@@ -113,7 +117,9 @@ def test_correlated_noise_rms_and_beam_shaped_correlation():
         assert rho == pytest.approx(np.exp(-0.5 * d @ icov @ d), abs=0.04), (dx, dy)
     # The tilted beam (BPA 30 deg, east to the left) correlates (+1, +1) differently from (+1, -1).
     diag_pp, diag_pm = np.array([1, 1]), np.array([1, -1])
-    assert abs(np.exp(-0.5 * diag_pp @ icov @ diag_pp) - np.exp(-0.5 * diag_pm @ icov @ diag_pm)) > 0.1
+    assert (
+        abs(np.exp(-0.5 * diag_pp @ icov @ diag_pp) - np.exp(-0.5 * diag_pm @ icov @ diag_pm)) > 0.1
+    )
     # Same generator state -> same field.
     again = sim.correlated_noise(shape, cov, 5e-4, np.random.default_rng(3))
     np.testing.assert_array_equal(noise, again)
@@ -121,11 +127,27 @@ def test_correlated_noise_rms_and_beam_shaped_correlation():
 
 def test_write_fits_image_2d_and_cube(tmp_path):
     data = np.arange(12.0).reshape(3, 4)
-    p2 = sim.write_fits_image(tmp_path / "a.fits", data, ra_deg=10.0, dec_deg=-20.0, cell_deg=CELL_DEG,
-                              beam=BEAM, date_obs="2025-03-04T05:06:07.5")
-    p4 = sim.write_fits_image(tmp_path / "b.fits", data, ra_deg=10.0, dec_deg=-20.0, cell_deg=CELL_DEG,
-                              beam=BEAM, date_obs="2025-03-04T05:06:07.5", cube=True, freq_hz=1.3e9,
-                              extra_header={"OBJECT": "X"})
+    p2 = sim.write_fits_image(
+        tmp_path / "a.fits",
+        data,
+        ra_deg=10.0,
+        dec_deg=-20.0,
+        cell_deg=CELL_DEG,
+        beam=BEAM,
+        date_obs="2025-03-04T05:06:07.5",
+    )
+    p4 = sim.write_fits_image(
+        tmp_path / "b.fits",
+        data,
+        ra_deg=10.0,
+        dec_deg=-20.0,
+        cell_deg=CELL_DEG,
+        beam=BEAM,
+        date_obs="2025-03-04T05:06:07.5",
+        cube=True,
+        freq_hz=1.3e9,
+        extra_header={"OBJECT": "X"},
+    )
     with fits.open(p2) as hdul:
         h, d = hdul[0].header, hdul[0].data
         assert h["NAXIS"] == 2 and d.shape == (3, 4)
@@ -139,9 +161,13 @@ def test_write_fits_image_2d_and_cube(tmp_path):
     for header in (h, h4):
         assert header["BUNIT"] == "JY/BEAM"
         assert (header["BMAJ"], header["BMIN"], header["BPA"]) == (
-            BEAM.major_deg, BEAM.minor_deg, BEAM.pa_deg)
+            BEAM.major_deg,
+            BEAM.minor_deg,
+            BEAM.pa_deg,
+        )
         assert header["MJD-OBS"] == pytest.approx(
-            Time("2025-03-04T05:06:07.5", scale="utc").mjd, abs=1e-9)
+            Time("2025-03-04T05:06:07.5", scale="utc").mjd, abs=1e-9
+        )
         w = WCS(header).celestial
         np.testing.assert_allclose(w.wcs_pix2world(2.0, 1.0, 0), [10.0, -20.0], atol=1e-10)
     assert not list(tmp_path.glob(".*"))  # temporary files renamed away
@@ -160,7 +186,9 @@ def test_survey_is_deterministic(small_survey, tmp_path):
         assert getattr(small_survey, attr).read_bytes() == getattr(again, attr).read_bytes()
     for a, b in zip(small_survey.image_paths, again.image_paths, strict=True):
         assert a.name == b.name and a.read_bytes() == b.read_bytes()
-    other = sim.simulate_survey(SMALL.__class__(**{**SMALL.__dict__, "seed": 12}), tmp_path / "other")
+    other = sim.simulate_survey(
+        SMALL.__class__(**{**SMALL.__dict__, "seed": 12}), tmp_path / "other"
+    )
     assert other.catalog_path.read_bytes() != small_survey.catalog_path.read_bytes()
 
 
@@ -206,34 +234,60 @@ def test_ese_true_fluxes_follow_lens_lightcurve(small_survey):
     ese = fluxes[fluxes["kind"] == "ese"]
     assert len(ese) == 2 * 9
     assert (truth.loc[truth["kind"] == "ese", "mean_flux_mjy"] >= SMALL.ese_min_flux_mjy).all()
-    expect = ese["mean_flux_mjy"] * ese["gain"] * lens.ese_lightcurve(
-        ese["mjd"].to_numpy(), ese["ese_t0_mjd"].to_numpy(), ese["ese_duration_days"].to_numpy(),
-        ese["ese_depth"].to_numpy(), SMALL.ese_source_size)
+    expect = (
+        ese["mean_flux_mjy"]
+        * ese["gain"]
+        * lens.ese_lightcurve(
+            ese["mjd"].to_numpy(),
+            ese["ese_t0_mjd"].to_numpy(),
+            ese["ese_duration_days"].to_numpy(),
+            ese["ese_depth"].to_numpy(),
+            SMALL.ese_source_size,
+        )
+    )
     np.testing.assert_allclose(ese["true_flux_mjy"], expect, rtol=1e-9)  # CSV keeps 15 digits
-    assert (ese["true_flux_mjy"] / (ese["mean_flux_mjy"] * ese["gain"])).min() < 0.9  # a dip was sampled
+    assert (
+        ese["true_flux_mjy"] / (ese["mean_flux_mjy"] * ese["gain"])
+    ).min() < 0.9  # a dip was sampled
     # Depths and epoch counts as documented.
     hosts = truth[truth["kind"] == "ese"]
     assert sorted(hosts["ese_depth"]) == sorted(SMALL.ese_depths[:2])
-    in_event = ese.assign(inside=np.abs(ese["mjd"] - ese["ese_t0_mjd"]) < ese["ese_duration_days"] / 2)
-    np.testing.assert_array_equal(in_event.groupby("name")["inside"].sum().sort_index().to_numpy(),
-                                  hosts.set_index("name")["ese_epochs_in_event"].sort_index().to_numpy())
+    in_event = ese.assign(
+        inside=np.abs(ese["mjd"] - ese["ese_t0_mjd"]) < ese["ese_duration_days"] / 2
+    )
+    np.testing.assert_array_equal(
+        in_event.groupby("name")["inside"].sum().sort_index().to_numpy(),
+        hosts.set_index("name")["ese_epochs_in_event"].sort_index().to_numpy(),
+    )
     # Stable sources: true flux = mean flux x image gain.
     stable = fluxes[fluxes["kind"] == "stable"]
-    np.testing.assert_allclose(stable["true_flux_mjy"], stable["mean_flux_mjy"] * stable["gain"], rtol=1e-12)
+    np.testing.assert_allclose(
+        stable["true_flux_mjy"], stable["mean_flux_mjy"] * stable["gain"], rtol=1e-12
+    )
     assert stable["gain"].std() > 0
 
 
 def test_stable_only_survey_pixels_match_truth(tmp_path):
     """No noise, no variability, no gain errors: each isolated source's image equals its flux."""
-    config = sim.SurveyConfig(seed=3, n_nights=1, images_per_night=2, npix=128, n_sources=20,
-                              rms_mjy=0.0, cube_fraction=0.0).without_variability()
+    config = sim.SurveyConfig(
+        seed=3,
+        n_nights=1,
+        images_per_night=2,
+        npix=128,
+        n_sources=20,
+        rms_mjy=0.0,
+        cube_fraction=0.0,
+    ).without_variability()
     assert config.n_ese == 0 and config.n_variables == 0 and config.flux_scale_error == 0
     m = sim.simulate_survey(config, tmp_path)
     fluxes = pd.read_csv(m.truth_fluxes_path)
     truth = pd.read_csv(m.truth_sources_path)
     assert (fluxes["gain"] == 1.0).all() and set(truth["kind"]) == {"stable"}
-    np.testing.assert_allclose(fluxes["true_flux_mjy"].to_numpy(),
-                               np.tile(truth["mean_flux_mjy"].to_numpy(), 2), rtol=1e-14)
+    np.testing.assert_allclose(
+        fluxes["true_flux_mjy"].to_numpy(),
+        np.tile(truth["mean_flux_mjy"].to_numpy(), 2),
+        rtol=1e-14,
+    )
     for path in m.image_paths:
         data = fits.getdata(path).astype(float)
         rows = fluxes[(fluxes["image"] == path.name) & fluxes["in_image"]]
@@ -243,9 +297,13 @@ def test_stable_only_survey_pixels_match_truth(tmp_path):
         iso = (sep.min(axis=1) > 12) & (x > 10) & (x < 117) & (y > 10) & (y < 117)
         assert iso.sum() >= 5
         render = sim.render_point_sources(
-            data.shape, WCS(fits.getheader(path)).celestial, config.beam,
-            truth.set_index("name").loc[rows["name"], "ra_deg"], truth.set_index("name").loc[rows["name"], "dec_deg"],
-            rows["true_flux_mjy"].to_numpy() / 1000)
+            data.shape,
+            WCS(fits.getheader(path)).celestial,
+            config.beam,
+            truth.set_index("name").loc[rows["name"], "ra_deg"],
+            truth.set_index("name").loc[rows["name"], "dec_deg"],
+            rows["true_flux_mjy"].to_numpy() / 1000,
+        )
         np.testing.assert_allclose(data, render, atol=1e-6 * render.max())  # float32 storage
         # Peak pixel near each isolated source ~ its flux (sub-pixel offset loses < 15 %).
         for xi, yi, f in zip(x[iso], y[iso], rows["true_flux_mjy"].to_numpy()[iso], strict=True):
@@ -255,9 +313,19 @@ def test_stable_only_survey_pixels_match_truth(tmp_path):
 
 
 def test_survey_noise_level(tmp_path):
-    config = sim.SurveyConfig(seed=4, n_nights=1, images_per_night=1, npix=256, n_sources=5,
-                              flux_min_mjy=1.0, flux_max_mjy=2.0, rms_mjy=0.5, cube_fraction=1.0,
-                              n_variables=0, n_ese=0)
+    config = sim.SurveyConfig(
+        seed=4,
+        n_nights=1,
+        images_per_night=1,
+        npix=256,
+        n_sources=5,
+        flux_min_mjy=1.0,
+        flux_max_mjy=2.0,
+        rms_mjy=0.5,
+        cube_fraction=1.0,
+        n_variables=0,
+        n_ese=0,
+    )
     m = sim.simulate_survey(config, tmp_path)
     data = fits.getdata(m.image_paths[0])[0, 0].astype(float)
     assert np.median(np.abs(data - np.median(data))) * 1.4826 == pytest.approx(5e-4, rel=0.1)
@@ -265,16 +333,47 @@ def test_survey_noise_level(tmp_path):
 
 def test_overwrite_protection_and_cli(tmp_path, capsys):
     parser = cli.add_simulate_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--out-dir", str(tmp_path), "--nights", "1", "--images-per-night", "2",
-                              "--npix", "64", "--n-sources", "12", "--n-ese", "1", "--n-variables", "1",
-                              "--quiet"])
+    args = parser.parse_args(
+        [
+            "--out-dir",
+            str(tmp_path),
+            "--nights",
+            "1",
+            "--images-per-night",
+            "2",
+            "--npix",
+            "64",
+            "--n-sources",
+            "12",
+            "--n-ese",
+            "1",
+            "--n-variables",
+            "1",
+            "--quiet",
+        ]
+    )
     m = cli.run_simulate(args)
     assert m.n_images == 2 and m.n_ese == 1
     assert "wrote 2 images" in capsys.readouterr().out
     with pytest.raises(FileExistsError):
         cli.run_simulate(args)
-    args = parser.parse_args(["--out-dir", str(tmp_path), "--nights", "1", "--images-per-night", "1",
-                              "--npix", "64", "--n-sources", "12", "--stable-only", "--overwrite", "--quiet"])
+    args = parser.parse_args(
+        [
+            "--out-dir",
+            str(tmp_path),
+            "--nights",
+            "1",
+            "--images-per-night",
+            "1",
+            "--npix",
+            "64",
+            "--n-sources",
+            "12",
+            "--stable-only",
+            "--overwrite",
+            "--quiet",
+        ]
+    )
     m2 = cli.run_simulate(args)
     assert m2.n_ese == 0 and m2.n_variables == 0
     # The stale second image of the first run was removed.

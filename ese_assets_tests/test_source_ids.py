@@ -76,7 +76,7 @@ def test_vectorized_equals_scalar_on_random_inputs():
     dec_deg = np.degrees(np.arcsin(rng.uniform(-1.0, 1.0, n)))
     # Put a quarter of the points within 1e-9 of a rounding boundary to exercise the carries.
     ra_deg[: n // 4] = np.round(ra_deg[: n // 4] * 480.0) / 480.0 - 1e-9
-    dec_deg[n // 4: n // 2] = np.round(dec_deg[n // 4: n // 2] * 7200.0) / 7200.0 + 1e-9
+    dec_deg[n // 4 : n // 2] = np.round(dec_deg[n // 4 : n // 2] * 7200.0) / 7200.0 + 1e-9
     vector = iau_source_ids(ra_deg, dec_deg)
     scalar = [iau_source_id(r, d) for r, d in zip(ra_deg, dec_deg, strict=True)]
     assert vector.dtype == object

@@ -28,59 +28,73 @@ NIGHTS = ("2026-01-01", "2026-01-02", "2026-01-03")
 
 
 def _image(path: str, night: str = NIGHTS[0], mjd: float = 61041.1, **extra) -> dict:
-    return {"path": path, "night": night, "mjd": mjd, "beam_maj_deg": 0.01,
-            "beam_min_deg": 0.008, "beam_pa_deg": 30.0, "freq_hz": 1.4e9, **extra}
+    return {
+        "path": path,
+        "night": night,
+        "mjd": mjd,
+        "beam_maj_deg": 0.01,
+        "beam_min_deg": 0.008,
+        "beam_pa_deg": 30.0,
+        "freq_hz": 1.4e9,
+        **extra,
+    }
 
 
 def _rows(source_ids, mjd: float, seed: int = 0) -> pd.DataFrame:
     """Photometry rows as the photometry asset would produce them (numpy dtypes, no image_path)."""
     rng = np.random.default_rng(seed)
     n = len(source_ids)
-    return pd.DataFrame({
-        "source_id": list(source_ids),
-        "ra_deg": rng.uniform(0.0, 360.0, n),
-        "dec_deg": rng.uniform(-30.0, 80.0, n),
-        "nvss_flux_mjy": rng.uniform(10.0, 500.0, n),
-        "peak_jyb": rng.normal(0.1, 0.01, n),
-        "peak_err_jyb": np.full(n, 1e-3),
-        "mjd": np.full(n, mjd),
-        "local_rms_jyb": np.full(n, 1e-3),
-        "background_jyb": np.zeros(n),
-        "quality_flag": np.zeros(n, dtype=np.int64),
-    })
+    return pd.DataFrame(
+        {
+            "source_id": list(source_ids),
+            "ra_deg": rng.uniform(0.0, 360.0, n),
+            "dec_deg": rng.uniform(-30.0, 80.0, n),
+            "nvss_flux_mjy": rng.uniform(10.0, 500.0, n),
+            "peak_jyb": rng.normal(0.1, 0.01, n),
+            "peak_err_jyb": np.full(n, 1e-3),
+            "mjd": np.full(n, mjd),
+            "local_rms_jyb": np.full(n, 1e-3),
+            "background_jyb": np.zeros(n),
+            "quality_flag": np.zeros(n, dtype=np.int64),
+        }
+    )
 
 
 def _measure(engine, path: str, source_ids, night: str, mjd: float, seed: int = 0) -> pd.DataFrame:
     images_db.register_images(engine, [_image(path, night=night, mjd=mjd)])
     rows = _rows(source_ids, mjd, seed)
-    photometry_db.replace_image_photometry(engine, path, rows, {"n_sources": len(rows),
-                                                       "median_rms_jyb": np.float64(1e-3)})
+    photometry_db.replace_image_photometry(
+        engine, path, rows, {"n_sources": len(rows), "median_rms_jyb": np.float64(1e-3)}
+    )
     return rows
 
 
 def _stats(source_ids, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     n = len(source_ids)
-    return pd.DataFrame({
-        "source_id": list(source_ids),
-        "ra_deg": rng.uniform(0.0, 360.0, n),
-        "dec_deg": rng.uniform(-30.0, 80.0, n),
-        "nvss_flux_mjy": rng.uniform(10.0, 500.0, n),
-        "n_obs": np.arange(n, dtype=np.int64) + 3,
-        "mean_flux_mjy": rng.uniform(10.0, 500.0, n),
-        "std_flux_mjy": rng.uniform(0.1, 5.0, n),
-        "chi2_nu": rng.uniform(0.5, 3.0, n),
-        "eta_metric": rng.uniform(0.5, 3.0, n),
-        "last_mjd": np.full(n, 61045.0),
-        "dip_n_epochs": np.full(n, 2, dtype=np.int64),
-        "dip_significance": np.where(np.arange(n) % 2 == 0, np.nan, -4.0),  # NaN -> NULL
-        "not_a_column": np.ones(n),  # ignored by the upsert
-    })
+    return pd.DataFrame(
+        {
+            "source_id": list(source_ids),
+            "ra_deg": rng.uniform(0.0, 360.0, n),
+            "dec_deg": rng.uniform(-30.0, 80.0, n),
+            "nvss_flux_mjy": rng.uniform(10.0, 500.0, n),
+            "n_obs": np.arange(n, dtype=np.int64) + 3,
+            "mean_flux_mjy": rng.uniform(10.0, 500.0, n),
+            "std_flux_mjy": rng.uniform(0.1, 5.0, n),
+            "chi2_nu": rng.uniform(0.5, 3.0, n),
+            "eta_metric": rng.uniform(0.5, 3.0, n),
+            "last_mjd": np.full(n, 61045.0),
+            "dip_n_epochs": np.full(n, 2, dtype=np.int64),
+            "dip_significance": np.where(np.arange(n) % 2 == 0, np.nan, -4.0),  # NaN -> NULL
+            "not_a_column": np.ones(n),  # ignored by the upsert
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # engine.py
 # --------------------------------------------------------------------------------------------------
+
 
 def test_make_engine_sqlite_path_creates_dirs_and_sets_pragmas(tmp_path, monkeypatch):
     monkeypatch.setenv("ESE_DB_BUSY_TIMEOUT_S", "2.5")
@@ -93,13 +107,24 @@ def test_make_engine_sqlite_path_creates_dirs_and_sets_pragmas(tmp_path, monkeyp
         ensure_schema(engine)  # idempotent
         assert path.exists()
         with engine.connect() as conn:
-            pragma = {name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
-                      for name in ("journal_mode", "busy_timeout", "foreign_keys", "synchronous")}
-        assert pragma == {"journal_mode": "wal", "busy_timeout": 2500, "foreign_keys": 1,
-                          "synchronous": 1}  # 1 = NORMAL
+            pragma = {
+                name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                for name in ("journal_mode", "busy_timeout", "foreign_keys", "synchronous")
+            }
+        assert pragma == {
+            "journal_mode": "wal",
+            "busy_timeout": 2500,
+            "foreign_keys": 1,
+            "synchronous": 1,
+        }  # 1 = NORMAL
         assert set(sa.inspect(engine).get_table_names()) == {
-            "images", "photometry", "variability_stats", "ese_candidates", "source_night_sums",
-            "source_sums"}
+            "images",
+            "photometry",
+            "variability_stats",
+            "ese_candidates",
+            "source_night_sums",
+            "source_sums",
+        }
     finally:
         dispose_engine(str(path))
 
@@ -131,26 +156,37 @@ def test_db_url_gives_an_empty_private_database(db_url):
 
 def test_foreign_keys_enforced(engine):
     with pytest.raises(sa.exc.IntegrityError):
-        candidates_db.apply_candidate_changes(engine, [{"source_id": "J000000+000000", "significance": 5.0,
-                                               "flag_type": "dip"}], [])
+        candidates_db.apply_candidate_changes(
+            engine, [{"source_id": "J000000+000000", "significance": 5.0, "flag_type": "dip"}], []
+        )
 
 
 # --------------------------------------------------------------------------------------------------
 # images
 # --------------------------------------------------------------------------------------------------
 
+
 def test_register_images_ignores_known_paths(engine):
     assert images_db.register_images(engine, [_image("/in/a.fits"), _image("/in/b.fits")]) == 2
     # Re-registering a known path (with other values) inserts nothing and leaves the row untouched.
     changed = _image("/in/a.fits", mjd=99999.0, status="rejected", reason="x")
-    assert images_db.register_images(engine, [changed, _image("/in/c.fits"), _image("/in/c.fits")]) == 1
+    assert (
+        images_db.register_images(engine, [changed, _image("/in/c.fits"), _image("/in/c.fits")])
+        == 1
+    )
     assert images_db.known_image_paths(engine, ["/in/a.fits", "/in/c.fits", "/in/zz.fits"]) == {
-        "/in/a.fits", "/in/c.fits"}
+        "/in/a.fits",
+        "/in/c.fits",
+    }
     night = images_db.night_images(engine, NIGHTS[0])
     row_a = night.set_index("path").loc["/in/a.fits"]
     assert row_a["mjd"] == 61041.1 and row_a["status"] == "pending"
     assert list(images_db.pending_images(engine).columns) == ["path", "night"]
-    assert list(images_db.pending_images(engine)["path"]) == ["/in/a.fits", "/in/b.fits", "/in/c.fits"]
+    assert list(images_db.pending_images(engine)["path"]) == [
+        "/in/a.fits",
+        "/in/b.fits",
+        "/in/c.fits",
+    ]
 
     assert images_db.set_image_status(engine, ["/in/a.fits", "/in/b.fits"], "queued") == 2
     assert list(images_db.pending_images(engine)["path"]) == ["/in/c.fits"]
@@ -158,7 +194,9 @@ def test_register_images_ignores_known_paths(engine):
     counts = images_db.image_counts_by_status(engine)
     assert counts == {"pending": 0, "queued": 2, "measured": 0, "failed": 1, "rejected": 0}
     assert images_db.image_counts_by_status(engine, night="1999-01-01")["queued"] == 0
-    assert images_db.night_images(engine, NIGHTS[0], statuses=("failed",))["reason"].tolist() == ["boom"]
+    assert images_db.night_images(engine, NIGHTS[0], statuses=("failed",))["reason"].tolist() == [
+        "boom"
+    ]
     with pytest.raises(ValueError, match="invalid image status"):
         images_db.set_image_status(engine, ["/in/a.fits"], "done")
     with pytest.raises(ValueError, match="unknown images column"):
@@ -166,16 +204,28 @@ def test_register_images_ignores_known_paths(engine):
 
 
 def test_rejected_images_filters(engine):
-    images_db.register_images(engine, [
-        _image("/in/bad1.fits", status="rejected", reason="not a FITS file", registered_at=100.0),
-        _image("/in/bad2.fits", night=NIGHTS[1], status="rejected", reason="missing beam keyword BMAJ",
-               registered_at=200.0),
-        _image("/in/good.fits", registered_at=150.0),
-    ])
+    images_db.register_images(
+        engine,
+        [
+            _image(
+                "/in/bad1.fits", status="rejected", reason="not a FITS file", registered_at=100.0
+            ),
+            _image(
+                "/in/bad2.fits",
+                night=NIGHTS[1],
+                status="rejected",
+                reason="missing beam keyword BMAJ",
+                registered_at=200.0,
+            ),
+            _image("/in/good.fits", registered_at=150.0),
+        ],
+    )
     everything = images_db.rejected_images(engine)
     assert list(everything.columns) == ["path", "night", "reason", "registered_at"]
     assert everything["path"].tolist() == ["/in/bad2.fits", "/in/bad1.fits"]
-    assert images_db.rejected_images(engine, night=NIGHTS[0])["reason"].tolist() == ["not a FITS file"]
+    assert images_db.rejected_images(engine, night=NIGHTS[0])["reason"].tolist() == [
+        "not a FITS file"
+    ]
     assert images_db.rejected_images(engine, since=150.0)["path"].tolist() == ["/in/bad2.fits"]
 
 
@@ -194,6 +244,7 @@ def test_known_paths_and_lightcurves_chunk_long_in_lists(engine):
 # --------------------------------------------------------------------------------------------------
 # photometry
 # --------------------------------------------------------------------------------------------------
+
 
 def test_replace_image_photometry_twice_gives_same_rows(engine):
     sources = [f"J0{i:05d}+450000" for i in range(50)]
@@ -219,19 +270,30 @@ def test_replace_image_photometry_twice_gives_same_rows(engine):
 
 def test_replace_image_photometry_requires_registered_image(engine):
     with pytest.raises(ValueError, match="not registered"):
-        photometry_db.replace_image_photometry(engine, "/in/unknown.fits", _rows(["S1"], 61041.1), {})
+        photometry_db.replace_image_photometry(
+            engine, "/in/unknown.fits", _rows(["S1"], 61041.1), {}
+        )
     assert photometry_db.photometry_counts(engine) == 0
 
 
 def test_unique_image_source_enforced_by_database(engine):
     _measure(engine, "/in/a.fits", ["S1", "S2"], NIGHTS[0], 61041.1)
-    duplicate = {"image_path": "/in/a.fits", "source_id": "S1", "ra_deg": 1.0, "dec_deg": 2.0,
-                 "peak_jyb": 0.1, "measured_at": 1.0, "mjd": 61041.1}
+    duplicate = {
+        "image_path": "/in/a.fits",
+        "source_id": "S1",
+        "ra_deg": 1.0,
+        "dec_deg": 2.0,
+        "peak_jyb": 0.1,
+        "measured_at": 1.0,
+        "mjd": 61041.1,
+    }
     with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
         conn.execute(photometry.insert(), [duplicate])
     # The same source twice in one image's rows is rejected as a whole.
     with pytest.raises(sa.exc.IntegrityError):
-        photometry_db.replace_image_photometry(engine, "/in/a.fits", _rows(["S3", "S3"], 61041.1), {})
+        photometry_db.replace_image_photometry(
+            engine, "/in/a.fits", _rows(["S3", "S3"], 61041.1), {}
+        )
     assert sorted(photometry_db.lightcurves(engine)["source_id"]) == ["S1", "S2"]
 
 
@@ -261,7 +323,11 @@ def test_lightcurves_for_nights_returns_full_history(engine):
     _measure(engine, "/in/n3b.fits", ["B"], NIGHTS[2], 61043.1)
 
     assert photometry_db.sources_measured_in_nights(engine, [NIGHTS[0]]) == ["A"]
-    assert photometry_db.sources_measured_in_nights(engine, [NIGHTS[2], NIGHTS[0]]) == ["A", "B", "C"]
+    assert photometry_db.sources_measured_in_nights(engine, [NIGHTS[2], NIGHTS[0]]) == [
+        "A",
+        "B",
+        "C",
+    ]
     assert photometry_db.sources_measured_in_nights(engine, ["2030-01-01"]) == []
 
     night1 = photometry_db.lightcurves_for_nights(engine, [NIGHTS[0]])
@@ -270,7 +336,11 @@ def test_lightcurves_for_nights_returns_full_history(engine):
 
     night3 = photometry_db.lightcurves_for_nights(engine, [NIGHTS[2]])
     assert night3[["source_id", "image_path"]].values.tolist() == [
-        ["B", "/in/n2.fits"], ["B", "/in/n3b.fits"], ["B", "/in/n3.fits"], ["C", "/in/n3.fits"]]
+        ["B", "/in/n2.fits"],
+        ["B", "/in/n3b.fits"],
+        ["B", "/in/n3.fits"],
+        ["C", "/in/n3.fits"],
+    ]
     pdt.assert_frame_equal(night3, photometry_db.lightcurves(engine, ["B", "C"]))
     assert len(photometry_db.lightcurves_for_nights(engine, [])) == 0
 
@@ -282,10 +352,13 @@ def test_lightcurves_for_nights_returns_full_history(engine):
 # variability_stats
 # --------------------------------------------------------------------------------------------------
 
+
 def test_upsert_variability_stats_twice_is_identical(engine):
     sources = [f"S{i:03d}" for i in range(30)]
     stats = _stats(sources)
-    assert statistics_db.upsert_variability_stats(engine, stats.sample(frac=1.0, random_state=3)) == 30
+    assert (
+        statistics_db.upsert_variability_stats(engine, stats.sample(frac=1.0, random_state=3)) == 30
+    )
     first = snapshots.table_snapshot(engine, "variability_stats")
     assert statistics_db.upsert_variability_stats(engine, stats) == 30
     pdt.assert_frame_equal(snapshots.table_snapshot(engine, "variability_stats"), first)
@@ -303,7 +376,9 @@ def test_upsert_variability_stats_twice_is_identical(engine):
     read = statistics_db.variability_stats(engine, ["S000", "S001", "S999", "S002"])
     assert read["mean_flux_mjy"].tolist()[:2] == [1.0, 2.0]
     assert read["source_id"].tolist() == ["S000", "S001", "S002", "S999"]
-    assert len(statistics_db.variability_stats(engine, min_n_obs=30)) == 3  # n_obs 30, 31, 32 (and S999: 3)
+    assert (
+        len(statistics_db.variability_stats(engine, min_n_obs=30)) == 3
+    )  # n_obs 30, 31, 32 (and S999: 3)
     with pytest.raises(ValueError, match="duplicate source_id"):
         statistics_db.upsert_variability_stats(engine, pd.concat([new, new]))
 
@@ -312,9 +387,15 @@ def test_upsert_variability_stats_twice_is_identical(engine):
 # ese_candidates
 # --------------------------------------------------------------------------------------------------
 
+
 def _flag(source_id: str, significance: float = 5.0, **extra) -> dict:
-    return {"source_id": source_id, "significance": significance, "flag_type": "dip",
-            "night": NIGHTS[0], **extra}
+    return {
+        "source_id": source_id,
+        "significance": significance,
+        "flag_type": "dip",
+        "night": NIGHTS[0],
+        **extra,
+    }
 
 
 def test_at_most_one_open_candidate_per_source(engine):
@@ -324,17 +405,28 @@ def test_at_most_one_open_candidate_per_source(engine):
         candidates_db.apply_candidate_changes(engine, [_flag("S1", status="investigated")], [])
     # Bypassing the storage functions: the index still holds.
     with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
-        conn.execute(ese_candidates.insert(), [{"source_id": "S2", "flagged_at": 1.0,
-                                                "significance": 3.0, "flag_type": "dip"}])
+        conn.execute(
+            ese_candidates.insert(),
+            [{"source_id": "S2", "flagged_at": 1.0, "significance": 3.0, "flag_type": "dip"}],
+        )
     assert len(candidates_db.candidates(engine)) == 2  # the failed calls left nothing behind
 
     # Closing the open candidate and opening a new one in one call is allowed (updates first).
     old = candidates_db.existing_candidates(engine, ["S1"])
-    assert list(old.columns) == ["id", "source_id", "status", "significance", "dismissed_at",
-                                 "flagged_at", "last_night"]
+    assert list(old.columns) == [
+        "id",
+        "source_id",
+        "status",
+        "significance",
+        "dismissed_at",
+        "flagged_at",
+        "last_night",
+    ]
     candidates_db.apply_candidate_changes(
-        engine, [_flag("S1", significance=7.0)],
-        [{"id": int(old.loc[0, "id"]), "status": "dismissed", "dismissed_at": 10.0}])
+        engine,
+        [_flag("S1", significance=7.0)],
+        [{"id": int(old.loc[0, "id"]), "status": "dismissed", "dismissed_at": 10.0}],
+    )
     # Dismissed candidates do not count: several may exist per source.
     candidates_db.set_candidate_status(engine, "S1", "dismissed")
     history = candidates_db.existing_candidates(engine, ["S1"])
@@ -351,14 +443,17 @@ def test_set_candidate_status_workflow(engine):
         assert column in shown.columns
     assert shown["n_obs"].tolist() == [3, 4]
 
-    cid = candidates_db.set_candidate_status(engine, "S1", "investigated", notes="looks like a dip",
-                                    by="alice")
+    cid = candidates_db.set_candidate_status(
+        engine, "S1", "investigated", notes="looks like a dip", by="alice"
+    )
     row = candidates_db.candidates(engine, source_ids=["S1"]).iloc[0]
     assert row["id"] == cid and row["status"] == "investigated"
     assert row["investigated_at"] > 0 and pd.isna(row["dismissed_at"])
     assert row["notes"].endswith("alice: investigated: looks like a dip")
 
-    assert candidates_db.set_candidate_status(engine, "S1", "dismissed", notes="RFI", by="bob") == cid
+    assert (
+        candidates_db.set_candidate_status(engine, "S1", "dismissed", notes="RFI", by="bob") == cid
+    )
     row = candidates_db.candidates(engine, source_ids=["S1"]).iloc[0]
     assert row["status"] == "dismissed" and row["dismissed_at"] >= row["investigated_at"]
     assert row["notes"].splitlines()[0].endswith("looks like a dip")
@@ -370,7 +465,9 @@ def test_set_candidate_status_workflow(engine):
         candidates_db.set_candidate_status(engine, "nope", "investigated")
     with pytest.raises(ValueError, match="invalid candidate status"):
         candidates_db.set_candidate_status(engine, "S2", "active")
-    assert candidates_db.candidates(engine, status=["active", "investigated"])["source_id"].tolist() == ["S2"]
+    assert candidates_db.candidates(engine, status=["active", "investigated"])[
+        "source_id"
+    ].tolist() == ["S2"]
     assert candidates_db.candidates(engine, status="dismissed")["source_id"].tolist() == ["S1"]
     with pytest.raises(ValueError, match="invalid candidate status"):
         candidates_db.candidates(engine, status="open")
@@ -380,22 +477,31 @@ def test_set_candidate_status_workflow(engine):
 # Bound parameters
 # --------------------------------------------------------------------------------------------------
 
+
 def test_awkward_strings_are_bound_parameters(engine):
-    path = "/in/o'brien; DROP TABLE images; --\"x\".fits"
+    path = '/in/o\'brien; DROP TABLE images; --"x".fits'
     source = "J000000+000000'); DELETE FROM photometry; --"
     _measure(engine, path, [source, "plain"], NIGHTS[0], 61041.1)
     assert images_db.known_image_paths(engine, [path]) == {path}
     assert photometry_db.lightcurves(engine, [source])["image_path"].tolist() == [path]
     assert photometry_db.lightcurves_for_nights(engine, [NIGHTS[0]])["source_id"].tolist() == [
-        source, "plain"]
+        source,
+        "plain",
+    ]
     statistics_db.upsert_variability_stats(engine, _stats([source]))
     candidates_db.apply_candidate_changes(engine, [_flag(source)], [])
-    candidates_db.set_candidate_status(engine, source, "investigated", notes="it's; fine", by="o'neil")
-    assert candidates_db.candidates(engine, source_ids=[source])["notes"].iloc[0].endswith(
-        "o'neil: investigated: it's; fine")
+    candidates_db.set_candidate_status(
+        engine, source, "investigated", notes="it's; fine", by="o'neil"
+    )
+    assert (
+        candidates_db.candidates(engine, source_ids=[source])["notes"]
+        .iloc[0]
+        .endswith("o'neil: investigated: it's; fine")
+    )
     images_db.mark_image_failed(engine, path, "reason with 'quotes'; and semicolons")
     assert images_db.night_images(engine, NIGHTS[0])["reason"].tolist() == [
-        "reason with 'quotes'; and semicolons"]
+        "reason with 'quotes'; and semicolons"
+    ]
     assert photometry_db.photometry_counts(engine) == 2
     assert set(sa.inspect(engine).get_table_names()) >= {"images", "photometry"}
 
@@ -406,7 +512,11 @@ def test_table_snapshot_is_deterministic(engine):
     snap = snapshots.table_snapshot(engine, "photometry")
     assert "id" not in snap.columns and "measured_at" not in snap.columns
     assert snap[["image_path", "source_id"]].values.tolist() == [
-        ["/in/a.fits", "S1"], ["/in/a.fits", "S2"], ["/in/b.fits", "S1"], ["/in/b.fits", "S2"]]
+        ["/in/a.fits", "S1"],
+        ["/in/a.fits", "S2"],
+        ["/in/b.fits", "S1"],
+        ["/in/b.fits", "S2"],
+    ]
     with pytest.raises(ValueError, match="unknown table"):
         snapshots.table_snapshot(engine, "images; DROP TABLE images")
 
@@ -414,6 +524,7 @@ def test_table_snapshot_is_deterministic(engine):
 # --------------------------------------------------------------------------------------------------
 # Concurrency (SQLite: WAL + busy timeout + BEGIN IMMEDIATE)
 # --------------------------------------------------------------------------------------------------
+
 
 def test_sqlite_concurrent_writers_do_not_fail(sqlite_engine):
     engine = sqlite_engine
@@ -455,25 +566,40 @@ def test_sqlite_concurrent_writers_do_not_fail(sqlite_engine):
 # Summaries used by the asset checks and the sensor
 # --------------------------------------------------------------------------------------------------
 
+
 def test_summaries_for_checks_and_sensor(engine):
     _measure(engine, "/in/n1.fits", ["A", "B"], NIGHTS[0], 61041.2)
     _measure(engine, "/in/n2.fits", ["B", "C"], NIGHTS[1], 61042.2)
-    images_db.register_images(engine, [
-        _image("/in/n2b.fits", night=NIGHTS[1], mjd=61042.3, ra_center_deg=10.0),
-        _image("/in/bad.fits", night=NIGHTS[1], mjd=61042.25, status="rejected", reason="x")])
+    images_db.register_images(
+        engine,
+        [
+            _image("/in/n2b.fits", night=NIGHTS[1], mjd=61042.3, ra_center_deg=10.0),
+            _image("/in/bad.fits", night=NIGHTS[1], mjd=61042.25, status="rejected", reason="x"),
+        ],
+    )
     rows = _rows(["D", "E"], 61042.3)
     rows.loc[0, "peak_err_jyb"] = 0.0
     rows.loc[1, "quality_flag"] = 4
     photometry_db.replace_image_photometry(engine, "/in/n2b.fits", rows, {})
 
     assert images_db.image_counts_by_status(engine, nights=[NIGHTS[1], "2030-01-01"]) == {
-        "pending": 0, "queued": 0, "measured": 2, "failed": 0, "rejected": 1}
+        "pending": 0,
+        "queued": 0,
+        "measured": 2,
+        "failed": 0,
+        "rejected": 1,
+    }
     assert images_db.image_counts_by_status(engine, NIGHTS[0])["measured"] == 1
     near = images_db.images_near_mjd(engine, 61042.0, 61042.29)
     assert near["path"].tolist() == ["/in/n2.fits"]  # rejected images are not duplicates' twins
     assert photometry_db.measured_source_ids(engine) == ["A", "B", "C", "D", "E"]
     assert photometry_db.night_photometry_summary(engine, [NIGHTS[1]]) == {
-        "n_images": 2, "n_sources": 4, "n_rows": 4, "n_bad_errors": 1, "n_flagged": 1}
+        "n_images": 2,
+        "n_sources": 4,
+        "n_rows": 4,
+        "n_bad_errors": 1,
+        "n_flagged": 1,
+    }
     assert photometry_db.night_photometry_summary(engine, [])["n_rows"] == 0
 
     stats = _stats(["A", "B", "C"]).assign(n_obs=[1, 2, 5])
@@ -491,23 +617,59 @@ def test_summaries_for_checks_and_sensor(engine):
 # source_night_sums / source_sums
 # --------------------------------------------------------------------------------------------------
 
+
 def _sums_row(source_id: str, **values) -> dict:
-    row = {"source_id": source_id, "ra_deg": 10.0, "dec_deg": 20.0, "nvss_flux_mjy": 100.0,
-           "shift_mjy": 100.0, "flux_scale_error": 0.02, "n_obs": 2, "n_bad_err": 0,
-           "sum_d": 1.0, "sum_d2": 2.0, "sum_w": 3.0, "sum_wd": 4.0, "sum_wd2": 5.0,
-           "min_flux_mjy": 99.0, "max_flux_mjy": 102.0, "first_mjd": 61041.0, "last_mjd": 61042.0,
-           "last_measured_at": 1.0e9}
+    row = {
+        "source_id": source_id,
+        "ra_deg": 10.0,
+        "dec_deg": 20.0,
+        "nvss_flux_mjy": 100.0,
+        "shift_mjy": 100.0,
+        "flux_scale_error": 0.02,
+        "n_obs": 2,
+        "n_bad_err": 0,
+        "sum_d": 1.0,
+        "sum_d2": 2.0,
+        "sum_w": 3.0,
+        "sum_wd": 4.0,
+        "sum_wd2": 5.0,
+        "min_flux_mjy": 99.0,
+        "max_flux_mjy": 102.0,
+        "first_mjd": 61041.0,
+        "last_mjd": 61042.0,
+        "last_measured_at": 1.0e9,
+    }
     row.update(values)
     return row
 
 
 def test_add_source_sums_adds_and_widens(engine):
     with statistics_db.sums_transaction(engine) as conn:
-        statistics_db.add_source_sums(conn, pd.DataFrame([_sums_row("B"), _sums_row("A", ra_deg=1.0)]))
-    delta = _sums_row("A", ra_deg=2.0, n_obs=3, sum_d=-0.5, sum_w=0.25, min_flux_mjy=98.0,
-                      max_flux_mjy=101.0, first_mjd=61043.0, last_mjd=61044.0, shift_mjy=7.0)
-    older = _sums_row("B", ra_deg=5.0, n_obs=-1, sum_d=-1.0, min_flux_mjy=np.nan,
-                      max_flux_mjy=np.nan, first_mjd=np.nan, last_mjd=61000.0)
+        statistics_db.add_source_sums(
+            conn, pd.DataFrame([_sums_row("B"), _sums_row("A", ra_deg=1.0)])
+        )
+    delta = _sums_row(
+        "A",
+        ra_deg=2.0,
+        n_obs=3,
+        sum_d=-0.5,
+        sum_w=0.25,
+        min_flux_mjy=98.0,
+        max_flux_mjy=101.0,
+        first_mjd=61043.0,
+        last_mjd=61044.0,
+        shift_mjy=7.0,
+    )
+    older = _sums_row(
+        "B",
+        ra_deg=5.0,
+        n_obs=-1,
+        sum_d=-1.0,
+        min_flux_mjy=np.nan,
+        max_flux_mjy=np.nan,
+        first_mjd=np.nan,
+        last_mjd=61000.0,
+    )
     with statistics_db.sums_transaction(engine) as conn:
         assert statistics_db.add_source_sums(conn, pd.DataFrame([delta, older])) == 2
     got = statistics_db.source_sums(engine).set_index("source_id")
@@ -521,13 +683,17 @@ def test_add_source_sums_adds_and_widens(engine):
 
 
 def test_replace_night_sums_refresh_extremes_and_delete(engine):
-    nights = pd.DataFrame([
-        {**_sums_row("A"), "night": "2026-01-01", "min_flux_mjy": 90.0, "last_mjd": 61041.5},
-        {**_sums_row("A"), "night": "2026-01-02", "max_flux_mjy": 120.0},
-        {**_sums_row("B"), "night": "2026-01-01"},
-    ])
+    nights = pd.DataFrame(
+        [
+            {**_sums_row("A"), "night": "2026-01-01", "min_flux_mjy": 90.0, "last_mjd": 61041.5},
+            {**_sums_row("A"), "night": "2026-01-02", "max_flux_mjy": 120.0},
+            {**_sums_row("B"), "night": "2026-01-01"},
+        ]
+    )
     with statistics_db.sums_transaction(engine) as conn:
-        assert statistics_db.replace_night_sums(conn, nights, nights=["2026-01-01", "2026-01-02"]) == 3
+        assert (
+            statistics_db.replace_night_sums(conn, nights, nights=["2026-01-01", "2026-01-02"]) == 3
+        )
         statistics_db.put_source_sums(conn, pd.DataFrame([_sums_row("A"), _sums_row("B", n_obs=0)]))
         statistics_db.refresh_source_extremes(conn, ["A"])
         assert statistics_db.delete_source_sums(conn, ["A", "B"], only_empty=True) == 1
@@ -538,7 +704,10 @@ def test_replace_night_sums_refresh_extremes_and_delete(engine):
     with statistics_db.sums_transaction(engine) as conn:
         statistics_db.replace_night_sums(conn, nights.iloc[[2]], nights=["2026-01-01"])
     got = statistics_db.night_sums(engine, nights=["2026-01-01", "2026-01-02"])
-    assert list(zip(got["source_id"], got["night"], strict=True)) == [("A", "2026-01-02"), ("B", "2026-01-01")]
+    assert list(zip(got["source_id"], got["night"], strict=True)) == [
+        ("A", "2026-01-02"),
+        ("B", "2026-01-01"),
+    ]
     assert got["n_obs"].dtype == np.int64
     with statistics_db.sums_transaction(engine) as conn:
         statistics_db.replace_night_sums(conn, nights.iloc[:0], source_ids=["A"])
@@ -554,13 +723,25 @@ def test_night_photometry_window_and_counts(engine):
     rows = photometry_db.night_photometry(engine, [NIGHTS[2], NIGHTS[0]])
     assert list(rows.columns) == list(photometry_db.NIGHT_PHOTOMETRY_COLUMNS)
     assert list(zip(rows["source_id"], rows["night"], strict=True)) == [
-        ("S1", NIGHTS[0]), ("S1", NIGHTS[2]), ("S2", NIGHTS[0]), ("S2", NIGHTS[2])]
+        ("S1", NIGHTS[0]),
+        ("S1", NIGHTS[2]),
+        ("S2", NIGHTS[0]),
+        ("S2", NIGHTS[2]),
+    ]
     assert len(photometry_db.source_photometry(engine, ["S1"])) == 3
-    assert photometry_db.photometry_counts_by_source(engine, ["S1", "S2", "S9"]) == {"S1": 3, "S2": 2}
+    assert photometry_db.photometry_counts_by_source(engine, ["S1", "S2", "S9"]) == {
+        "S1": 3,
+        "S2": 2,
+    }
     with statistics_db.sums_transaction(engine) as conn:
-        statistics_db.put_source_sums(conn, pd.DataFrame([_sums_row("S1", last_mjd=61050.1),
-                                                 _sums_row("S2", last_mjd=61050.1)]))
+        statistics_db.put_source_sums(
+            conn,
+            pd.DataFrame([_sums_row("S1", last_mjd=61050.1), _sums_row("S2", last_mjd=61050.1)]),
+        )
     window = photometry_db.window_photometry(engine, ["S1", "S2"], 8.5)  # mjd >= 61041.6
     assert list(zip(window["source_id"], window["mjd"], strict=True)) == [
-        ("S1", 61042.1), ("S1", 61050.1), ("S2", 61050.1)]
+        ("S1", 61042.1),
+        ("S1", 61050.1),
+        ("S2", 61050.1),
+    ]
     assert len(photometry_db.window_photometry(engine, ["S1", "S2"], 100.0)) == 5

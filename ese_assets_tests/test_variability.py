@@ -26,8 +26,9 @@ def _ladder_ref(n: int, min_len: int = 3) -> list[int]:
     return [x for x in lengths if x <= n]
 
 
-def _reference_metrics(df: pd.DataFrame, flux_scale_error: float = 0.0, clip: float | None = 5.0,
-                       min_len: int = 3) -> dict[str, dict[str, float]]:
+def _reference_metrics(
+    df: pd.DataFrame, flux_scale_error: float = 0.0, clip: float | None = 5.0, min_len: int = 3
+) -> dict[str, dict[str, float]]:
     out = {}
     for sid in sorted(set(df["source_id"])):
         g = df[df["source_id"] == sid].sort_values("mjd", kind="stable")
@@ -40,17 +41,35 @@ def _reference_metrics(df: pd.DataFrame, flux_scale_error: float = 0.0, clip: fl
         mean = sum(f) / n
         std = math.sqrt(sum((x - mean) ** 2 for x in f) / (n - 1)) if n > 1 else math.nan
         wmean = sum(wi * fi for wi, fi in zip(w, f, strict=True)) / sum(w)
-        chi2 = (sum((fi - wmean) ** 2 / s**2 for fi, s in zip(f, sig, strict=True)) / (n - 1)) if n > 1 else math.nan
+        chi2 = (
+            (sum((fi - wmean) ** 2 / s**2 for fi, s in zip(f, sig, strict=True)) / (n - 1))
+            if n > 1
+            else math.nan
+        )
         med = float(np.median(f))
         rstd = 1.4826 * float(np.median([abs(x - med) for x in f]))
         res = dict(
-            n_obs=n, mean_flux_mjy=mean, std_flux_mjy=std, min_flux_mjy=min(f), max_flux_mjy=max(f),
-            weighted_mean_flux_mjy=wmean, chi2_nu=chi2, eta_metric=chi2,
+            n_obs=n,
+            mean_flux_mjy=mean,
+            std_flux_mjy=std,
+            min_flux_mjy=min(f),
+            max_flux_mjy=max(f),
+            weighted_mean_flux_mjy=wmean,
+            chi2_nu=chi2,
+            eta_metric=chi2,
             v_index=std / mean if n > 1 else math.nan,
-            sigma_deviation=(max(abs(max(f) - mean), abs(min(f) - mean)) / std) if n > 1 else math.nan,
-            median_flux_mjy=med, robust_std_mjy=rstd, first_mjd=t[0], last_mjd=t[-1],
-            dip_significance=math.nan, dip_start_mjd=math.nan, dip_end_mjd=math.nan,
-            dip_n_epochs=None, dip_depth_frac=math.nan,
+            sigma_deviation=(max(abs(max(f) - mean), abs(min(f) - mean)) / std)
+            if n > 1
+            else math.nan,
+            median_flux_mjy=med,
+            robust_std_mjy=rstd,
+            first_mjd=t[0],
+            last_mjd=t[-1],
+            dip_significance=math.nan,
+            dip_start_mjd=math.nan,
+            dip_end_mjd=math.nan,
+            dip_n_epochs=None,
+            dip_depth_frac=math.nan,
         )
         s_ex2 = max(0.0, rstd**2 - float(np.median(sig)) ** 2)
         z = [(fi - med) / math.sqrt(s**2 + s_ex2) for fi, s in zip(f, sig, strict=True)]
@@ -59,13 +78,18 @@ def _reference_metrics(df: pd.DataFrame, flux_scale_error: float = 0.0, clip: fl
         best = None
         for length in _ladder_ref(n, min_len):
             for j in range(n - length + 1):
-                s_win = sum(z[j:j + length]) / math.sqrt(length)
+                s_win = sum(z[j : j + length]) / math.sqrt(length)
                 if best is None or abs(s_win) > abs(best[0]) + 1e-12:
                     best = (s_win, j, length)
         if best is not None:
             s_win, j, length = best
-            res.update(dip_significance=s_win, dip_start_mjd=t[j], dip_end_mjd=t[j + length - 1],
-                       dip_n_epochs=length, dip_depth_frac=(sum(f[j:j + length]) / length) / med - 1)
+            res.update(
+                dip_significance=s_win,
+                dip_start_mjd=t[j],
+                dip_end_mjd=t[j + length - 1],
+                dip_n_epochs=length,
+                dip_depth_frac=(sum(f[j : j + length]) / length) / med - 1,
+            )
         out[sid] = res
     return out
 
@@ -79,10 +103,13 @@ def _random_table(rng, n_src=25, max_epochs=60, shuffle=True):
         flux = base + err * rng.standard_normal(n) * rng.uniform(0.8, 3.0)
         if n > 20 and k % 3 == 0:  # some dips
             j = int(rng.integers(0, n - 10))
-            flux[j:j + 10] *= 0.6
+            flux[j : j + 10] *= 0.6
         mjd = 60000 + np.cumsum(rng.uniform(0.1, 3, n))
-        frames.append(pd.DataFrame({"source_id": f"J{k:04d}+0000", "mjd": mjd, "flux_mjy": flux,
-                                    "flux_err_mjy": err}))
+        frames.append(
+            pd.DataFrame(
+                {"source_id": f"J{k:04d}+0000", "mjd": mjd, "flux_mjy": flux, "flux_err_mjy": err}
+            )
+        )
     df = pd.concat(frames, ignore_index=True)
     if shuffle:
         df = df.sample(frac=1.0, random_state=int(rng.integers(1 << 30))).reset_index(drop=True)
@@ -91,9 +118,14 @@ def _random_table(rng, n_src=25, max_epochs=60, shuffle=True):
 
 def _lc(fluxes, errs, mjd=None, sid="S"):
     n = len(fluxes)
-    return pd.DataFrame({"source_id": [sid] * n,
-                         "mjd": np.arange(n, dtype=float) + 60000.0 if mjd is None else mjd,
-                         "flux_mjy": np.asarray(fluxes, float), "flux_err_mjy": np.asarray(errs, float)})
+    return pd.DataFrame(
+        {
+            "source_id": [sid] * n,
+            "mjd": np.arange(n, dtype=float) + 60000.0 if mjd is None else mjd,
+            "flux_mjy": np.asarray(fluxes, float),
+            "flux_err_mjy": np.asarray(errs, float),
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,10 +186,18 @@ def test_matches_slow_reference_on_random_table():
             exp = ref[row["source_id"]]
             for col in METRIC_COLUMNS[1:]:
                 if col == "dip_n_epochs":
-                    assert (None if pd.isna(row[col]) else int(row[col])) == exp[col], (row["source_id"], col)
+                    assert (None if pd.isna(row[col]) else int(row[col])) == exp[col], (
+                        row["source_id"],
+                        col,
+                    )
                 else:
-                    np.testing.assert_allclose(row[col], exp[col], rtol=1e-9, atol=1e-12,
-                                               err_msg=f"{row['source_id']} {col}")
+                    np.testing.assert_allclose(
+                        row[col],
+                        exp[col],
+                        rtol=1e-9,
+                        atol=1e-12,
+                        err_msg=f"{row['source_id']} {col}",
+                    )
 
 
 def test_result_does_not_depend_on_row_order_or_other_sources():
@@ -176,24 +216,42 @@ def test_result_does_not_depend_on_row_order_or_other_sources():
 def test_single_epoch_gives_nan_not_error():
     r = variability_metrics(_lc([5.0], [0.5])).iloc[0]
     assert r["n_obs"] == 1
-    assert r["mean_flux_mjy"] == 5.0 and r["weighted_mean_flux_mjy"] == 5.0 and r["median_flux_mjy"] == 5.0
-    for col in ("std_flux_mjy", "chi2_nu", "eta_metric", "v_index", "sigma_deviation",
-                "dip_significance", "dip_start_mjd", "dip_depth_frac"):
+    assert (
+        r["mean_flux_mjy"] == 5.0
+        and r["weighted_mean_flux_mjy"] == 5.0
+        and r["median_flux_mjy"] == 5.0
+    )
+    for col in (
+        "std_flux_mjy",
+        "chi2_nu",
+        "eta_metric",
+        "v_index",
+        "sigma_deviation",
+        "dip_significance",
+        "dip_start_mjd",
+        "dip_depth_frac",
+    ):
         assert np.isnan(r[col]), col
     assert pd.isna(r["dip_n_epochs"])
 
 
 def test_empty_input_and_missing_columns():
-    empty = variability_metrics(pd.DataFrame({"source_id": [], "mjd": [], "flux_mjy": [],
-                                              "flux_err_mjy": []}))
+    empty = variability_metrics(
+        pd.DataFrame({"source_id": [], "mjd": [], "flux_mjy": [], "flux_err_mjy": []})
+    )
     assert len(empty) == 0 and list(empty.columns) == list(METRIC_COLUMNS)
     with pytest.raises(ValueError, match="flux_err_mjy"):
         variability_metrics(pd.DataFrame({"source_id": ["a"], "mjd": [1.0], "flux_mjy": [1.0]}))
 
 
 def test_nonfinite_rows_dropped_and_bad_errors_give_nan_weighted_metrics():
-    df = pd.concat([_lc([10, 11, np.nan, 9, 10], [1, 1, 1, 1, 1], sid="A"),
-                    _lc([10, 11, 12, 9], [1, 0.0, 1, 1], sid="B")], ignore_index=True)
+    df = pd.concat(
+        [
+            _lc([10, 11, np.nan, 9, 10], [1, 1, 1, 1, 1], sid="A"),
+            _lc([10, 11, 12, 9], [1, 0.0, 1, 1], sid="B"),
+        ],
+        ignore_index=True,
+    )
     r = variability_metrics(df).set_index("source_id")
     assert r.loc["A", "n_obs"] == 4 and r.loc["A", "mean_flux_mjy"] == pytest.approx(10.0)
     assert np.isfinite(r.loc["A", "chi2_nu"])
@@ -245,8 +303,9 @@ def test_sigma_deviation_bound():
     bound = max_sigma_deviation(r["n_obs"].to_numpy())
     assert np.all(r["sigma_deviation"].to_numpy() <= bound * (1 + 1e-12))
     extreme = r[r["source_id"].str.startswith("X")]
-    np.testing.assert_allclose(extreme["sigma_deviation"], max_sigma_deviation(extreme["n_obs"].to_numpy()),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        extreme["sigma_deviation"], max_sigma_deviation(extreme["n_obs"].to_numpy()), rtol=1e-12
+    )
     # 5 sigma needs 27 epochs: a single 1000-sigma outlier among 26 epochs still scores < 5.
     lone = variability_metrics(_lc([100.0] * 25 + [1e5], np.ones(26))).iloc[0]
     assert lone["sigma_deviation"] < 5.0
@@ -266,7 +325,7 @@ def test_window_ladder():
 def _dip_source(rng, n=300, snr=20.0, depth=0.3, width=15, start=140, flux=100.0, sid="D"):
     err = np.full(n, flux / snr)
     f = flux + err * rng.standard_normal(n)
-    f[start:start + width] -= depth * flux
+    f[start : start + width] -= depth * flux
     mjd = 60000.0 + np.arange(n) * 0.2
     return _lc(f, err, mjd=mjd, sid=sid), mjd[start], mjd[start + width - 1]
 
@@ -306,17 +365,23 @@ def test_spike_is_positive_and_single_outlier_is_not_detected():
     flare[100:120] += 3.0
     outlier = 100 + rng.standard_normal(n)
     outlier[50] += 50.0  # one bad image, 50 sigma
-    r = variability_metrics(pd.concat([_lc(flare, err, sid="flare"), _lc(outlier, err, sid="outlier")]))
+    r = variability_metrics(
+        pd.concat([_lc(flare, err, sid="flare"), _lc(outlier, err, sid="outlier")])
+    )
     r = r.set_index("source_id")
     assert r.loc["flare", "dip_significance"] >= DetectionSettings().min_dip_sigma
     assert abs(r.loc["outlier", "dip_significance"]) < DetectionSettings().min_dip_sigma
-    assert r.loc["outlier", "sigma_deviation"] > 15  # the seed metric fires on the bad image instead
+    assert (
+        r.loc["outlier", "sigma_deviation"] > 15
+    )  # the seed metric fires on the bad image instead
 
 
 def test_excess_scatter_is_absorbed():
     # Errors underestimated 3x: the robust scatter term keeps |S| at the noise level.
     rng = np.random.default_rng(9)
-    frames = [_lc(100 + 3 * rng.standard_normal(300), np.ones(300), sid=f"N{k}") for k in range(200)]
+    frames = [
+        _lc(100 + 3 * rng.standard_normal(300), np.ones(300), sid=f"N{k}") for k in range(200)
+    ]
     r = variability_metrics(pd.concat(frames, ignore_index=True))
     assert np.abs(r["dip_significance"]).max() < DetectionSettings().min_dip_sigma
     assert r["chi2_nu"].median() == pytest.approx(9.0, rel=0.15)
@@ -326,8 +391,14 @@ def _noise_table(rng, n_src, n_epochs):
     err = rng.uniform(0.5, 2.0, (n_src, n_epochs))
     f = 100.0 + err * rng.standard_normal((n_src, n_epochs))
     mjd = np.sort(rng.uniform(0, 30, (n_src, n_epochs)), axis=1) + 60000
-    return pd.DataFrame({"source_id": np.repeat(np.arange(n_src), n_epochs), "mjd": mjd.ravel(),
-                         "flux_mjy": f.ravel(), "flux_err_mjy": err.ravel()})
+    return pd.DataFrame(
+        {
+            "source_id": np.repeat(np.arange(n_src), n_epochs),
+            "mjd": mjd.ravel(),
+            "flux_mjy": f.ravel(),
+            "flux_err_mjy": err.ravel(),
+        }
+    )
 
 
 def test_false_alarm_rate_on_pure_noise():
@@ -346,7 +417,9 @@ def test_false_alarm_rate_on_pure_noise():
     medians, total, above = [], 0, 0
     q_ratio = 0.5 * math.erfc(threshold / math.sqrt(2)) / (0.5 * math.erfc(4.5 / math.sqrt(2)))
     for n_epochs, n_src in [(20, 10_000), (100, 4_000), (500, 1_500), (2000, 600)]:
-        s = np.abs(variability_metrics(_noise_table(rng, n_src, n_epochs))["dip_significance"].to_numpy())
+        s = np.abs(
+            variability_metrics(_noise_table(rng, n_src, n_epochs))["dip_significance"].to_numpy()
+        )
         assert np.all(np.isfinite(s))
         medians.append(np.median(s))
         total += n_src

@@ -44,8 +44,9 @@ def check_status(status: str, allowed: tuple[str, ...] = CANDIDATE_STATUSES) -> 
     return status
 
 
-def review_update(status: str, *, old_notes: str | None, notes: str | None, by: str,
-                  now: float) -> dict:
+def review_update(
+    status: str, *, old_notes: str | None, notes: str | None, by: str, now: float
+) -> dict:
     """Column values that record a person setting an open candidate to ``status``.
 
     ``status`` must be one of :data:`REVIEW_STATUSES` (new candidates are ``active``). Sets
@@ -53,9 +54,11 @@ def review_update(status: str, *, old_notes: str | None, notes: str | None, by: 
     ``"<UTC time> <by>: <status>[: <notes>]"`` to the notes (an audit trail of who changed what).
     """
     if status not in REVIEW_STATUSES:
-        raise ValueError(f"invalid candidate status {status!r}: a candidate can be set to "
-                         f"{' or '.join(repr(s) for s in REVIEW_STATUSES)} "
-                         f"(new candidates are {NEW_STATUS!r})")
+        raise ValueError(
+            f"invalid candidate status {status!r}: a candidate can be set to "
+            f"{' or '.join(repr(s) for s in REVIEW_STATUSES)} "
+            f"(new candidates are {NEW_STATUS!r})"
+        )
     stamp = dt.datetime.fromtimestamp(now, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     line = f"{stamp} {by}: {status}" + (f": {notes}" if notes else "")
     values = {"status": status, "notes": f"{old_notes}\n{line}" if old_notes else line}
@@ -109,10 +112,14 @@ def plan_candidate_changes(
     flagged = flagged.assign(source_id=flagged["source_id"].astype(object))
 
     if existing is None or len(existing) == 0:
-        existing = pd.DataFrame({"id": pd.Series([], dtype="int64"),
-                                 "source_id": pd.Series([], dtype=object),
-                                 "status": pd.Series([], dtype=object),
-                                 "significance": pd.Series([], dtype="float64")})
+        existing = pd.DataFrame(
+            {
+                "id": pd.Series([], dtype="int64"),
+                "source_id": pd.Series([], dtype=object),
+                "status": pd.Series([], dtype=object),
+                "significance": pd.Series([], dtype="float64"),
+            }
+        )
     if "last_night" not in existing:
         existing = existing.assign(last_night=None)
     ex = existing[["id", "source_id", "status", "significance", "last_night"]].copy()
@@ -125,11 +132,16 @@ def plan_candidate_changes(
 
     merged = flagged.merge(
         open_rows[["source_id", "id", "last_night"]].rename(
-            columns={"id": "open_id", "last_night": "open_last_night"}), on="source_id", how="left"
+            columns={"id": "open_id", "last_night": "open_last_night"}
+        ),
+        on="source_id",
+        how="left",
     ).merge(
         latest[["source_id", "id", "status", "significance"]].rename(
-            columns={"id": "latest_id", "status": "latest_status", "significance": "latest_sig"}),
-        on="source_id", how="left",
+            columns={"id": "latest_id", "status": "latest_status", "significance": "latest_sig"}
+        ),
+        on="source_id",
+        how="left",
     )
     has_open = merged["open_id"].notna()
     has_any = merged["latest_id"].notna()
@@ -138,14 +150,16 @@ def plan_candidate_changes(
     insert = ~has_any | regrow
 
     for rec in merged[has_open].to_dict("records"):
-        updates.append({
-            "id": int(rec["open_id"]),
-            "significance": py_scalar(rec["significance"]),
-            "flag_type": py_scalar(rec["flag_type"]),
-            "sigma_deviation": py_scalar(rec["sigma_deviation"]),
-            "dip_significance": py_scalar(rec["dip_significance"]),
-            "last_night": _latest_night(rec["open_last_night"], night),
-        })
+        updates.append(
+            {
+                "id": int(rec["open_id"]),
+                "significance": py_scalar(rec["significance"]),
+                "flag_type": py_scalar(rec["flag_type"]),
+                "sigma_deviation": py_scalar(rec["sigma_deviation"]),
+                "dip_significance": py_scalar(rec["dip_significance"]),
+                "last_night": _latest_night(rec["open_last_night"], night),
+            }
+        )
 
     for rec, again in zip(merged[insert].to_dict("records"), regrow[insert], strict=True):
         notes = None
@@ -155,17 +169,19 @@ def plan_candidate_changes(
                 f"{regrow_factor:g} x {rec['latest_sig']:.2f} of dismissed candidate "
                 f"id {int(rec['latest_id'])}"
             )
-        inserts.append({
-            "source_id": py_scalar(rec["source_id"]),
-            "flagged_at": float(now),
-            "flagged_by": AUTO_FLAGGER,
-            "significance": py_scalar(rec["significance"]),
-            "flag_type": py_scalar(rec["flag_type"]),
-            "status": NEW_STATUS,
-            "night": night,
-            "last_night": night,
-            "sigma_deviation": py_scalar(rec["sigma_deviation"]),
-            "dip_significance": py_scalar(rec["dip_significance"]),
-            "notes": notes,
-        })
+        inserts.append(
+            {
+                "source_id": py_scalar(rec["source_id"]),
+                "flagged_at": float(now),
+                "flagged_by": AUTO_FLAGGER,
+                "significance": py_scalar(rec["significance"]),
+                "flag_type": py_scalar(rec["flag_type"]),
+                "status": NEW_STATUS,
+                "night": night,
+                "last_night": night,
+                "sigma_deviation": py_scalar(rec["sigma_deviation"]),
+                "dip_significance": py_scalar(rec["dip_significance"]),
+                "notes": notes,
+            }
+        )
     return inserts, updates

@@ -61,6 +61,7 @@ class CatalogError(InputError):
 # Spatial index
 # --------------------------------------------------------------------------------------------------
 
+
 def unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
     """(N, 3) unit vectors ``(cos d cos a, cos d sin a, sin d)`` of positions in degrees."""
     ra, dec = np.radians(ra_deg), np.radians(dec_deg)
@@ -79,8 +80,11 @@ class _SkyIndex:
     @classmethod
     def build(cls, ra_deg: np.ndarray, dec_deg: np.ndarray) -> _SkyIndex:
         order = np.argsort(dec_deg)  # ties in dec may come in any order
-        return cls(order=order, dec_sorted_deg=dec_deg[order],
-                   xyz_sorted=unit_vectors(ra_deg[order], dec_deg[order]))
+        return cls(
+            order=order,
+            dec_sorted_deg=dec_deg[order],
+            xyz_sorted=unit_vectors(ra_deg[order], dec_deg[order]),
+        )
 
     def cone(self, ra_deg: float, dec_deg: float, radius_deg: float) -> np.ndarray:
         """Catalog indices (unsorted) within ``radius_deg`` of (ra_deg, dec_deg)."""
@@ -97,6 +101,7 @@ class _SkyIndex:
 # --------------------------------------------------------------------------------------------------
 # Catalog
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, eq=False)
 class Catalog:
@@ -147,8 +152,14 @@ class Catalog:
             object.__setattr__(self, "_index_cache", _SkyIndex.build(self.ra_deg, self.dec_deg))
         return self._index_cache
 
-    def select_in_footprint(self, wcs, shape: tuple[int, int], *, min_flux_mjy: float = 0.0,
-                            edge_margin_pix: float = 0.0) -> np.ndarray:
+    def select_in_footprint(
+        self,
+        wcs,
+        shape: tuple[int, int],
+        *,
+        min_flux_mjy: float = 0.0,
+        edge_margin_pix: float = 0.0,
+    ) -> np.ndarray:
         """Sorted indices of sources inside the image and at least as bright as ``min_flux_mjy``.
 
         ``wcs`` is a celestial 2-D astropy WCS in any frame :mod:`ese_assets.core.frames` supports
@@ -156,12 +167,18 @@ class Catalog:
         its 0-based pixel position (x, y) satisfies ``margin <= x <= nx - 1 - margin`` and the same
         for y. Sources with unknown (NaN) flux are kept only when ``min_flux_mjy <= 0``.
         """
-        return self.footprint_positions(wcs, shape, min_flux_mjy=min_flux_mjy,
-                                        edge_margin_pix=edge_margin_pix)[0]
+        return self.footprint_positions(
+            wcs, shape, min_flux_mjy=min_flux_mjy, edge_margin_pix=edge_margin_pix
+        )[0]
 
-    def footprint_positions(self, wcs, shape: tuple[int, int], *, min_flux_mjy: float = 0.0,
-                            edge_margin_pix: float = 0.0
-                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def footprint_positions(
+        self,
+        wcs,
+        shape: tuple[int, int],
+        *,
+        min_flux_mjy: float = 0.0,
+        edge_margin_pix: float = 0.0,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`select_in_footprint` and the selected sources' (lon, lat) in the WCS's frame.
 
         Returns ``(idx, lon_deg, lat_deg)`` aligned: the positions to measure the image at, from
@@ -178,16 +195,24 @@ class Catalog:
         lon, lat = icrs_to_frame(wcs, self.ra_deg[idx], self.dec_deg[idx])
         x, y = world_to_pixel(wcs, lon, lat)
         # NaN (positions that do not project) compare False and are dropped.
-        inside = ((x >= edge_margin_pix) & (x <= nx - 1 - edge_margin_pix)
-                  & (y >= edge_margin_pix) & (y <= ny - 1 - edge_margin_pix))
+        inside = (
+            (x >= edge_margin_pix)
+            & (x <= nx - 1 - edge_margin_pix)
+            & (y >= edge_margin_pix)
+            & (y <= ny - 1 - edge_margin_pix)
+        )
         order = np.argsort(idx[inside], kind="stable")
-        return (idx[inside][order].astype(np.int64), np.asarray(lon)[inside][order],
-                np.asarray(lat)[inside][order])
+        return (
+            idx[inside][order].astype(np.int64),
+            np.asarray(lon)[inside][order],
+            np.asarray(lat)[inside][order],
+        )
 
 
 # --------------------------------------------------------------------------------------------------
 # Loading and validation
 # --------------------------------------------------------------------------------------------------
+
 
 def _catalog_error(path: str, reason: str) -> CatalogError:
     return CatalogError(path, " ".join(str(reason).split()))  # always one line
@@ -198,8 +223,13 @@ def _build(path: str, table: RawTable) -> tuple[Catalog, str]:
         columns: CatalogColumns = interpret_table(table)
     except CatalogProblem as exc:
         raise _catalog_error(path, str(exc)) from None
-    catalog = Catalog(source_id=columns.source_id, ra_deg=columns.ra_deg, dec_deg=columns.dec_deg,
-                      flux_mjy=columns.flux_mjy, path=path)
+    catalog = Catalog(
+        source_id=columns.source_id,
+        ra_deg=columns.ra_deg,
+        dec_deg=columns.dec_deg,
+        flux_mjy=columns.flux_mjy,
+        path=path,
+    )
     return catalog, columns.description
 
 

@@ -99,13 +99,18 @@ class DetectionSettings:
         for name in ("min_sigma", "min_dip_sigma"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"DetectionSettings.{name} must be a finite number > 0, got {value!r}")
+                raise ValueError(
+                    f"DetectionSettings.{name} must be a finite number > 0, got {value!r}"
+                )
         if int(self.min_obs) != self.min_obs or self.min_obs < 1:
-            raise ValueError(f"DetectionSettings.min_obs must be an integer >= 1, got {self.min_obs!r}")
+            raise ValueError(
+                f"DetectionSettings.min_obs must be an integer >= 1, got {self.min_obs!r}"
+            )
 
     @classmethod
-    def from_preset(cls, preset: str | None = None, min_sigma: float | None = None,
-                    **kwargs) -> DetectionSettings:
+    def from_preset(
+        cls, preset: str | None = None, min_sigma: float | None = None, **kwargs
+    ) -> DetectionSettings:
         """Settings whose ``min_sigma`` comes from :func:`resolve_min_sigma`."""
         return cls(min_sigma=resolve_min_sigma(preset, min_sigma), **kwargs)
 
@@ -134,7 +139,9 @@ def flag_candidates(stats: pd.DataFrame, settings: DetectionSettings | None = No
         dip_fire = enough & (np.abs(dip) >= settings.min_dip_sigma) & settings.use_dip_rule
     flagged = sig_fire | dip_fire
 
-    significance = np.fmax(np.where(sig_fire, sigma_dev, np.nan), np.where(dip_fire, np.abs(dip), np.nan))
+    significance = np.fmax(
+        np.where(sig_fire, sigma_dev, np.nan), np.where(dip_fire, np.abs(dip), np.nan)
+    )
     sig_name = np.where(sig_fire, "sigma_deviation", "")
     dip_name = np.where(dip_fire, np.where(dip < 0, "dip", "spike"), "")
     sep = np.where(sig_fire & dip_fire, "+", "")

@@ -37,7 +37,8 @@ import numpy as np
 ALPHA2_CAUSTIC = math.exp(1.5) / 2.0
 #: Number of bisection steps: brackets shrink by 2^-64, below double precision for |u'| < 1e4.
 _BISECT_STEPS = 64
-#: Upper bound on the number of (row x grid) samples evaluated at once in the finite-source integral.
+#: Upper bound on the number of (row x grid) samples evaluated at once in the finite-source
+#: integral.
 _CHUNK_SAMPLES = 2_000_000
 
 
@@ -100,15 +101,19 @@ def _critical_points(alpha2):
 def lens_images(u_prime, alpha):
     """All images (lens-plane roots u_i) of observer positions u', and their gains.
 
-    Returns ``(roots, gains)`` with shape ``broadcast(u_prime, alpha).shape + (5,)``, NaN where a slot
+    Returns ``(roots, gains)`` with shape ``broadcast(u_prime, alpha).shape + (5,)``, NaN where a
+    slot
     holds no image. The lens map is monotone between its critical points -u2 < -u1 < u1 < u2
     (:func:`_critical_points`), so there are at most five monotone segments; on each, the segment's
     value range says whether it holds a root and a vectorized bisection finds it:
     slots 0..4 = (-inf, -u2], [-u2, -u1], [-u1, u1], [u1, u2], [u2, inf). Without caustics slot 2
-    holds the single image (bracket [min(0, u'), max(0, u')], since |u| <= |u'| and sign(u) = sign(u')).
+    holds the single image (bracket [min(0, u'), max(0, u')], since |u| <= |u'| and
+    sign(u) = sign(u')).
     Exactly at a caustic value two images merge and both carry infinite gain.
     """
-    t, alpha_b = np.broadcast_arrays(np.asarray(u_prime, dtype=float), np.asarray(alpha, dtype=float))
+    t, alpha_b = np.broadcast_arrays(
+        np.asarray(u_prime, dtype=float), np.asarray(alpha, dtype=float)
+    )
     shape = t.shape
     t = t.ravel()
     a2 = alpha_b.ravel() ** 2
@@ -120,15 +125,19 @@ def lens_images(u_prime, alpha):
     caustic = np.isfinite(u1)
     f1 = np.where(caustic, f(np.nan_to_num(u1)), np.nan)  # local max at u1
     f2 = np.where(caustic, f(np.nan_to_num(u2)), np.nan)  # local min at u2
-    roots = np.full(t.shape + (5,), np.nan)
+    roots = np.full((*t.shape, 5), np.nan)
     zero = np.zeros_like(t)
     uu1, uu2 = np.nan_to_num(u1), np.nan_to_num(u2)
     segments = [
         # (lo, hi, increasing, has_root)
         (np.minimum(t, -uu2), -uu2, True, caustic & (t <= -f2)),
         (-uu2, -uu1, False, caustic & (t >= -f1) & (t <= -f2)),
-        (np.where(caustic, -uu1, np.minimum(t, zero)), np.where(caustic, uu1, np.maximum(t, zero)), True,
-         ~caustic | ((t >= -f1) & (t <= f1))),
+        (
+            np.where(caustic, -uu1, np.minimum(t, zero)),
+            np.where(caustic, uu1, np.maximum(t, zero)),
+            True,
+            ~caustic | ((t >= -f1) & (t <= f1)),
+        ),
         (uu1, uu2, False, caustic & (t >= f2) & (t <= f1)),
         (uu2, np.maximum(t, uu2), True, caustic & (t >= f2)),
     ]
@@ -137,12 +146,17 @@ def lens_images(u_prime, alpha):
             continue
         idx = np.nonzero(has)[0]
         a2k = a2[idx]
-        root = _bisect(lambda u: u * (1.0 + a2k * np.exp(-u * u)), np.asarray(lo)[idx] if np.ndim(lo) else lo,
-                       np.asarray(hi)[idx] if np.ndim(hi) else hi, t[idx], inc)
+        root = _bisect(
+            lambda u, a2k=a2k: u * (1.0 + a2k * np.exp(-u * u)),
+            np.asarray(lo)[idx] if np.ndim(lo) else lo,
+            np.asarray(hi)[idx] if np.ndim(hi) else hi,
+            t[idx],
+            inc,
+        )
         roots[idx, k] = root
     with np.errstate(divide="ignore"):
         gains = 1.0 / np.abs(1.0 + a2[:, None] * (1.0 - 2.0 * roots**2) * np.exp(-(roots**2)))
-    return roots.reshape(shape + (5,)), gains.reshape(shape + (5,))
+    return roots.reshape((*shape, 5)), gains.reshape((*shape, 5))
 
 
 def _point_gain(u_prime, alpha):
@@ -183,7 +197,7 @@ def _finite_source_gain(t, alpha, sigma):
         return out
     half = math.sqrt(max(math.log(a2) + 33.0, 1.0))
     step = min(sigma / 40.0, 0.01)
-    reach = int(math.ceil(8.0 * sigma / step)) + 1
+    reach = math.ceil(8.0 * sigma / step) + 1
     near = np.nonzero(np.abs(t) < half + 8.0 * sigma)[0]
     if near.size == 0:
         return out
@@ -206,12 +220,15 @@ def gaussian_lens_gain(u_prime, alpha, source_size=0.0) -> np.ndarray:
 
     ``source_size`` (same units as u', i.e. the lens width a) is the standard deviation of a
     Gaussian source brightness profile; the gain is then G convolved with that Gaussian in u'
-    (integrated against the pre-image excess, see :func:`_finite_source_gain`), which caps the caustic
+    (integrated against the pre-image excess, see :func:`_finite_source_gain`), which caps the
+    caustic
     spikes. ``source_size = 0`` gives the point-source gain sum_i |du'/du|^-1 over all images
     (:func:`lens_images`). ``u_prime``, ``alpha`` and ``source_size`` broadcast; returns an array.
     """
     t, alpha_b, size_b = np.broadcast_arrays(
-        np.asarray(u_prime, dtype=float), np.asarray(alpha, dtype=float), np.asarray(source_size, dtype=float)
+        np.asarray(u_prime, dtype=float),
+        np.asarray(alpha, dtype=float),
+        np.asarray(source_size, dtype=float),
     )
     if np.any(size_b < 0) or np.any(~np.isfinite(alpha_b)):
         raise ValueError("source_size must be >= 0 and alpha finite")
@@ -222,9 +239,12 @@ def gaussian_lens_gain(u_prime, alpha, source_size=0.0) -> np.ndarray:
     if point.any():
         gain[point] = _point_gain(t[point], alpha_b[point])
     if (~point).any():
-        # One quadrature per distinct (alpha, source_size): a handful of lenses, never one per sample.
+        # One quadrature per distinct (alpha, source_size): a handful of lenses, never one per
+        # sample.
         ext = np.nonzero(~point)[0]
-        pairs, which = np.unique(np.stack([alpha_b[ext], size_b[ext]], axis=1), axis=0, return_inverse=True)
+        pairs, which = np.unique(
+            np.stack([alpha_b[ext], size_b[ext]], axis=1), axis=0, return_inverse=True
+        )
         for k, (a, s) in enumerate(pairs):
             sel = ext[which.ravel() == k]
             gain[sel] = _finite_source_gain(t[sel], float(a), float(s))

@@ -40,7 +40,9 @@ STAMP_SIGMA = 5.0
 # --------------------------------------------------------------------------------------------
 # WCS and beam geometry
 # --------------------------------------------------------------------------------------------
-def celestial_header(ra_deg: float, dec_deg: float, cell_deg: float, shape: tuple[int, int]) -> fits.Header:
+def celestial_header(
+    ra_deg: float, dec_deg: float, cell_deg: float, shape: tuple[int, int]
+) -> fits.Header:
     """Celestial WCS keywords of a SIN image of ``shape = (ny, nx)`` centred on (ra_deg, dec_deg).
 
     ``CRPIX`` (1-based) = ``n//2 + 1``, so the field centre falls on the 0-based pixel ``n//2``.
@@ -147,12 +149,19 @@ def render_point_sources(shape, wcs: WCS, beam: Beam, ra_deg, dec_deg, flux_jy) 
     if ra.size == 0:
         return image
     x, y = wcs.wcs_world2pix(ra, dec, 0)
-    cov = beam_covariance_pix(wcs, beam, np.where(np.isfinite(x), x, 0.0), np.where(np.isfinite(y), y, 0.0))
+    cov = beam_covariance_pix(
+        wcs, beam, np.where(np.isfinite(x), x, 0.0), np.where(np.isfinite(y), y, 0.0)
+    )
     half_x = STAMP_SIGMA * np.sqrt(cov[:, 0, 0])
     half_y = STAMP_SIGMA * np.sqrt(cov[:, 1, 1])
     keep = np.isfinite(x) & np.isfinite(y) & (flux != 0)
     # Only sources whose stamp overlaps the image contribute.
-    keep &= (x + half_x >= -0.5) & (x - half_x <= nx - 0.5) & (y + half_y >= -0.5) & (y - half_y <= ny - 0.5)
+    keep &= (
+        (x + half_x >= -0.5)
+        & (x - half_x <= nx - 0.5)
+        & (y + half_y >= -0.5)
+        & (y - half_y <= ny - 0.5)
+    )
     if not keep.any():
         return image
     x, y, flux, cov = x[keep], y[keep], flux[keep], cov[keep]
@@ -170,7 +179,11 @@ def render_point_sources(shape, wcs: WCS, beam: Beam, ra_deg, dec_deg, flux_jy) 
     dx = px - x[:, None, None]
     dy = py - y[:, None, None]
     icov = np.linalg.inv(cov)
-    q = icov[:, 0, 0, None, None] * dx**2 + 2 * icov[:, 0, 1, None, None] * dx * dy + icov[:, 1, 1, None, None] * dy**2
+    q = (
+        icov[:, 0, 0, None, None] * dx**2
+        + 2 * icov[:, 0, 1, None, None] * dx * dy
+        + icov[:, 1, 1, None, None] * dy**2
+    )
     val = flux[:, None, None] * np.exp(-0.5 * q)
     inside = (px >= 0) & (px < nx) & (py >= 0) & (py < ny)
     inside = inside & (np.abs(dx) <= half_x[:, None, None]) & (np.abs(dy) <= half_y[:, None, None])
@@ -202,7 +215,9 @@ def correlated_noise(shape, beam_cov_pix, rms_jyb: float, rng: np.random.Generat
     ky = np.fft.fftfreq(my)[:, None]
     kx = np.fft.rfftfreq(mx)[None, :]
     kcov = 0.5 * cov
-    transfer = np.exp(-2.0 * np.pi**2 * (kcov[0, 0] * kx**2 + 2 * kcov[0, 1] * kx * ky + kcov[1, 1] * ky**2))
+    transfer = np.exp(
+        -2.0 * np.pi**2 * (kcov[0, 0] * kx**2 + 2 * kcov[0, 1] * kx * ky + kcov[1, 1] * ky**2)
+    )
     field_ = np.fft.irfft2(np.fft.rfft2(white) * transfer, s=(my, mx))
     # Expected variance of the filtered unit-variance white noise: mean of |H|^2 over the full grid
     # (rfft stores the non-redundant half: columns other than 0 and Nyquist count twice).

@@ -40,10 +40,19 @@ from ese_assets.core.sim_image import (  # re-exported: tests build images with 
 from ese_assets.core.source_ids import iau_source_ids
 
 __all__ = [
-    "STAMP_SIGMA", "SurveyConfig", "SurveyManifest", "beam_covariance_pix", "celestial_header",
-    "correlated_noise", "make_sin_wcs", "pixel_jacobian", "render_point_sources",
-    "simulate_survey", "write_fits_image",
+    "STAMP_SIGMA",
+    "SurveyConfig",
+    "SurveyManifest",
+    "beam_covariance_pix",
+    "celestial_header",
+    "correlated_noise",
+    "make_sin_wcs",
+    "pixel_jacobian",
+    "render_point_sources",
+    "simulate_survey",
+    "write_fits_image",
 ]
+
 
 # --------------------------------------------------------------------------------------------
 # Survey simulation
@@ -126,7 +135,9 @@ class SurveyConfig:
 
     @property
     def beam(self) -> Beam:
-        return Beam(self.beam_major_arcsec / 3600.0, self.beam_minor_arcsec / 3600.0, self.beam_pa_deg)
+        return Beam(
+            self.beam_major_arcsec / 3600.0, self.beam_minor_arcsec / 3600.0, self.beam_pa_deg
+        )
 
     def validate(self) -> None:
         """Raise ValueError on inconsistent parameters."""
@@ -141,7 +152,9 @@ class SurveyConfig:
             problems.append("need 0 < flux_min_mjy < flux_max_mjy")
         if self.n_sources < self.n_ese + self.n_variables:
             problems.append("n_sources must be >= n_ese + n_variables")
-        if self.n_ese and (len(self.ese_depths) == 0 or not all(0 < d < 1 for d in self.ese_depths)):
+        if self.n_ese and (
+            len(self.ese_depths) == 0 or not all(0 < d < 1 for d in self.ese_depths)
+        ):
             problems.append("ese_depths must be non-empty, each in (0, 1)")
         if not 0 <= self.cube_fraction <= 1:
             problems.append("cube_fraction must be in [0, 1]")
@@ -192,14 +205,21 @@ def _epochs(config: SurveyConfig):
     iso = np.datetime_as_string(stamps, unit="ms").tolist()
     # MJD exactly as write_fits_image computes MJD-OBS from DATE-OBS (same astropy conversion).
     mjd = Time(iso, format="isot", scale="utc").mjd
-    names = [f"{config.file_prefix}{s[:4]}{s[5:7]}{s[8:10]}T{s[11:13]}{s[14:16]}{s[17:19]}.fits" for s in iso]
+    names = [
+        f"{config.file_prefix}{s[:4]}{s[5:7]}{s[8:10]}T{s[11:13]}{s[14:16]}{s[17:19]}.fits"
+        for s in iso
+    ]
     return iso, np.asarray(mjd, dtype=float), names
 
 
-def _sky_model(config: SurveyConfig, rng: np.random.Generator, mjd: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+def _sky_model(
+    config: SurveyConfig, rng: np.random.Generator, mjd: np.ndarray
+) -> tuple[pd.DataFrame, np.ndarray]:
     """Source table (truth) and intrinsic flux matrix (n_images, n_sources) in mJy."""
     n = config.n_sources
-    nominal = make_sin_wcs(config.ra_deg, config.dec_deg, config.cell_deg, (config.npix, config.npix))
+    nominal = make_sin_wcs(
+        config.ra_deg, config.dec_deg, config.cell_deg, (config.npix, config.npix)
+    )
     centre = config.npix // 2
     half = 0.5 * config.field_fill * (config.npix - 1)
     flux = _power_law_fluxes(rng, n, config.flux_min_mjy, config.flux_max_mjy, config.flux_slope)
@@ -233,12 +253,16 @@ def _sky_model(config: SurveyConfig, rng: np.random.Generator, mjd: np.ndarray) 
             if todo.size == 0:
                 break
         else:
-            raise ValueError("could not place isolated ESE hosts; lower n_sources or ese_isolation_beams")
+            raise ValueError(
+                "could not place isolated ESE hosts; lower n_sources or ese_isolation_beams"
+            )
 
     ra, dec = nominal.wcs_pix2world(x, y, 0)
     ra = np.mod(ra, 360.0)
     names = iau_source_ids(ra, dec)
-    for _ in range(1000):  # positions rounding to the same 1-arcsec name: redraw (names must be unique)
+    for _ in range(
+        1000
+    ):  # positions rounding to the same 1-arcsec name: redraw (names must be unique)
         dup = pd.Series(names).duplicated(keep="first").to_numpy() & (kind == "stable")
         if not dup.any():
             break
@@ -361,7 +385,9 @@ def simulate_survey(
     t_start = time.perf_counter()
     out = Path(out_dir)
     incoming = out / "incoming"
-    paths = {k: out / f"{k}.csv" for k in ("catalog", "truth_sources", "truth_fluxes", "truth_images")}
+    paths = {
+        k: out / f"{k}.csv" for k in ("catalog", "truth_sources", "truth_fluxes", "truth_images")
+    }
     iso, mjd, names = _epochs(config)
     image_paths = [incoming / nm for nm in names]
     existing = [p for p in [*paths.values(), *image_paths] if p.exists()]
@@ -386,12 +412,23 @@ def simulate_survey(
     true_mjy = intrinsic_mjy * gain[:, None]
 
     catalog = pd.DataFrame(
-        {"name": truth["name"], "ra_deg": truth["ra_deg"], "dec_deg": truth["dec_deg"],
-         "flux_mjy": truth["catalog_flux_mjy"]}
+        {
+            "name": truth["name"],
+            "ra_deg": truth["ra_deg"],
+            "dec_deg": truth["dec_deg"],
+            "flux_mjy": truth["catalog_flux_mjy"],
+        }
     )
     images = pd.DataFrame(
-        {"image": pd.array(names, dtype="str"), "date_obs": pd.array(iso, dtype="str"), "mjd": mjd,
-         "ra_deg": point_ra, "dec_deg": point_dec, "gain": gain, "cube": cube}
+        {
+            "image": pd.array(names, dtype="str"),
+            "date_obs": pd.array(iso, dtype="str"),
+            "mjd": mjd,
+            "ra_deg": point_ra,
+            "dec_deg": point_dec,
+            "gain": gain,
+            "cube": cube,
+        }
     )
     shape = (config.npix, config.npix)
     beam = config.beam
@@ -430,8 +467,15 @@ def simulate_survey(
         if rms_jyb > 0:
             data += correlated_noise(shape, beam_covariance_pix(wcs, beam), rms_jyb, image_rngs[i])
         write_fits_image(
-            image_paths[i], data, ra_deg=point_ra[i], dec_deg=point_dec[i], cell_deg=config.cell_deg,
-            beam=beam, date_obs=iso[i], freq_hz=config.freq_hz, cube=bool(cube[i]),
+            image_paths[i],
+            data,
+            ra_deg=point_ra[i],
+            dec_deg=point_dec[i],
+            cell_deg=config.cell_deg,
+            beam=beam,
+            date_obs=iso[i],
+            freq_hz=config.freq_hz,
+            cube=bool(cube[i]),
             extra_header={"OBJECT": "ESE_SIM_FIELD", "EXPTIME": 300.0},
         )
         if progress is not None:
@@ -439,9 +483,16 @@ def simulate_survey(
 
     kinds = truth["kind"].to_numpy(dtype=object)
     return SurveyManifest(
-        config=config, out_dir=out, incoming_dir=incoming, catalog_path=paths["catalog"],
-        truth_sources_path=paths["truth_sources"], truth_fluxes_path=paths["truth_fluxes"],
-        truth_images_path=paths["truth_images"], image_paths=tuple(image_paths),
-        n_sources=config.n_sources, n_variables=int((kinds == "variable").sum()),
-        n_ese=int((kinds == "ese").sum()), elapsed_s=time.perf_counter() - t_start,
+        config=config,
+        out_dir=out,
+        incoming_dir=incoming,
+        catalog_path=paths["catalog"],
+        truth_sources_path=paths["truth_sources"],
+        truth_fluxes_path=paths["truth_fluxes"],
+        truth_images_path=paths["truth_images"],
+        image_paths=tuple(image_paths),
+        n_sources=config.n_sources,
+        n_variables=int((kinds == "variable").sum()),
+        n_ese=int((kinds == "ese").sum()),
+        elapsed_s=time.perf_counter() - t_start,
     )

@@ -116,8 +116,9 @@ def iau_source_ids(ra_deg: ArrayLike, dec_deg: ArrayLike, prefix: str = "J") -> 
     ordinary strings); scalar or N-D inputs are flattened after broadcasting. Identical to calling
     :func:`iau_source_id` element by element.
     """
-    ra, dec = np.broadcast_arrays(np.asarray(ra_deg, dtype=np.float64),
-                                  np.asarray(dec_deg, dtype=np.float64))
+    ra, dec = np.broadcast_arrays(
+        np.asarray(ra_deg, dtype=np.float64), np.asarray(dec_deg, dtype=np.float64)
+    )
     ra, dec = ra.ravel(), dec.ravel()
     _validate_finite(ra, dec)
     abs_arcsec, negative = dec_arcsec_and_sign(dec)
@@ -135,7 +136,7 @@ def parse_iau_source_id(source_id: str) -> tuple[float, float]:
     Raises ValueError when the string does not have the ``<prefix>HHMMSS±DDMMSS`` form.
     """
     sign_pos = max(source_id.rfind("+"), source_id.rfind("-"))
-    ra_part, dec_part = source_id[sign_pos - 6:sign_pos], source_id[sign_pos + 1:]
+    ra_part, dec_part = source_id[sign_pos - 6 : sign_pos], source_id[sign_pos + 1 :]
     if sign_pos < 6 or not (ra_part.isdigit() and dec_part.isdigit() and len(dec_part) == 6):
         raise ValueError(f"not an identifier of the form JHHMMSS+DDMMSS: {source_id!r}")
     hh, mm, ss = int(ra_part[:2]), int(ra_part[2:4]), int(ra_part[4:])

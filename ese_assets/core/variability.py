@@ -50,7 +50,8 @@ the epochs can reach at most about sqrt((1 - p)/p) standard deviations, ~1.7 for
   is clipped at 5, so one epoch contributes at most 5/sqrt(3) = 2.9 to S; reaching S = 6 needs
   several deviant epochs in a row. The clip caps a window's S at ``5 * sqrt(L)``, so for very deep
   dips S measures duration more than depth (use ``dip_depth_frac`` for depth).
-* look-elsewhere effect: the scan tests about N x (ladder length) correlated windows, so max |S| of a
+* look-elsewhere effect: the scan tests about N x (ladder length) correlated windows, so max |S|
+  of a
   constant source is not N(0, 1): it grows slowly with N (like sqrt(2 ln N_eff)). Measured on pure
   Gaussian noise with heteroscedastic, correctly quoted errors (seeded; 2e5 sources at N = 20 down
   to 2e4 at N = 2000, 6e3 at N = 5000, 3e3 at N = 10000): the median of max |S| is 1.9, 2.8, 3.2,
@@ -112,7 +113,8 @@ _INPUT_COLUMNS = ("source_id", "mjd", "flux_mjy", "flux_err_mjy")
 
 
 def window_ladder(max_len: int, min_len: int = 3) -> np.ndarray:
-    """Window lengths scanned by the dip statistic: Fibonacci numbers >= ``min_len`` and <= ``max_len``.
+    """Window lengths scanned by the dip statistic: Fibonacci numbers >= ``min_len`` and
+    <= ``max_len``.
 
     Consecutive lengths differ by a factor <= 5/3 (-> golden ratio), so any dip length is matched to
     within ~12 % in S by some ladder step, at O(log N) passes over the data.
@@ -171,7 +173,8 @@ def variability_metrics(
         Columns ``source_id, mjd, flux_mjy, flux_err_mjy`` (rows in any order, any number of
         sources). Extra columns are ignored.
     flux_scale_error
-        Fractional calibration error k >= 0 added in quadrature: ``sigma_i = sqrt(e_i^2 + (k f_i)^2)``.
+        Fractional calibration error k >= 0 added in quadrature:
+        ``sigma_i = sqrt(e_i^2 + (k f_i)^2)``.
     min_window_epochs
         Shortest window of the dip scan (default 3; resists single-image outliers).
     dip_z_clip
@@ -253,7 +256,8 @@ def variability_metrics(
         r = d - wmean_shift[codes]
         chi2_nu = seg_sum(w * r * r) * inv_nm1
         # eta (VAST/TraP) from shifted sums; the form is shift-invariant, and with the shift
-        # inside the data range mean(w d^2) and mean(w d)^2/mean(w) no longer cancel catastrophically.
+        # inside the data range mean(w d^2) and mean(w d)^2/mean(w) no longer cancel
+        # catastrophically.
         eta = n * inv_nm1 * (seg_sum(w * d * d) / n - (swd / n) ** 2 / (sw / n))
         v_index = std / mean
         sigma_dev = np.maximum(np.abs(fmax - mean), np.abs(fmin - mean)) / std
@@ -359,8 +363,9 @@ def variability_metrics(
 # Additive partial sums: the whole-history moments at a bounded cost per night
 # --------------------------------------------------------------------------------------------------
 #
-# Every moment metric above (mean, std, weighted mean, chi2_nu, eta, V, sigma_deviation) is a function
-# of a few sums over the epochs (the running sums LOFAR TraP keeps per source), and sums over disjoint
+# Every moment metric above (mean, std, weighted mean, chi2_nu, eta, V, sigma_deviation) is a
+# function of a few sums over the epochs (the running sums LOFAR TraP keeps per source), and sums
+# over disjoint
 # sets of epochs add. So the pipeline keeps one row of sums per (source, night) and one per source,
 # and a new night costs its own epochs plus one row per source, however long the history.
 #
@@ -369,7 +374,8 @@ def variability_metrics(
 # CONSTANT per source (else sums of different nights would not add): the pipeline uses the catalog
 # flux, which lies near the mean of nearly every source. The remaining cancellation costs a relative
 # error of about eps * ((mean - c) / std)^2 in var and eps * max((d/sigma)^2) / chi2 in chi2_nu; the
-# flux-scale error bounds d/sigma by |d| / (k |f|), i.e. ~50 x the fractional offset of c for k = 0.02.
+# flux-scale error bounds d/sigma by |d| / (k |f|), i.e. ~50 x the fractional offset of c for
+# k = 0.02.
 
 #: Integer counts of a partial-sums row: epochs, and epochs whose error is unusable (NaN or <= 0).
 COUNT_COLUMNS = ("n_obs", "n_bad_err")
@@ -380,21 +386,45 @@ SUM_COLUMNS = (*COUNT_COLUMNS, "sum_d", "sum_d2", "sum_w", "sum_wd", "sum_wd2")
 
 #: Extreme columns of a partial-sums row: combined with min (min_*, first_*) or max (max_*, last_*).
 EXTREME_COLUMNS = ("min_flux_mjy", "max_flux_mjy", "first_mjd", "last_mjd")
-_EXTREME_REDUCERS = {"min_flux_mjy": np.minimum, "max_flux_mjy": np.maximum,
-                     "first_mjd": np.minimum, "last_mjd": np.maximum}
+_EXTREME_REDUCERS = {
+    "min_flux_mjy": np.minimum,
+    "max_flux_mjy": np.maximum,
+    "first_mjd": np.minimum,
+    "last_mjd": np.maximum,
+}
 #: The extremes combined with min (they can only fall as epochs are added) and with max.
 EXTREME_MIN_COLUMNS = tuple(c for c in EXTREME_COLUMNS if _EXTREME_REDUCERS[c] is np.minimum)
 EXTREME_MAX_COLUMNS = tuple(c for c in EXTREME_COLUMNS if _EXTREME_REDUCERS[c] is np.maximum)
 
 #: Output columns of :func:`metrics_from_sums` (the moment metrics of :data:`METRIC_COLUMNS`).
-MOMENT_COLUMNS = ("source_id", "n_obs", "mean_flux_mjy", "std_flux_mjy", "min_flux_mjy",
-                  "max_flux_mjy", "weighted_mean_flux_mjy", "chi2_nu", "eta_metric", "v_index",
-                  "sigma_deviation", "first_mjd", "last_mjd")
+MOMENT_COLUMNS = (
+    "source_id",
+    "n_obs",
+    "mean_flux_mjy",
+    "std_flux_mjy",
+    "min_flux_mjy",
+    "max_flux_mjy",
+    "weighted_mean_flux_mjy",
+    "chi2_nu",
+    "eta_metric",
+    "v_index",
+    "sigma_deviation",
+    "first_mjd",
+    "last_mjd",
+)
 
 #: Columns of :func:`variability_metrics` that need the epochs themselves (order statistics and the
 #: time-ordered dip scan), so they cannot come from sums.
-WINDOW_COLUMNS = ("source_id", "median_flux_mjy", "robust_std_mjy", "dip_significance",
-                  "dip_start_mjd", "dip_end_mjd", "dip_n_epochs", "dip_depth_frac")
+WINDOW_COLUMNS = (
+    "source_id",
+    "median_flux_mjy",
+    "robust_std_mjy",
+    "dip_significance",
+    "dip_start_mjd",
+    "dip_end_mjd",
+    "dip_n_epochs",
+    "dip_depth_frac",
+)
 
 #: Default length (days) of the trailing window of the robust baseline and the dip scan. ESEs last
 #: 14-180 days (30-90 typical; Fiedler et al. 1994), so a year holds a whole event and its baseline.
@@ -416,13 +446,13 @@ def _group_segments(frame: pd.DataFrame, by: tuple[str, ...], order_by: np.ndarr
         c, u = pd.factorize(frame[col], sort=True)
         codes = codes * len(u) + c
         uniques.append(u)
-    if order_by is None:
-        order = np.argsort(codes, kind="stable")
-    else:
-        order = _sort_order(codes, order_by)
+    order = np.argsort(codes, kind="stable") if order_by is None else _sort_order(codes, order_by)
     sorted_codes = codes[order]
-    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]]) if len(order) \
+    starts = (
+        np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+        if len(order)
         else np.zeros(0, dtype=np.int64)
+    )
     keys = frame.iloc[order[starts]][list(by)].reset_index(drop=True)
     return order, starts, keys
 
@@ -485,13 +515,19 @@ def night_partial_sums(
     out["sum_w"] = seg_sum(w)
     out["sum_wd"] = seg_sum(wd)
     out["sum_wd2"] = seg_sum(wd * d)
-    for col, values in (("min_flux_mjy", f), ("max_flux_mjy", f), ("first_mjd", mjd),
-                        ("last_mjd", mjd)):
+    for col, values in (
+        ("min_flux_mjy", f),
+        ("max_flux_mjy", f),
+        ("first_mjd", mjd),
+        ("last_mjd", mjd),
+    ):
         out[col] = _EXTREME_REDUCERS[col].reduceat(values, starts) if len(starts) else np.zeros(0)
     return out
 
 
-def combine_partial_sums(parts: pd.DataFrame, *, by: tuple[str, ...] = ("source_id",)) -> pd.DataFrame:
+def combine_partial_sums(
+    parts: pd.DataFrame, *, by: tuple[str, ...] = ("source_id",)
+) -> pd.DataFrame:
     """Combine partial-sums rows into one row per ``by`` group (e.g. all nights of a source).
 
     Additive columns (:data:`SUM_COLUMNS`) are summed, extremes (:data:`EXTREME_COLUMNS`, when
@@ -504,8 +540,10 @@ def combine_partial_sums(parts: pd.DataFrame, *, by: tuple[str, ...] = ("source_
         shift = parts["shift_mjy"].to_numpy(dtype=np.float64)[order]
         first = np.repeat(shift[starts], np.diff(np.r_[starts, len(order)]))
         if not np.array_equal(shift, first):
-            raise ValueError("combine_partial_sums: shift_mjy differs within a group; sums about "
-                             "different shifts cannot be added")
+            raise ValueError(
+                "combine_partial_sums: shift_mjy differs within a group; sums about "
+                "different shifts cannot be added"
+            )
         keys["shift_mjy"] = shift[starts]
     for col in SUM_COLUMNS:
         values = parts[col].to_numpy()[order]
@@ -539,8 +577,10 @@ def metrics_from_sums(sums: pd.DataFrame) -> pd.DataFrame:
     """
     n = sums["n_obs"].to_numpy(dtype=np.float64)
     c = sums["shift_mjy"].to_numpy(dtype=np.float64)
-    s_d, s_d2, s_w, s_wd, s_wd2 = (sums[k].to_numpy(dtype=np.float64)
-                                   for k in ("sum_d", "sum_d2", "sum_w", "sum_wd", "sum_wd2"))
+    s_d, s_d2, s_w, s_wd, s_wd2 = (
+        sums[k].to_numpy(dtype=np.float64)
+        for k in ("sum_d", "sum_d2", "sum_w", "sum_wd", "sum_wd2")
+    )
     fmin = sums["min_flux_mjy"].to_numpy(dtype=np.float64)
     fmax = sums["max_flux_mjy"].to_numpy(dtype=np.float64)
     weighted_ok = (sums["n_bad_err"].to_numpy() == 0) & (s_w > 0)
@@ -555,18 +595,20 @@ def metrics_from_sums(sums: pd.DataFrame) -> pd.DataFrame:
         v_index = std / mean
         sigma_dev = np.maximum(np.abs(fmax - mean), np.abs(fmin - mean)) / std
     nan_unless = lambda x: np.where(weighted_ok, x, np.nan)  # noqa: E731
-    return pd.DataFrame({
-        "source_id": sums["source_id"].to_numpy(),
-        "n_obs": sums["n_obs"].to_numpy(dtype=np.int64),
-        "mean_flux_mjy": mean,
-        "std_flux_mjy": std,
-        "min_flux_mjy": fmin,
-        "max_flux_mjy": fmax,
-        "weighted_mean_flux_mjy": nan_unless(c + wmean_d),
-        "chi2_nu": nan_unless(chi2_nu),
-        "eta_metric": nan_unless(eta),
-        "v_index": v_index,
-        "sigma_deviation": sigma_dev,
-        "first_mjd": sums["first_mjd"].to_numpy(dtype=np.float64),
-        "last_mjd": sums["last_mjd"].to_numpy(dtype=np.float64),
-    })
+    return pd.DataFrame(
+        {
+            "source_id": sums["source_id"].to_numpy(),
+            "n_obs": sums["n_obs"].to_numpy(dtype=np.int64),
+            "mean_flux_mjy": mean,
+            "std_flux_mjy": std,
+            "min_flux_mjy": fmin,
+            "max_flux_mjy": fmax,
+            "weighted_mean_flux_mjy": nan_unless(c + wmean_d),
+            "chi2_nu": nan_unless(chi2_nu),
+            "eta_metric": nan_unless(eta),
+            "v_index": v_index,
+            "sigma_deviation": sigma_dev,
+            "first_mjd": sums["first_mjd"].to_numpy(dtype=np.float64),
+            "last_mjd": sums["last_mjd"].to_numpy(dtype=np.float64),
+        }
+    )

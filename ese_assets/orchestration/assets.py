@@ -24,13 +24,13 @@ from ese_assets.core.candidates import OPEN_STATUSES
 from ese_assets.core.errors import InputError
 from ese_assets.core.values import py_scalar
 from ese_assets.orchestration.partitions import nights_backfill_policy
-from ese_assets.orchestration.runs import PID_TAG, process_tags
 from ese_assets.orchestration.resources import (
     DetectionResource,
     IncomingDirectory,
     ProductsDatabase,
     SourceCatalogResource,
 )
+from ese_assets.orchestration.runs import PID_TAG, process_tags
 from ese_assets.storage import candidates as candidates_db
 from ese_assets.storage import images as images_db
 from ese_assets.storage import photometry as photometry_db
@@ -54,14 +54,17 @@ def failures_for_dagster():
     except InputError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
     except Exception as exc:
-        raise dg.Failure(description=f"{type(exc).__name__}: {exc}",
-                         allow_retries=False) from exc
+        raise dg.Failure(description=f"{type(exc).__name__}: {exc}", allow_retries=False) from exc
 
 
 def retry_policy(retry_delay_s: float) -> dg.RetryPolicy:
     """Exponential backoff with jitter, so concurrent runs do not retry in lock-step."""
-    return dg.RetryPolicy(max_retries=STEP_RETRIES, delay=retry_delay_s,
-                          backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+    return dg.RetryPolicy(
+        max_retries=STEP_RETRIES,
+        delay=retry_delay_s,
+        backoff=dg.Backoff.EXPONENTIAL,
+        jitter=dg.Jitter.PLUS_MINUS,
+    )
 
 
 class PhotometryConfig(dg.Config):
@@ -70,28 +73,42 @@ class PhotometryConfig(dg.Config):
     image_paths: list[str] = Field(
         default_factory=list,
         description="Measure only these FITS files (they are registered first if new). Empty: "
-                    "register anything new in the incoming directory, then measure every usable "
-                    "image of the night(s).",
+        "register anything new in the incoming directory, then measure every usable "
+        "image of the night(s).",
     )
 
 
 def _table(df: pd.DataFrame, columns: list[str]) -> dg.TableMetadataValue:
     """A small table for the UI; floats rounded so it stays readable."""
-    schema = dg.TableSchema(columns=[
-        dg.TableColumn(c, "float" if pd.api.types.is_float_dtype(df[c]) else "string")
-        for c in columns])
+    schema = dg.TableSchema(
+        columns=[
+            dg.TableColumn(c, "float" if pd.api.types.is_float_dtype(df[c]) else "string")
+            for c in columns
+        ]
+    )
     records = []
     for row in df[columns].itertuples(index=False):
         values = [py_scalar(v) for v in row]  # numpy scalars -> Python, NaN -> None
-        records.append(dg.TableRecord({
-            c: (str(v) if not isinstance(v, float | type(None))
-                else round(v, 3) if v is not None and np.isfinite(v) else None)
-            for c, v in zip(columns, values, strict=True)}))
+        records.append(
+            dg.TableRecord(
+                {
+                    c: (
+                        str(v)
+                        if not isinstance(v, float | type(None))
+                        else round(v, 3)
+                        if v is not None and np.isfinite(v)
+                        else None
+                    )
+                    for c, v in zip(columns, values, strict=True)
+                }
+            )
+        )
     return dg.MetadataValue.table(records=records, schema=schema)
 
 
-def _images_to_measure(engine, nights: list[str], config: PhotometryConfig,
-                       incoming: IncomingDirectory, log) -> list[str]:
+def _images_to_measure(
+    engine, nights: list[str], config: PhotometryConfig, incoming: IncomingDirectory, log
+) -> list[str]:
     """Paths of the images this run measures, registering files it has not seen yet.
 
     A batch (``image_paths``) measures those of its images that are not measured yet, so a step
@@ -105,8 +122,9 @@ def _images_to_measure(engine, nights: list[str], config: PhotometryConfig,
         statuses = UNFINISHED_STATUSES
     else:
         if Path(incoming.path).is_dir():  # catch files the sensor has not registered yet
-            pipeline.scan_directory(engine, incoming.path,
-                                    settle_seconds=incoming.settle_seconds, **common)
+            pipeline.scan_directory(
+                engine, incoming.path, settle_seconds=incoming.settle_seconds, **common
+            )
         wanted = None
         statuses = images_db.USABLE_STATUSES
     paths: list[str] = []
@@ -114,38 +132,61 @@ def _images_to_measure(engine, nights: list[str], config: PhotometryConfig,
         usable = images_db.night_images(engine, night, statuses=statuses)["path"].tolist()
         paths += [p for p in usable if wanted is None or p in wanted]
     if wanted is not None:
-        done = {p for night in nights
-                for p in images_db.night_images(engine, night, statuses="measured")["path"]}
+        done = {
+            p
+            for night in nights
+            for p in images_db.night_images(engine, night, statuses="measured")["path"]
+        }
         for p in sorted(wanted - set(paths) - done):
-            log.warning(f"{p}: not measured in nights {nights[0]}..{nights[-1]} "
-                        "(rejected, or observed in another night)")
+            log.warning(
+                f"{p}: not measured in nights {nights[0]}..{nights[-1]} "
+                "(rejected, or observed in another night)"
+            )
     return sorted(paths)
 
 
-def build_assets(partitions: dg.PartitionsDefinition,
-                 retry_delay_s: float) -> list[dg.AssetsDefinition]:
+def build_assets(
+    partitions: dg.PartitionsDefinition, retry_delay_s: float
+) -> list[dg.AssetsDefinition]:
     """``photometry``, ``variability_stats`` and ``ese_candidates`` over ``partitions``."""
     policy = retry_policy(retry_delay_s)
 
     def night_asset(**kwargs):
-        return dg.asset(partitions_def=partitions, backfill_policy=nights_backfill_policy,
-                        group_name=GROUP, kinds={"python", "sql"}, retry_policy=policy, **kwargs)
+        return dg.asset(
+            partitions_def=partitions,
+            backfill_policy=nights_backfill_policy,
+            group_name=GROUP,
+            kinds={"python", "sql"},
+            retry_policy=policy,
+            **kwargs,
+        )
 
     def check(name: str, asset: str, description: str) -> dg.AssetCheckSpec:
-        return dg.AssetCheckSpec(name, asset=asset, description=description,
-                                 partitions_def=partitions)
+        return dg.AssetCheckSpec(
+            name, asset=asset, description=description, partitions_def=partitions
+        )
 
     @night_asset(
         check_specs=[
-            check("images_measured", "photometry",
-                   "Every usable image of the night has been measured (none pending or failed)."),
-            check("errors_valid", "photometry",
-                   "Every stored measurement has a finite flux and a positive, finite error."),
+            check(
+                "images_measured",
+                "photometry",
+                "Every usable image of the night has been measured (none pending or failed).",
+            ),
+            check(
+                "errors_valid",
+                "photometry",
+                "Every stored measurement has a finite flux and a positive, finite error.",
+            ),
         ],
     )
-    def photometry(context: dg.AssetExecutionContext, config: PhotometryConfig,
-                   products_db: ProductsDatabase, catalog: SourceCatalogResource,
-                   incoming: IncomingDirectory) -> dg.MaterializeResult:
+    def photometry(
+        context: dg.AssetExecutionContext,
+        config: PhotometryConfig,
+        products_db: ProductsDatabase,
+        catalog: SourceCatalogResource,
+        incoming: IncomingDirectory,
+    ) -> dg.MaterializeResult:
         """Forced photometry of every catalog source in every image of the night.
 
         Each image is read once and measured in one transaction that replaces its earlier rows, so
@@ -160,13 +201,15 @@ def build_assets(partitions: dg.PartitionsDefinition,
             sources = catalog.load()  # validated before any image: a bad catalog fails at once
             paths = _images_to_measure(engine, nights, config, incoming, context.log)
             context.log.info(f"measuring {len(paths)} images of {nights[0]}..{nights[-1]}")
-            results = pipeline.measure_images(engine, sources, paths,
-                                              min_flux_mjy=catalog.min_flux_mjy,
-                                              progress=context.log.info)
+            results = pipeline.measure_images(
+                engine, sources, paths, min_flux_mjy=catalog.min_flux_mjy, progress=context.log.info
+            )
 
         measured = [r for r in results if r.status == "measured"]
         rms = [r.median_rms_jyb for r in measured if r.median_rms_jyb is not None]
-        rejected = pd.concat([images_db.rejected_images(engine, night=n) for n in nights], ignore_index=True)
+        rejected = pd.concat(
+            [images_db.rejected_images(engine, night=n) for n in nights], ignore_index=True
+        )
         counts = images_db.image_counts_by_status(engine, nights=nights)
         summary = photometry_db.night_photometry_summary(engine, nights)
         not_done = counts.get("pending", 0) + counts.get("queued", 0) + counts.get("failed", 0)
@@ -179,45 +222,65 @@ def build_assets(partitions: dg.PartitionsDefinition,
             "rows_in_nights": summary["n_rows"],
         }
         if len(rejected):
-            metadata["rejected_files"] = _table(rejected.assign(file=rejected["path"].map(
-                lambda p: Path(p).name)), ["file", "reason"])
+            metadata["rejected_files"] = _table(
+                rejected.assign(file=rejected["path"].map(lambda p: Path(p).name)),
+                ["file", "reason"],
+            )
         return dg.MaterializeResult(
             metadata=metadata,
             check_results=[
-                dg.AssetCheckResult(check_name="images_measured", passed=not_done == 0,
-                                    severity=dg.AssetCheckSeverity.WARN,
-                                    metadata={"status_counts": dg.MetadataValue.json(counts)}),
-                dg.AssetCheckResult(check_name="errors_valid", passed=summary["n_bad_errors"] == 0,
-                                    metadata={"bad_rows": summary["n_bad_errors"]}),
+                dg.AssetCheckResult(
+                    check_name="images_measured",
+                    passed=not_done == 0,
+                    severity=dg.AssetCheckSeverity.WARN,
+                    metadata={"status_counts": dg.MetadataValue.json(counts)},
+                ),
+                dg.AssetCheckResult(
+                    check_name="errors_valid",
+                    passed=summary["n_bad_errors"] == 0,
+                    metadata={"bad_rows": summary["n_bad_errors"]},
+                ),
             ],
         )
 
-
     @night_asset(
         deps=[photometry],
-        check_specs=[check("consistent_with_photometry", "variability_stats",
-                            "Each source's sums of the night count the night's photometry rows, and "
-                            "n_obs in variability_stats equals the accumulated sums.")],
+        check_specs=[
+            check(
+                "consistent_with_photometry",
+                "variability_stats",
+                "Each source's sums of the night count the night's photometry rows, and "
+                "n_obs in variability_stats equals the accumulated sums.",
+            )
+        ],
     )
-    def variability_stats(context: dg.AssetExecutionContext, products_db: ProductsDatabase,
-                          detection: DetectionResource) -> dg.MaterializeResult:
+    def variability_stats(
+        context: dg.AssetExecutionContext,
+        products_db: ProductsDatabase,
+        detection: DetectionResource,
+    ) -> dg.MaterializeResult:
         """Variability statistics of every source measured in the night.
 
-        Moments (n_obs, mean, std, chi2_nu, eta, ...) cover the whole history through additive per-night
-        sums; median, robust std and the dip statistic cover the last ``dip_window_days``. The cost of a
-        night does not grow with the history. The check compares the night's sums with the night's
-        photometry rows and the statistics with the accumulated sums, also at a bounded cost.
+        Moments (n_obs, mean, std, chi2_nu, eta, ...) cover the whole history through additive
+        per-night sums; median, robust std and the dip statistic cover the last
+        ``dip_window_days``. The cost of a night does not grow with the history. The check
+        compares the night's sums with the night's photometry rows and the statistics with the
+        accumulated sums, also at a bounded cost.
         """
         nights = list(context.partition_keys)
         engine = products_db.get_engine()
         with failures_for_dagster():
-            stats = pipeline.update_variability(engine, nights,
-                                                flux_scale_error=detection.flux_scale_error,
-                                                dip_window_days=detection.dip_window_days,
-                                                exclude_flags=detection.exclude_flags)
+            stats = pipeline.update_variability(
+                engine,
+                nights,
+                flux_scale_error=detection.flux_scale_error,
+                dip_window_days=detection.dip_window_days,
+                exclude_flags=detection.exclude_flags,
+            )
         # Bounded by the nights, like the stage itself (a whole-history COUNT would undo that).
-        mismatched = statistics_db.night_stats_mismatches(engine, nights,
-                                                          exclude_flags=detection.exclude_flags)
+        mismatched = statistics_db.night_stats_mismatches(
+            engine, nights, exclude_flags=detection.exclude_flags
+        )
         metadata: dict = {"sources": len(stats)}
         if len(stats):
             metadata.update(
@@ -225,31 +288,44 @@ def build_assets(partitions: dg.PartitionsDefinition,
                 median_chi2_nu=float(np.nanmedian(stats["chi2_nu"])),
                 sources_chi2_nu_above_3=int((stats["chi2_nu"] > 3).sum()),
                 max_abs_dip_significance=float(np.nanmax(np.abs(stats["dip_significance"])))
-                if stats["dip_significance"].notna().any() else None,
+                if stats["dip_significance"].notna().any()
+                else None,
             )
         return dg.MaterializeResult(
             metadata=metadata,
-            check_results=[dg.AssetCheckResult(check_name="consistent_with_photometry",
-                                               passed=mismatched == 0,
-                                               metadata={"mismatched_sources": mismatched})],
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name="consistent_with_photometry",
+                    passed=mismatched == 0,
+                    metadata={"mismatched_sources": mismatched},
+                )
+            ],
         )
-
 
     @night_asset(
         deps=[variability_stats],
-        check_specs=[check("candidates_sane", "ese_candidates",
-                            "At most one open candidate per source; every candidate has statistics "
-                            "and a finite, positive significance.")],
+        check_specs=[
+            check(
+                "candidates_sane",
+                "ese_candidates",
+                "At most one open candidate per source; every candidate has statistics "
+                "and a finite, positive significance.",
+            )
+        ],
     )
-    def ese_candidates(context: dg.AssetExecutionContext, products_db: ProductsDatabase,
-                       detection: DetectionResource) -> dg.MaterializeResult:
+    def ese_candidates(
+        context: dg.AssetExecutionContext,
+        products_db: ProductsDatabase,
+        detection: DetectionResource,
+    ) -> dg.MaterializeResult:
         """Flag sources measured in the night whose lightcurves look like ESEs."""
         nights = list(context.partition_keys)
         engine = products_db.get_engine()
         with failures_for_dagster():
             source_ids = photometry_db.sources_measured_in_nights(engine, nights)
-            summary = pipeline.detect_candidates(engine, detection.settings(), source_ids=source_ids,
-                                                 night=nights[-1])
+            summary = pipeline.detect_candidates(
+                engine, detection.settings(), source_ids=source_ids, night=nights[-1]
+            )
         open_now = candidates_db.candidates(engine, status=OPEN_STATUSES)
         problems = candidates_db.candidate_problems(engine)
         metadata: dict = {
@@ -263,12 +339,18 @@ def build_assets(partitions: dg.PartitionsDefinition,
         }
         if len(open_now):
             top = open_now.sort_values("significance", ascending=False).head(10)
-            metadata["top_candidates"] = _table(top, ["source_id", "significance", "flag_type",
-                                                      "status", "n_obs", "mean_flux_mjy"])
+            metadata["top_candidates"] = _table(
+                top, ["source_id", "significance", "flag_type", "status", "n_obs", "mean_flux_mjy"]
+            )
         return dg.MaterializeResult(
             metadata=metadata,
-            check_results=[dg.AssetCheckResult(check_name="candidates_sane", passed=not problems,
-                                               metadata={"problems": dg.MetadataValue.json(problems)})],
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name="candidates_sane",
+                    passed=not problems,
+                    metadata={"problems": dg.MetadataValue.json(problems)},
+                )
+            ],
         )
 
     return [photometry, variability_stats, ese_candidates]

@@ -17,5 +17,5 @@ def build_job(assets: Sequence[dg.AssetsDefinition]) -> dg.UnresolvedAssetJobDef
         # step, and the assets share the catalog's spatial index.
         executor_def=dg.in_process_executor,
         description="Measure a night's images, update the statistics of the sources seen, "
-                    "flag ESEs.",
+        "flag ESEs.",
     )

@@ -18,5 +18,6 @@ nights_backfill_policy = dg.BackfillPolicy.multi_run(max_partitions_per_run=7)
 
 def build_partitions(settings: Settings) -> dg.DailyPartitionsDefinition:
     """Nights from ``settings.partition_start`` to tonight, in ``settings.timezone``."""
-    return dg.DailyPartitionsDefinition(start_date=settings.partition_start,
-                                        timezone=settings.timezone, end_offset=1)
+    return dg.DailyPartitionsDefinition(
+        start_date=settings.partition_start, timezone=settings.timezone, end_offset=1
+    )

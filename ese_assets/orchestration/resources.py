@@ -51,8 +51,10 @@ class SourceCatalogResource(dg.ConfigurableResource):
 
     def load(self) -> Catalog:
         if not self.path:
-            raise ValueError("no source catalog configured: set ESE_CATALOG (CSV, FITS table or "
-                             "VOTable) or MASTER_SOURCES_DB (SQLite with a 'sources' table)")
+            raise ValueError(
+                "no source catalog configured: set ESE_CATALOG (CSV, FITS table or "
+                "VOTable) or MASTER_SOURCES_DB (SQLite with a 'sources' table)"
+            )
         return load_catalog_cached(self.path)
 
 
@@ -77,8 +79,9 @@ class DetectionResource(dg.ConfigurableResource):
     exclude_flags: int = DEFAULT_EXCLUDED_FLAGS  # quality bits left out of the statistics
 
     def settings(self) -> DetectionSettings:
-        return DetectionSettings(min_sigma=self.min_sigma, min_dip_sigma=self.min_dip_sigma,
-                                 min_obs=self.min_obs)
+        return DetectionSettings(
+            min_sigma=self.min_sigma, min_dip_sigma=self.min_dip_sigma, min_obs=self.min_obs
+        )
 
 
 def _from_env(name: str, value: str) -> str | dg.EnvVar:
@@ -92,19 +95,27 @@ def resources_from_settings(settings: Settings, *, bind_env: bool = True) -> dic
     webserver/daemon case); the CLI passes ``False`` when command-line options override them.
     """
     env = _from_env if bind_env else (lambda _name, value: value)
-    catalog_var = "ESE_CATALOG" if os.environ.get("ESE_CATALOG", "").strip() else "MASTER_SOURCES_DB"
+    catalog_var = (
+        "ESE_CATALOG" if os.environ.get("ESE_CATALOG", "").strip() else "MASTER_SOURCES_DB"
+    )
     return {
         "products_db": ProductsDatabase(url=env("PIPELINE_PRODUCTS_DB", settings.products_db)),
-        "catalog": SourceCatalogResource(path=env(catalog_var, settings.catalog_path or ""),
-                                         min_flux_mjy=settings.min_flux_mjy),
-        "incoming": IncomingDirectory(path=env("ESE_INCOMING_DIR", settings.incoming_dir),
-                                      settle_seconds=settings.settle_seconds,
-                                      timezone=settings.timezone,
-                                      partition_start=settings.partition_start),
-        "detection": DetectionResource(preset=settings.preset, min_sigma=settings.min_sigma,
-                                       min_dip_sigma=settings.min_dip_sigma,
-                                       min_obs=settings.min_obs,
-                                       flux_scale_error=settings.flux_scale_error,
-                                       dip_window_days=settings.dip_window_days,
-                                       exclude_flags=settings.exclude_flags),
+        "catalog": SourceCatalogResource(
+            path=env(catalog_var, settings.catalog_path or ""), min_flux_mjy=settings.min_flux_mjy
+        ),
+        "incoming": IncomingDirectory(
+            path=env("ESE_INCOMING_DIR", settings.incoming_dir),
+            settle_seconds=settings.settle_seconds,
+            timezone=settings.timezone,
+            partition_start=settings.partition_start,
+        ),
+        "detection": DetectionResource(
+            preset=settings.preset,
+            min_sigma=settings.min_sigma,
+            min_dip_sigma=settings.min_dip_sigma,
+            min_obs=settings.min_obs,
+            flux_scale_error=settings.flux_scale_error,
+            dip_window_days=settings.dip_window_days,
+            exclude_flags=settings.exclude_flags,
+        ),
     }

@@ -58,21 +58,25 @@ def _is_dead_run(run: dg.DagsterRun) -> bool:
 
 def in_flight_runs(instance: dg.DagsterInstance, job_name: str) -> list[dg.DagsterRun]:
     """Runs of ``job_name`` that are queued or running, after failing those whose process died."""
-    runs = instance.get_runs(filters=dg.RunsFilter(job_name=job_name,
-                                                   statuses=IN_PROGRESS_RUN_STATUSES))
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(job_name=job_name, statuses=IN_PROGRESS_RUN_STATUSES)
+    )
     alive = []
     for run in runs:
         if _is_dead_run(run):
             instance.report_run_failed(
-                run, message=f"the process that executed this run (pid {run.tags[PID_TAG]}) "
-                             "is gone; its images are requested again")
+                run,
+                message=f"the process that executed this run (pid {run.tags[PID_TAG]}) "
+                "is gone; its images are requested again",
+            )
         else:
             alive.append(run)
     return alive
 
 
-def in_flight_work(instance: dg.DagsterInstance,
-                   job_name: str) -> tuple[set[str], list[tuple[str, str]]]:
+def in_flight_work(
+    instance: dg.DagsterInstance, job_name: str
+) -> tuple[set[str], list[tuple[str, str]]]:
     """(image batch tokens, night ranges ``(first, last)``) being processed by live runs.
 
     A run without a token (schedule, backfill, a run launched from the UI) measures its whole
@@ -97,8 +101,9 @@ def in_flight_work(instance: dg.DagsterInstance,
 
 def tokens_with_runs(instance: dg.DagsterInstance, tokens: set[str]) -> set[str]:
     """The tokens among ``tokens`` for which a run exists in the instance (in any status)."""
-    return {t for t in tokens
-            if instance.get_runs(filters=dg.RunsFilter(tags={TOKEN_TAG: t}), limit=1)}
+    return {
+        t for t in tokens if instance.get_runs(filters=dg.RunsFilter(tags={TOKEN_TAG: t}), limit=1)
+    }
 
 
 def batch_run_config(batch: Batch) -> dict:
@@ -110,12 +115,25 @@ def batch_tags(batch: Batch, trigger: str) -> dict[str, str]:
     return {TOKEN_TAG: batch.token, "ese/trigger": trigger, "ese/images": str(len(batch.paths))}
 
 
-def plan_unfinished(engine: Engine, instance: dg.DagsterInstance, settings: Settings, *,
-                    last_night: str, patient: bool, grace_s: float = ORPHAN_GRACE_S) -> Plan:
+def plan_unfinished(
+    engine: Engine,
+    instance: dg.DagsterInstance,
+    settings: Settings,
+    *,
+    last_night: str,
+    patient: bool,
+    grace_s: float = ORPHAN_GRACE_S,
+) -> Plan:
     """:func:`ese_assets.pipeline.recovery.plan_runs` with the live runs of ``instance``."""
     tokens, nights = in_flight_work(instance, JOB_NAME)
-    return plan_runs(engine, last_night=last_night, in_flight_tokens=tokens,
-                     in_flight_nights=nights,
-                     tokens_with_runs=lambda wanted: tokens_with_runs(instance, wanted),
-                     retry_delay_s=settings.retry_delay_s, max_attempts=settings.max_attempts,
-                     patient=patient, grace_s=grace_s)
+    return plan_runs(
+        engine,
+        last_night=last_night,
+        in_flight_tokens=tokens,
+        in_flight_nights=nights,
+        tokens_with_runs=lambda wanted: tokens_with_runs(instance, wanted),
+        retry_delay_s=settings.retry_delay_s,
+        max_attempts=settings.max_attempts,
+        patient=patient,
+        grace_s=grace_s,
+    )

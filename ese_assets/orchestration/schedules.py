@@ -35,9 +35,11 @@ def build_schedule(settings: Settings, job) -> dg.ScheduleDefinition:
     def nightly_schedule(context: dg.ScheduleEvaluationContext):
         night = previous_night(context.scheduled_execution_time, settings.timezone)
         if night < settings.partition_start:
-            return dg.SkipReason(f"night {night} precedes the first partition "
-                                 f"{settings.partition_start}")
-        return dg.RunRequest(run_key=f"nightly:{night}", partition_key=night,
-                             tags={"ese/trigger": "schedule"})
+            return dg.SkipReason(
+                f"night {night} precedes the first partition {settings.partition_start}"
+            )
+        return dg.RunRequest(
+            run_key=f"nightly:{night}", partition_key=night, tags={"ese/trigger": "schedule"}
+        )
 
     return nightly_schedule

@@ -29,37 +29,56 @@ def build_sensor(settings: Settings, job, partitions: dg.PartitionsDefinition):
         minimum_interval_seconds=settings.sensor_interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Registers new FITS files in ESE_INCOMING_DIR and runs every image that "
-                    "still needs a run (new, interrupted, failed).",
+        "still needs a run (new, interrupted, failed).",
     )
-    def incoming_images_sensor(context: dg.SensorEvaluationContext, products_db: ProductsDatabase,
-                               incoming: IncomingDirectory) -> dg.SensorResult | dg.SkipReason:
+    def incoming_images_sensor(
+        context: dg.SensorEvaluationContext,
+        products_db: ProductsDatabase,
+        incoming: IncomingDirectory,
+    ) -> dg.SensorResult | dg.SkipReason:
         engine = products_db.get_engine()
         scan = None
         try:
-            scan = pipeline.scan_directory(engine, incoming.path,
-                                           settle_seconds=incoming.settle_seconds,
-                                           timezone=incoming.timezone,
-                                           first_night=incoming.partition_start,
-                                           limit=MAX_NEW_FILES_PER_TICK)
+            scan = pipeline.scan_directory(
+                engine,
+                incoming.path,
+                settle_seconds=incoming.settle_seconds,
+                timezone=incoming.timezone,
+                first_night=incoming.partition_start,
+                limit=MAX_NEW_FILES_PER_TICK,
+            )
         except FileNotFoundError as exc:
             context.log.warning(str(exc))  # recovery of known images goes on regardless
         if scan is not None:
             for path, reason in scan.rejected:
                 context.log.warning(f"rejected {path}: {reason}")
-        plan = plan_unfinished(engine, context.instance, settings,
-                               last_night=partitions.get_last_partition_key(), patient=True)
+        plan = plan_unfinished(
+            engine,
+            context.instance,
+            settings,
+            last_night=partitions.get_last_partition_key(),
+            patient=True,
+        )
         for path in plan.gave_up:
             context.log.error(f"{path}: giving up after {settings.max_attempts} requests")
         if not plan.batches:
             waiting = f", {len(scan.waiting)} still being written" if scan and scan.waiting else ""
             rejected = len(scan.rejected) if scan else 0
-            return dg.SkipReason(f"nothing to run ({plan.summary()}; {rejected} rejected"
-                                 f"{waiting})")
-        context.log.info(plan.summary() + (f"; {scan.deferred} files left for the next tick"
-                                           if scan and scan.deferred else ""))
-        return dg.SensorResult(run_requests=[
-            dg.RunRequest(run_key=batch.run_key, partition_key=batch.night,
-                          run_config=batch_run_config(batch), tags=batch_tags(batch, "sensor"))
-            for batch in plan.batches])
+            return dg.SkipReason(f"nothing to run ({plan.summary()}; {rejected} rejected{waiting})")
+        context.log.info(
+            plan.summary()
+            + (f"; {scan.deferred} files left for the next tick" if scan and scan.deferred else "")
+        )
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(
+                    run_key=batch.run_key,
+                    partition_key=batch.night,
+                    run_config=batch_run_config(batch),
+                    tags=batch_tags(batch, "sensor"),
+                )
+                for batch in plan.batches
+            ]
+        )
 
     return incoming_images_sensor

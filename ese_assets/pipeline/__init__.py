@@ -35,7 +35,18 @@ from ese_assets.pipeline.statistics import (
 )
 
 __all__ = [
-    "PARTIAL_SUFFIXES", "REGISTER_BATCH", "DetectionSummary", "ImageResult", "Progress",
-    "ScanResult", "detect_candidates", "inspect_files", "measure_image", "measure_images",
-    "recompute_variability", "scan_directory", "stats_from_lightcurves", "update_variability",
+    "PARTIAL_SUFFIXES",
+    "REGISTER_BATCH",
+    "DetectionSummary",
+    "ImageResult",
+    "Progress",
+    "ScanResult",
+    "detect_candidates",
+    "inspect_files",
+    "measure_image",
+    "measure_images",
+    "recompute_variability",
+    "scan_directory",
+    "stats_from_lightcurves",
+    "update_variability",
 ]

@@ -22,9 +22,14 @@ class DetectionSummary:
     updated: int
 
 
-def detect_candidates(engine: Engine, settings: DetectionSettings, *,
-                      source_ids: Sequence[str] | None = None, night: str | None = None,
-                      now: float | None = None) -> DetectionSummary:
+def detect_candidates(
+    engine: Engine,
+    settings: DetectionSettings,
+    *,
+    source_ids: Sequence[str] | None = None,
+    night: str | None = None,
+    now: float | None = None,
+) -> DetectionSummary:
     """Flag sources whose statistics pass the detection rules and update ``ese_candidates``.
 
     ``source_ids=None`` examines every source with statistics. Re-running is idempotent: open
@@ -32,8 +37,19 @@ def detect_candidates(engine: Engine, settings: DetectionSettings, *,
     """
     now = time.time() if now is None else now
     stats = statistics_db.variability_stats(engine, source_ids=source_ids)
-    flagged = flag_candidates(stats, settings) if not stats.empty else pd.DataFrame(
-        columns=["source_id", "significance", "flag_type", "sigma_deviation", "dip_significance"])
+    flagged = (
+        flag_candidates(stats, settings)
+        if not stats.empty
+        else pd.DataFrame(
+            columns=[
+                "source_id",
+                "significance",
+                "flag_type",
+                "sigma_deviation",
+                "dip_significance",
+            ]
+        )
+    )
     if flagged.empty:
         return DetectionSummary(flagged, 0, 0)
     existing = candidates_db.existing_candidates(engine, flagged["source_id"].tolist())

@@ -37,8 +37,14 @@ class ImageResult:
     n_flagged: int = 0
 
 
-def measure_image(engine: Engine, catalog: Catalog, path: str, *, min_flux_mjy: float = 0.0,
-                  now: float | None = None) -> ImageResult:
+def measure_image(
+    engine: Engine,
+    catalog: Catalog,
+    path: str,
+    *,
+    min_flux_mjy: float = 0.0,
+    now: float | None = None,
+) -> ImageResult:
     """Forced photometry of every catalog source in one image, stored in one transaction.
 
     The file is read once. Unusable data (e.g. an all-NaN image, a file that became corrupt after
@@ -59,35 +65,56 @@ def measure_image(engine: Engine, catalog: Catalog, path: str, *, min_flux_mjy: 
 
     info = image.info
     # Catalog positions are ICRS; the image's WCS may be FK4, Galactic...: measure in its frame.
-    idx, lon_deg, lat_deg = catalog.footprint_positions(info.wcs, info.shape,
-                                                        min_flux_mjy=min_flux_mjy)
+    idx, lon_deg, lat_deg = catalog.footprint_positions(
+        info.wcs, info.shape, min_flux_mjy=min_flux_mjy
+    )
     phot = forced_photometry(image.data, info.wcs, info.beam, lon_deg, lat_deg)
     good = np.isfinite(phot.peak_jyb) & np.isfinite(phot.peak_err_jyb) & (phot.peak_err_jyb > 0)
-    rows = pd.DataFrame({
-        "image_path": path,
-        "ra_deg": catalog.ra_deg[idx][good],
-        "dec_deg": catalog.dec_deg[idx][good],
-        "nvss_flux_mjy": catalog.flux_mjy[idx][good],
-        "peak_jyb": phot.peak_jyb[good],
-        "peak_err_jyb": phot.peak_err_jyb[good],
-        "measured_at": now,
-        "source_id": catalog.source_id[idx][good],
-        "mjd": info.mjd,
-        "local_rms_jyb": phot.local_rms_jyb[good],
-        "background_jyb": phot.background_jyb[good],
-        "quality_flag": phot.quality_flag[good].astype(int),
-    })
+    rows = pd.DataFrame(
+        {
+            "image_path": path,
+            "ra_deg": catalog.ra_deg[idx][good],
+            "dec_deg": catalog.dec_deg[idx][good],
+            "nvss_flux_mjy": catalog.flux_mjy[idx][good],
+            "peak_jyb": phot.peak_jyb[good],
+            "peak_err_jyb": phot.peak_err_jyb[good],
+            "measured_at": now,
+            "source_id": catalog.source_id[idx][good],
+            "mjd": info.mjd,
+            "local_rms_jyb": phot.local_rms_jyb[good],
+            "background_jyb": phot.background_jyb[good],
+            "quality_flag": phot.quality_flag[good].astype(int),
+        }
+    )
     rms = phot.local_rms_jyb[good]
     median_rms = float(np.median(rms)) if rms.size else None
-    photometry_db.replace_image_photometry(engine, path, rows, {
-        "mjd": info.mjd, "median_rms_jyb": median_rms, "n_sources": int(good.sum()),
-    })
-    return ImageResult(path, "measured", n_sources=int(good.sum()), median_rms_jyb=median_rms,
-                       n_flagged=int((phot.quality_flag[good] != 0).sum()))
+    photometry_db.replace_image_photometry(
+        engine,
+        path,
+        rows,
+        {
+            "mjd": info.mjd,
+            "median_rms_jyb": median_rms,
+            "n_sources": int(good.sum()),
+        },
+    )
+    return ImageResult(
+        path,
+        "measured",
+        n_sources=int(good.sum()),
+        median_rms_jyb=median_rms,
+        n_flagged=int((phot.quality_flag[good] != 0).sum()),
+    )
 
 
-def measure_images(engine: Engine, catalog: Catalog, paths: Sequence[str], *,
-                   min_flux_mjy: float = 0.0, progress: Progress = silent) -> list[ImageResult]:
+def measure_images(
+    engine: Engine,
+    catalog: Catalog,
+    paths: Sequence[str],
+    *,
+    min_flux_mjy: float = 0.0,
+    progress: Progress = silent,
+) -> list[ImageResult]:
     """:func:`measure_image` for each path; one bad image never stops the others.
 
     The error boundary is per image, except for :class:`DatabaseUnavailable`: a busy or lost
@@ -106,8 +133,6 @@ def measure_images(engine: Engine, catalog: Catalog, paths: Sequence[str], *,
             images_db.mark_image_failed(engine, path, reason)
             res = ImageResult(path, "failed", reason=reason)
         results.append(res)
-        detail = (f"{res.n_sources} sources" if res.status == "measured" else res.reason)
+        detail = f"{res.n_sources} sources" if res.status == "measured" else res.reason
         progress(f"[{i}/{len(paths)}] {Path(path).name}: {res.status} ({detail})")
     return results
-
-

@@ -47,8 +47,10 @@ def retry_delay(attempts: int, delay_s: float) -> float:
 
 
 def future_night_reason(night: str, last_night: str) -> str:
-    return (f"observation night {night} does not exist yet (the latest night is {last_night}: "
-            "clock ahead or wrong DATE-OBS?); it is measured once that night begins")
+    return (
+        f"observation night {night} does not exist yet (the latest night is {last_night}: "
+        "clock ahead or wrong DATE-OBS?); it is measured once that night begins"
+    )
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,15 @@ class Plan:
 
     def summary(self) -> str:
         parts = [f"{self.n_images} images in {len(self.batches)} runs"]
-        for count, what in ((self.new, "new"), (self.resumed, "resumed after an interrupted "
-                            "or failed run"), (self.retried, "failed before, retried"),
-                            (self.in_flight, "already being measured"),
-                            (self.backing_off, "waiting for their retry time"),
-                            (len(self.future), "waiting for their night to begin"),
-                            (len(self.gave_up), "given up after repeated failures")):
+        for count, what in (
+            (self.new, "new"),
+            (self.resumed, "resumed after an interrupted or failed run"),
+            (self.retried, "failed before, retried"),
+            (self.in_flight, "already being measured"),
+            (self.backing_off, "waiting for their retry time"),
+            (len(self.future), "waiting for their night to begin"),
+            (len(self.gave_up), "given up after repeated failures"),
+        ):
             if count:
                 parts.append(f"{count} {what}")
         return "; ".join(parts)
@@ -98,8 +103,16 @@ def _in_ranges(night: str, ranges: Iterable[tuple[str, str]]) -> bool:
     return any(first <= night <= last for first, last in ranges)
 
 
-def _choose(row, *, now: float, patient: bool, max_attempts: int, grace_s: float,
-            in_flight_tokens: set[str], launched: set[str]) -> str:
+def _choose(
+    row,
+    *,
+    now: float,
+    patient: bool,
+    max_attempts: int,
+    grace_s: float,
+    in_flight_tokens: set[str],
+    launched: set[str],
+) -> str:
     """``take`` (and why: new/resumed/retried), or why the image is left alone."""
     attempts = int(row.attempts or 0)
     retry_due = pd.isna(row.next_attempt_at) or row.next_attempt_at <= now
@@ -158,31 +171,53 @@ def plan_runs(
     plan.in_flight += int(busy_night.sum())
     rows = rows[~busy_night]
 
-    recent = rows[(rows["status"] == "queued") & ~rows["batch_token"].isin(in_flight_tokens)
-                  & (rows["queued_at"] + grace_s > now)]
+    recent = rows[
+        (rows["status"] == "queued")
+        & ~rows["batch_token"].isin(in_flight_tokens)
+        & (rows["queued_at"] + grace_s > now)
+    ]
     launched = tokens_with_runs(set(recent["batch_token"].dropna())) if len(recent) else set()
-    choice = pd.Series([_choose(r, now=now, patient=patient, max_attempts=max_attempts,
-                                grace_s=grace_s, in_flight_tokens=in_flight_tokens,
-                                launched=launched)
-                        for r in rows.itertuples(index=False)], index=rows.index, dtype=object)
+    choice = pd.Series(
+        [
+            _choose(
+                r,
+                now=now,
+                patient=patient,
+                max_attempts=max_attempts,
+                grace_s=grace_s,
+                in_flight_tokens=in_flight_tokens,
+                launched=launched,
+            )
+            for r in rows.itertuples(index=False)
+        ],
+        index=rows.index,
+        dtype=object,
+    )
     plan.in_flight += int((choice == "in_flight").sum())
     plan.backing_off += int((choice == "backing_off").sum())
     plan.gave_up = sorted(rows.loc[choice == "give_up", "path"])
     if plan.gave_up:
         images_db.give_up_images(
-            engine, plan.gave_up,
+            engine,
+            plan.gave_up,
             f"requested {max_attempts} times without being measured (see the failed runs of "
-            "its batch in the Dagster UI); the nightly run and `ese ingest` will try again")
+            "its batch in the Dagster UI); the nightly run and `ese ingest` will try again",
+        )
     take = rows[choice.isin(["new", "resumed", "retried"])].assign(kind=choice)
     for night, group in take.groupby("night", sort=True):
         group = group.sort_values("path")
         for start in range(0, len(group), max_images_per_run):
-            chunk = group.iloc[start:start + max_images_per_run]
+            chunk = group.iloc[start : start + max_images_per_run]
             token = uuid.uuid4().hex[:16]
-            expected = [{"path": r.path, "status": r.status,
-                         "batch_token": None if pd.isna(r.batch_token) else r.batch_token,
-                         "retry_at": now + retry_delay(int(r.attempts or 0) + 1, retry_delay_s)}
-                        for r in chunk.itertuples(index=False)]
+            expected = [
+                {
+                    "path": r.path,
+                    "status": r.status,
+                    "batch_token": None if pd.isna(r.batch_token) else r.batch_token,
+                    "retry_at": now + retry_delay(int(r.attempts or 0) + 1, retry_delay_s),
+                }
+                for r in chunk.itertuples(index=False)
+            ]
             claimed = images_db.claim_images(engine, expected, token, queued_at=now)
             if not claimed:
                 continue

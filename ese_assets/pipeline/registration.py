@@ -55,9 +55,13 @@ def _candidate_files(directory: Path) -> list[os.DirEntry]:
         raise FileNotFoundError(f"incoming directory {directory} does not exist")
     with os.scandir(directory) as entries:
         return sorted(
-            (e for e in entries
-             if e.is_file(follow_symlinks=True) and not e.name.startswith(".")
-             and not e.name.lower().endswith(PARTIAL_SUFFIXES)),
+            (
+                e
+                for e in entries
+                if e.is_file(follow_symlinks=True)
+                and not e.name.startswith(".")
+                and not e.name.lower().endswith(PARTIAL_SUFFIXES)
+            ),
             key=lambda e: e.name,
         )
 
@@ -70,26 +74,53 @@ def _file_facts(stat: os.stat_result) -> dict:
 
 def _image_record(info: ImageInfo, *, night: str, stat: os.stat_result, now: float) -> dict:
     return {
-        "path": info.path, "night": night, "mjd": info.mjd, "date_obs": info.date_obs,
-        "beam_maj_deg": info.beam.major_deg, "beam_min_deg": info.beam.minor_deg,
-        "beam_pa_deg": info.beam.pa_deg, "freq_hz": info.freq_hz,
-        "ra_center_deg": info.center_ra_deg, "dec_center_deg": info.center_dec_deg,
-        "radius_deg": info.radius_deg, "naxis1": info.shape[1], "naxis2": info.shape[0],
-        "status": "pending", "reason": None, "registered_at": now, **_file_facts(stat),
+        "path": info.path,
+        "night": night,
+        "mjd": info.mjd,
+        "date_obs": info.date_obs,
+        "beam_maj_deg": info.beam.major_deg,
+        "beam_min_deg": info.beam.minor_deg,
+        "beam_pa_deg": info.beam.pa_deg,
+        "freq_hz": info.freq_hz,
+        "ra_center_deg": info.center_ra_deg,
+        "dec_center_deg": info.center_dec_deg,
+        "radius_deg": info.radius_deg,
+        "naxis1": info.shape[1],
+        "naxis2": info.shape[0],
+        "status": "pending",
+        "reason": None,
+        "registered_at": now,
+        **_file_facts(stat),
     }
 
 
-def _rejected_record(path: str, reason: str, *, stat: os.stat_result, now: float,
-                     night: str | None = None, mjd: float | None = None) -> dict:
-    return {"path": path, "night": night, "mjd": mjd, "status": "rejected", "reason": reason,
-            "registered_at": now, **_file_facts(stat)}
+def _rejected_record(
+    path: str,
+    reason: str,
+    *,
+    stat: os.stat_result,
+    now: float,
+    night: str | None = None,
+    mjd: float | None = None,
+) -> dict:
+    return {
+        "path": path,
+        "night": night,
+        "mjd": mjd,
+        "status": "rejected",
+        "reason": reason,
+        "registered_at": now,
+        **_file_facts(stat),
+    }
 
 
 def _same_pointing(a: dict, b: dict) -> bool:
     """Observation centres closer than :data:`DUPLICATE_POINTING_TOL_DEG` on both axes."""
     dra = (a["ra_center_deg"] - b["ra_center_deg"] + 180.0) % 360.0 - 180.0
-    return (abs(dra * np.cos(np.radians(a["dec_center_deg"]))) < DUPLICATE_POINTING_TOL_DEG
-            and abs(a["dec_center_deg"] - b["dec_center_deg"]) < DUPLICATE_POINTING_TOL_DEG)
+    return (
+        abs(dra * np.cos(np.radians(a["dec_center_deg"]))) < DUPLICATE_POINTING_TOL_DEG
+        and abs(a["dec_center_deg"] - b["dec_center_deg"]) < DUPLICATE_POINTING_TOL_DEG
+    )
 
 
 def inspect_files(
@@ -122,8 +153,7 @@ def inspect_files(
     now = time.time() if now is None else now
     paths = [str(Path(p).expanduser().resolve()) for p in paths]
     result = ScanResult()
-    result.changed = _release_changed_files(engine, paths, now=now,
-                                            settle_seconds=settle_seconds)
+    result.changed = _release_changed_files(engine, paths, now=now, settle_seconds=settle_seconds)
     known = images_db.known_image_paths(engine, paths)
     result.already_known = len(known)
     new = [p for p in paths if p not in known]
@@ -131,17 +161,32 @@ def inspect_files(
         result.deferred = len(new) - limit
         new = new[:limit]
     for start in range(0, len(new), REGISTER_BATCH):
-        _register_batch(engine, new[start:start + REGISTER_BATCH], result, timezone=timezone,
-                        first_night=first_night, settle_seconds=settle_seconds, now=now,
-                        progress=progress)
+        _register_batch(
+            engine,
+            new[start : start + REGISTER_BATCH],
+            result,
+            timezone=timezone,
+            first_night=first_night,
+            settle_seconds=settle_seconds,
+            now=now,
+            progress=progress,
+        )
         if len(new) > REGISTER_BATCH:
             progress(f"examined {min(start + REGISTER_BATCH, len(new))}/{len(new)} new files")
     return result
 
 
-def _register_batch(engine: Engine, paths: list[str], result: ScanResult, *, timezone: str,
-                    first_night: str, settle_seconds: float, now: float,
-                    progress: Progress) -> None:
+def _register_batch(
+    engine: Engine,
+    paths: list[str],
+    result: ScanResult,
+    *,
+    timezone: str,
+    first_night: str,
+    settle_seconds: float,
+    now: float,
+    progress: Progress,
+) -> None:
     records: list[dict] = []
     for path in paths:
         try:
@@ -151,14 +196,16 @@ def _register_batch(engine: Engine, paths: list[str], result: ScanResult, *, tim
         if now - stat.st_mtime < settle_seconds:
             result.waiting.append(path)
             continue
-        records.append(_inspect_one(path, stat, timezone=timezone, first_night=first_night,
-                                    now=now))
+        records.append(
+            _inspect_one(path, stat, timezone=timezone, first_night=first_night, now=now)
+        )
     _reject_duplicates(engine, [r for r in records if r["status"] == "pending"])
     images_db.register_images(engine, records)
     # A measured file rewritten into something unusable: its old rows describe no file any more.
     changed = set(result.changed)
     photometry_db.delete_image_photometry(
-        engine, [r["path"] for r in records if r["status"] == "rejected" and r["path"] in changed])
+        engine, [r["path"] for r in records if r["status"] == "rejected" and r["path"] in changed]
+    )
     for rec in records:
         if rec["status"] == "pending":
             result.registered.append(rec["path"])
@@ -177,8 +224,9 @@ def _reject_duplicates(engine: Engine, usable: list[dict]) -> None:
     if not usable:
         return
     mjds = [r["mjd"] for r in usable]
-    registered = images_db.images_near_mjd(engine, min(mjds) - DUPLICATE_MJD_TOL_DAYS,
-                                      max(mjds) + DUPLICATE_MJD_TOL_DAYS)
+    registered = images_db.images_near_mjd(
+        engine, min(mjds) - DUPLICATE_MJD_TOL_DAYS, max(mjds) + DUPLICATE_MJD_TOL_DAYS
+    )
     by_second: dict[int, list[dict]] = {}
 
     def second(rec: dict) -> int:
@@ -187,21 +235,31 @@ def _reject_duplicates(engine: Engine, usable: list[dict]) -> None:
     for rec in registered.to_dict("records"):
         by_second.setdefault(second(rec), []).append(rec)
     for rec in usable:
-        near = (o for k in (second(rec) - 1, second(rec), second(rec) + 1)
-                for o in by_second.get(k, ()))
-        twin = next((o["path"] for o in near
-                     if o["path"] != rec["path"]
-                     and abs(o["mjd"] - rec["mjd"]) < DUPLICATE_MJD_TOL_DAYS
-                     and _same_pointing(o, rec)), None)
+        near = (
+            o for k in (second(rec) - 1, second(rec), second(rec) + 1) for o in by_second.get(k, ())
+        )
+        twin = next(
+            (
+                o["path"]
+                for o in near
+                if o["path"] != rec["path"]
+                and abs(o["mjd"] - rec["mjd"]) < DUPLICATE_MJD_TOL_DAYS
+                and _same_pointing(o, rec)
+            ),
+            None,
+        )
         if twin is None:
             by_second.setdefault(second(rec), []).append(rec)  # duplicates may arrive together
         else:
-            rec.update(status="rejected",
-                       reason=f"duplicate of {twin} (same observation time and pointing)")
+            rec.update(
+                status="rejected",
+                reason=f"duplicate of {twin} (same observation time and pointing)",
+            )
 
 
-def _release_changed_files(engine: Engine, paths: list[str], *, now: float,
-                           settle_seconds: float) -> list[str]:
+def _release_changed_files(
+    engine: Engine, paths: list[str], *, now: float, settle_seconds: float
+) -> list[str]:
     """Forget the registrations of files that changed since; returns their paths.
 
     A change of size or modification time means new content (an image rewritten in place, a
@@ -218,7 +276,7 @@ def _release_changed_files(engine: Engine, paths: list[str], *, now: float,
             continue  # gone, or unreachable: nothing to re-examine now
         if now - stat.st_mtime < settle_seconds:
             continue
-        content = (row.file_size != stat.st_size or _differs(row.file_mtime, stat.st_mtime))
+        content = row.file_size != stat.st_size or _differs(row.file_mtime, stat.st_mtime)
         access = row.status == "rejected" and _differs(row.file_ctime, stat.st_ctime)
         if content or access:
             changed.append(row.path)
@@ -232,20 +290,28 @@ def _differs(recorded: float | None, actual: float) -> bool:
     return recorded is None or recorded != recorded or abs(recorded - actual) > 1e-6
 
 
-def _inspect_one(path: str, stat: os.stat_result, *, timezone: str, first_night: str,
-                 now: float) -> dict:
+def _inspect_one(
+    path: str, stat: os.stat_result, *, timezone: str, first_night: str, now: float
+) -> dict:
     try:
         info = read_image_info(path)
     except ImageError as exc:
         return _rejected_record(path, exc.reason, stat=stat, now=now)
     except OSError as exc:  # permissions and the like: record, never stop the scan
-        return _rejected_record(path, f"cannot read file ({exc.strerror or exc})", stat=stat,
-                                now=now)
+        return _rejected_record(
+            path, f"cannot read file ({exc.strerror or exc})", stat=stat, now=now
+        )
     night = night_of_mjd(info.mjd, timezone)
     if night < first_night:
         return _rejected_record(
-            path, f"observation night {night} precedes the first partition {first_night} "
-                  f"(set ESE_PARTITION_START)", stat=stat, now=now, night=night, mjd=info.mjd)
+            path,
+            f"observation night {night} precedes the first partition {first_night} "
+            f"(set ESE_PARTITION_START)",
+            stat=stat,
+            now=now,
+            night=night,
+            mjd=info.mjd,
+        )
     return _image_record(info, night=night, stat=stat, now=now)
 
 
@@ -253,5 +319,3 @@ def scan_directory(engine: Engine, directory: str | Path, **kwargs) -> ScanResul
     """:func:`inspect_files` over the files of ``directory`` (see there for the rules)."""
     entries = _candidate_files(Path(directory).expanduser().resolve())
     return inspect_files(engine, [e.path for e in entries], **kwargs)
-
-

@@ -58,12 +58,14 @@ _STATS_EXTRA_COLUMNS = ("ra_deg", "dec_deg", "nvss_flux_mjy", "last_measured_at"
 
 def _flux_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Photometry rows as the measurement table of core.variability (Jy/beam -> mJy)."""
-    out = pd.DataFrame({
-        "source_id": rows["source_id"].to_numpy(),
-        "mjd": rows["mjd"].to_numpy(float),
-        "flux_mjy": rows["peak_jyb"].to_numpy(float) * 1e3,
-        "flux_err_mjy": rows["peak_err_jyb"].to_numpy(float) * 1e3,
-    })
+    out = pd.DataFrame(
+        {
+            "source_id": rows["source_id"].to_numpy(),
+            "mjd": rows["mjd"].to_numpy(float),
+            "flux_mjy": rows["peak_jyb"].to_numpy(float) * 1e3,
+            "flux_err_mjy": rows["peak_err_jyb"].to_numpy(float) * 1e3,
+        }
+    )
     if "night" in rows.columns:
         out["night"] = rows["night"].to_numpy()
     return out
@@ -71,11 +73,16 @@ def _flux_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 def _latest_catalog_values(rows: pd.DataFrame) -> pd.DataFrame:
     """Per source (index): catalog position and flux of its latest row, last measured_at."""
-    return (rows.sort_values(["source_id", "mjd"], kind="mergesort")
-            .groupby("source_id", sort=True)
-            .agg(ra_deg=("ra_deg", "last"), dec_deg=("dec_deg", "last"),
-                 nvss_flux_mjy=("nvss_flux_mjy", "last"),
-                 last_measured_at=("measured_at", "max")))
+    return (
+        rows.sort_values(["source_id", "mjd"], kind="mergesort")
+        .groupby("source_id", sort=True)
+        .agg(
+            ra_deg=("ra_deg", "last"),
+            dec_deg=("dec_deg", "last"),
+            nvss_flux_mjy=("nvss_flux_mjy", "last"),
+            last_measured_at=("measured_at", "max"),
+        )
+    )
 
 
 def _catalog_shifts(rows: pd.DataFrame) -> pd.Series:
@@ -89,21 +96,24 @@ def _catalog_shifts(rows: pd.DataFrame) -> pd.Series:
     return flux.where(np.isfinite(flux), 0.0).astype(float)
 
 
-def _night_sums_of_rows(rows: pd.DataFrame, shifts: pd.Series, *,
-                        flux_scale_error: float) -> pd.DataFrame:
+def _night_sums_of_rows(
+    rows: pd.DataFrame, shifts: pd.Series, *, flux_scale_error: float
+) -> pd.DataFrame:
     """``source_night_sums`` rows of photometry rows (each source shifted by ``shifts[source]``)."""
     table = _flux_table(rows)
     table["shift_mjy"] = shifts.reindex(table["source_id"]).to_numpy(float)
     sums = night_partial_sums(table, flux_scale_error=flux_scale_error)
     measured = rows.groupby(["source_id", "night"], sort=True)["measured_at"].max()
     sums["last_measured_at"] = measured.reindex(
-        pd.MultiIndex.from_frame(sums[["source_id", "night"]])).to_numpy(float)
+        pd.MultiIndex.from_frame(sums[["source_id", "night"]])
+    ).to_numpy(float)
     sums["flux_scale_error"] = float(flux_scale_error)
     return sums
 
 
-def _rebuild_sums(conn, source_ids: Sequence[str], *, flux_scale_error: float,
-                  exclude_flags: int) -> None:
+def _rebuild_sums(
+    conn, source_ids: Sequence[str], *, flux_scale_error: float, exclude_flags: int
+) -> None:
     """Rebuild the night rows and the total of ``source_ids`` from their whole photometry history.
 
     O(history): used on demand (recompute) and when the stored sums cannot be updated (a new
@@ -121,22 +131,29 @@ def _rebuild_sums(conn, source_ids: Sequence[str], *, flux_scale_error: float,
         statistics_db.put_source_sums(conn, totals)
 
 
-def _sources_to_rebuild(conn, rows: pd.DataFrame, stored: pd.DataFrame, *,
-                        flux_scale_error: float, exclude_flags: int) -> list[str]:
+def _sources_to_rebuild(
+    conn, rows: pd.DataFrame, stored: pd.DataFrame, *, flux_scale_error: float, exclude_flags: int
+) -> list[str]:
     """Sources whose stored sums cannot take a difference: a different flux_scale_error (other
     weights), or no sums yet although photometry exists outside these rows."""
     stale = set(stored.loc[stored["flux_scale_error"] != float(flux_scale_error), "source_id"])
     new = sorted(set(rows["source_id"]) - set(stored["source_id"]))
     if new:
         in_rows = rows.groupby("source_id").size()
-        in_table = photometry_db.photometry_counts_by_source(conn, new,
-                                                             exclude_flags=exclude_flags)
+        in_table = photometry_db.photometry_counts_by_source(conn, new, exclude_flags=exclude_flags)
         stale.update(s for s in new if in_table.get(s, 0) > in_rows[s])
     return sorted(stale)
 
 
-def _apply_night_changes(conn, nights: list[str], rows: pd.DataFrame, old: pd.DataFrame,
-                         stored: pd.DataFrame, *, flux_scale_error: float) -> None:
+def _apply_night_changes(
+    conn,
+    nights: list[str],
+    rows: pd.DataFrame,
+    old: pd.DataFrame,
+    stored: pd.DataFrame,
+    *,
+    flux_scale_error: float,
+) -> None:
     """Steps (b)-(d) of :func:`update_variability`: new night sums, difference to the stored ones
     added to ``source_sums``, night rows replaced. The caller's transaction makes them atomic."""
     shifts = _catalog_shifts(rows)
@@ -145,8 +162,14 @@ def _apply_night_changes(conn, nights: list[str], rows: pd.DataFrame, old: pd.Da
     new = _night_sums_of_rows(rows, shifts, flux_scale_error=flux_scale_error)
 
     keys = ["source_id", "night"]
-    both = new.merge(old[keys + list(SUM_COLUMNS) + list(EXTREME_COLUMNS)], on=keys, how="outer",
-                     suffixes=("", "_old"), indicator=True, sort=True)
+    both = new.merge(
+        old[keys + list(SUM_COLUMNS) + list(EXTREME_COLUMNS)],
+        on=keys,
+        how="outer",
+        suffixes=("", "_old"),
+        indicator=True,
+        sort=True,
+    )
     # new - old: exactly 0 when a night is re-run on unchanged photometry, so re-runs leave
     # source_sums bit-identical. A pair that vanished (a source no longer measured) subtracts.
     delta = both[keys + list(EXTREME_COLUMNS)].copy()
@@ -176,27 +199,42 @@ def _apply_night_changes(conn, nights: list[str], rows: pd.DataFrame, old: pd.Da
     statistics_db.delete_source_sums(conn, totals["source_id"], only_empty=True)
 
 
-def _store_stats(conn, source_ids: Sequence[str], *, flux_scale_error: float,
-                 dip_window_days: float, exclude_flags: int, now: float) -> pd.DataFrame:
+def _store_stats(
+    conn,
+    source_ids: Sequence[str],
+    *,
+    flux_scale_error: float,
+    dip_window_days: float,
+    exclude_flags: int,
+    now: float,
+) -> pd.DataFrame:
     """Steps (e)-(g): variability_stats of ``source_ids`` from their sums and their window."""
     sums = statistics_db.source_sums(conn, source_ids)
     if sums.empty:
         return pd.DataFrame()
     moments = metrics_from_sums(sums)
-    window = _flux_table(photometry_db.window_photometry(conn, sums["source_id"], dip_window_days,
-                                                         exclude_flags=exclude_flags))
+    window = _flux_table(
+        photometry_db.window_photometry(
+            conn, sums["source_id"], dip_window_days, exclude_flags=exclude_flags
+        )
+    )
     robust = variability_metrics(window, flux_scale_error=flux_scale_error)[list(WINDOW_COLUMNS)]
-    stats = (moments.merge(robust, on="source_id", how="left")
-             .merge(sums[["source_id", *_STATS_EXTRA_COLUMNS]], on="source_id", how="left"))
+    stats = moments.merge(robust, on="source_id", how="left").merge(
+        sums[["source_id", *_STATS_EXTRA_COLUMNS]], on="source_id", how="left"
+    )
     stats = stats[[*METRIC_COLUMNS, *_STATS_EXTRA_COLUMNS]]
     stats["updated_at"] = now
     statistics_db.upsert_variability_stats(conn, stats)
     return stats
 
 
-def stats_from_lightcurves(lightcurves: pd.DataFrame, *, flux_scale_error: float,
-                           exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
-                           now: float | None = None) -> pd.DataFrame:
+def stats_from_lightcurves(
+    lightcurves: pd.DataFrame,
+    *,
+    flux_scale_error: float,
+    exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
+    now: float | None = None,
+) -> pd.DataFrame:
     """``variability_stats`` rows computed directly from whole photometry histories (Jy/beam rows).
 
     The reference the incremental path is tested against (every metric over every usable epoch,
@@ -212,16 +250,22 @@ def stats_from_lightcurves(lightcurves: pd.DataFrame, *, flux_scale_error: float
     if lightcurves.empty:
         return pd.DataFrame()
     stats = variability_metrics(_flux_table(lightcurves), flux_scale_error=flux_scale_error)
-    stats = stats.merge(_latest_catalog_values(lightcurves), left_on="source_id",
-                        right_index=True, how="left")
+    stats = stats.merge(
+        _latest_catalog_values(lightcurves), left_on="source_id", right_index=True, how="left"
+    )
     stats["updated_at"] = now
     return stats
 
 
-def update_variability(engine: Engine, nights: Sequence[str], *, flux_scale_error: float,
-                       dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
-                       exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
-                       now: float | None = None) -> pd.DataFrame:
+def update_variability(
+    engine: Engine,
+    nights: Sequence[str],
+    *,
+    flux_scale_error: float,
+    dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
+    exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
+    now: float | None = None,
+) -> pd.DataFrame:
     """Update the statistics of every source measured in ``nights``, at a cost bounded by the
     nights, the sources and the dip window -- not by the length of the history.
 
@@ -243,26 +287,38 @@ def update_variability(engine: Engine, nights: Sequence[str], *, flux_scale_erro
         old = statistics_db.night_sums(conn, nights=nights)
         touched = sorted(set(rows["source_id"]) | set(old["source_id"]))
         stored = statistics_db.source_sums(conn, touched)
-        rebuild = _sources_to_rebuild(conn, rows, stored, flux_scale_error=flux_scale_error,
-                                      exclude_flags=exclude_flags)
+        rebuild = _sources_to_rebuild(
+            conn, rows, stored, flux_scale_error=flux_scale_error, exclude_flags=exclude_flags
+        )
         if rebuild:
             log.info("rebuilding the sums of %d sources from their whole history", len(rebuild))
             rows, old, stored = (df[~df["source_id"].isin(rebuild)] for df in (rows, old, stored))
         if len(rows) or len(old):
-            _apply_night_changes(conn, nights, rows, old, stored,
-                                 flux_scale_error=flux_scale_error)
+            _apply_night_changes(conn, nights, rows, old, stored, flux_scale_error=flux_scale_error)
         if rebuild:  # after the night rows of `nights` were replaced: this rewrites all of theirs
-            _rebuild_sums(conn, rebuild, flux_scale_error=flux_scale_error,
-                          exclude_flags=exclude_flags)
-        return _store_stats(conn, touched, flux_scale_error=flux_scale_error,
-                            dip_window_days=dip_window_days, exclude_flags=exclude_flags, now=now)
+            _rebuild_sums(
+                conn, rebuild, flux_scale_error=flux_scale_error, exclude_flags=exclude_flags
+            )
+        return _store_stats(
+            conn,
+            touched,
+            flux_scale_error=flux_scale_error,
+            dip_window_days=dip_window_days,
+            exclude_flags=exclude_flags,
+            now=now,
+        )
 
 
-def recompute_variability(engine: Engine, source_ids: Sequence[str] | None = None, *,
-                          flux_scale_error: float,
-                          dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
-                          exclude_flags: int = DEFAULT_EXCLUDED_FLAGS, chunk: int = 2000,
-                          progress: Progress = silent) -> int:
+def recompute_variability(
+    engine: Engine,
+    source_ids: Sequence[str] | None = None,
+    *,
+    flux_scale_error: float,
+    dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
+    exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
+    chunk: int = 2000,
+    progress: Progress = silent,
+) -> int:
     """Rebuild sums and statistics of ``source_ids`` (all sources when None) from ``photometry``.
 
     The full O(history) path (``ese detect --recompute``, the API): per chunk of sources, one
@@ -271,21 +327,27 @@ def recompute_variability(engine: Engine, source_ids: Sequence[str] | None = Non
     the number of sources with statistics.
     """
     if source_ids is None:
-        ids = sorted(set(photometry_db.measured_source_ids(engine))
-                     | set(statistics_db.source_sums(engine)["source_id"]))
+        ids = sorted(
+            set(photometry_db.measured_source_ids(engine))
+            | set(statistics_db.source_sums(engine)["source_id"])
+        )
     else:
         ids = sorted({str(s) for s in source_ids})
     done = 0
     for start in range(0, len(ids), chunk):
-        part = ids[start:start + chunk]
+        part = ids[start : start + chunk]
         with statistics_db.sums_transaction(engine) as conn:
-            _rebuild_sums(conn, part, flux_scale_error=flux_scale_error,
-                          exclude_flags=exclude_flags)
-            stats = _store_stats(conn, part, flux_scale_error=flux_scale_error,
-                                 dip_window_days=dip_window_days, exclude_flags=exclude_flags,
-                                 now=time.time())
+            _rebuild_sums(
+                conn, part, flux_scale_error=flux_scale_error, exclude_flags=exclude_flags
+            )
+            stats = _store_stats(
+                conn,
+                part,
+                flux_scale_error=flux_scale_error,
+                dip_window_days=dip_window_days,
+                exclude_flags=exclude_flags,
+                now=time.time(),
+            )
         done += len(stats)
         progress(f"variability statistics: {min(start + chunk, len(ids))}/{len(ids)} sources")
     return done
-
-

@@ -54,7 +54,7 @@ def now() -> float:
 def chunks(values: Sequence[Any], size: int = CHUNK_SIZE) -> Iterator[list[Any]]:
     """Consecutive slices of ``values`` of at most ``size`` items."""
     for start in range(0, len(values), size):
-        yield list(values[start:start + size])
+        yield list(values[start : start + size])
 
 
 def unique_str(values: Iterable[Any] | str | None) -> list[str]:
@@ -103,12 +103,15 @@ def check_columns(table: sa.Table, keys: Iterable[str], what: str) -> None:
     """ValueError naming the keys that are not columns of ``table`` (a typo must not drop data)."""
     unknown = sorted(set(keys) - set(table.c.keys()))
     if unknown:
-        raise ValueError(f"{what}: unknown {table.name} column(s) {unknown}; "
-                         f"known columns: {list(table.c.keys())}")
+        raise ValueError(
+            f"{what}: unknown {table.name} column(s) {unknown}; "
+            f"known columns: {list(table.c.keys())}"
+        )
 
 
-def check_statuses(status: str | Iterable[str] | None, allowed: Sequence[str],
-                   what: str) -> list[str] | None:
+def check_statuses(
+    status: str | Iterable[str] | None, allowed: Sequence[str], what: str
+) -> list[str] | None:
     """``status`` (one or several) as a list after checking each is in ``allowed``; None stays."""
     if status is None:
         return None
@@ -140,8 +143,9 @@ def read_frame(conn: Connection, stmt: sa.Select[Any]) -> pd.DataFrame:
     # Plain tuples: building a DataFrame from Row objects probes each row's attributes and took
     # twice as long (benchmarks/bench_variability.py).
     rows = [tuple(row) for row in result.fetchall()]
-    frame = pd.DataFrame(rows, columns=names) if rows else pd.DataFrame(
-        {name: [] for name in names})
+    frame = (
+        pd.DataFrame(rows, columns=names) if rows else pd.DataFrame({name: [] for name in names})
+    )
     dtypes: dict[str, Any] = {}
     for name, column in zip(names, stmt.selected_columns, strict=True):
         base = column
@@ -158,8 +162,9 @@ def read_frame(conn: Connection, stmt: sa.Select[Any]) -> pd.DataFrame:
     return frame
 
 
-def read_chunked(conn: Connection, make_stmt: Callable[[list[Any]], sa.Select[Any]],
-                 values: Sequence[Any]) -> pd.DataFrame:
+def read_chunked(
+    conn: Connection, make_stmt: Callable[[list[Any]], sa.Select[Any]], values: Sequence[Any]
+) -> pd.DataFrame:
     """Concatenate ``make_stmt(chunk)`` over chunks of ``values`` (caller sorts the result).
 
     With no values, ``make_stmt([])`` is read once so the result still has typed columns.
@@ -192,8 +197,11 @@ def reading(bind: Bind) -> Iterator[Connection]:
             yield conn
 
 
-def read_all_or_chunked(bind: Bind, make_stmt: Callable[[list[Any] | None], sa.Select[Any]],
-                        values: Iterable[Any] | None) -> pd.DataFrame:
+def read_all_or_chunked(
+    bind: Bind,
+    make_stmt: Callable[[list[Any] | None], sa.Select[Any]],
+    values: Iterable[Any] | None,
+) -> pd.DataFrame:
     """``make_stmt(None)`` (no filter) when ``values`` is None, else chunked ``make_stmt(chunk)``
     over the distinct values."""
     with reading(bind) as conn:
@@ -212,8 +220,9 @@ def dialect_insert(conn: Connection, table: sa.Table) -> Any:
     raise NotImplementedError(f"unsupported database dialect {name!r} (use SQLite or PostgreSQL)")
 
 
-def sorted_records(table: sa.Table, rows: pd.DataFrame,
-                   keys: Sequence[str]) -> list[dict[str, Any]]:
+def sorted_records(
+    table: sa.Table, rows: pd.DataFrame, keys: Sequence[str]
+) -> list[dict[str, Any]]:
     """Rows of ``rows`` as insert parameters for ``table`` (its columns only), sorted by ``keys``
     so concurrent writers lock rows in the same order (no deadlocks on PostgreSQL)."""
     frame = rows[[c.key for c in table.c if c.key in rows.columns]].copy()

@@ -243,8 +243,9 @@ def ensure_schema(engine: Engine) -> None:
     if missing_table or missing_columns:
         with begin_write(engine) as conn:
             if conn.dialect.name == "postgresql":
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"),
-                             {"key": _SCHEMA_LOCK_KEY})
+                conn.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
+                )
             _, missing_columns = _missing_schema(conn)
             for table, columns in missing_columns.items():
                 _add_columns(conn, table, columns)

@@ -33,8 +33,9 @@ def known_image_paths(bind: Bind, paths: Iterable[str]) -> set[str]:
     found: set[str] = set()
     with reading(bind) as conn:
         for chunk in chunks(unique_str(paths)):
-            found.update(conn.execute(
-                sa.select(images.c.path).where(images.c.path.in_(chunk))).scalars())
+            found.update(
+                conn.execute(sa.select(images.c.path).where(images.c.path.in_(chunk))).scalars()
+            )
     return found
 
 
@@ -45,9 +46,13 @@ def file_states(bind: Bind, paths: Iterable[str]) -> pd.DataFrame:
     """
 
     def stmt(chunk: list[str]) -> sa.Select[Any]:
-        return (sa.select(images.c.path, images.c.status, images.c.file_size,
-                          images.c.file_mtime, images.c.file_ctime)
-                .where(images.c.path.in_(chunk)))
+        return sa.select(
+            images.c.path,
+            images.c.status,
+            images.c.file_size,
+            images.c.file_mtime,
+            images.c.file_ctime,
+        ).where(images.c.path.in_(chunk))
 
     with reading(bind) as conn:
         return read_chunked(conn, stmt, unique_str(paths))
@@ -97,17 +102,20 @@ def register_images(bind: Bind, records: list[dict[str, Any]]) -> int:
     # executemany needs the same keys in every parameter set.
     rows = [{k: row.get(k) for k in sorted(keys)} for _, row in sorted(by_path.items())]
     with writing(bind) as conn:
-        stmt = (dialect_insert(conn, images)
-                .on_conflict_do_nothing(index_elements=[images.c.path])
-                .returning(images.c.path))
+        stmt = (
+            dialect_insert(conn, images)
+            .on_conflict_do_nothing(index_elements=[images.c.path])
+            .returning(images.c.path)
+        )
         inserted = 0
         for chunk in chunks(rows):
             inserted += len(conn.execute(stmt, chunk).all())
     return inserted
 
 
-def set_image_status(bind: Bind, paths: Iterable[str], status: str,
-                     reason: str | None = None) -> int:
+def set_image_status(
+    bind: Bind, paths: Iterable[str], status: str, reason: str | None = None
+) -> int:
     """Set ``status`` and ``reason`` (cleared when None) of the given images; returns the rows
     updated."""
     check_statuses(status, IMAGE_STATUSES, "image status")
@@ -117,8 +125,9 @@ def set_image_status(bind: Bind, paths: Iterable[str], status: str,
         return 0
     with writing(bind) as conn:
         for chunk in chunks(wanted):
-            result = conn.execute(images.update().where(images.c.path.in_(chunk))
-                                  .values(status=status, reason=reason))
+            result = conn.execute(
+                images.update().where(images.c.path.in_(chunk)).values(status=status, reason=reason)
+            )
             updated += result.rowcount
     return updated
 
@@ -131,10 +140,15 @@ def mark_image_failed(bind: Bind, path: str, reason: str) -> int:
     :func:`give_up_images` stops them.
     """
     with writing(bind) as conn:
-        return conn.execute(images.update().where(images.c.path == str(path))
-                            .values(status="failed", reason=reason,
-                                    next_attempt_at=sa.func.coalesce(images.c.next_attempt_at,
-                                                                     now()))).rowcount
+        return conn.execute(
+            images.update()
+            .where(images.c.path == str(path))
+            .values(
+                status="failed",
+                reason=reason,
+                next_attempt_at=sa.func.coalesce(images.c.next_attempt_at, now()),
+            )
+        ).rowcount
 
 
 def unfinished_images(bind: Bind) -> pd.DataFrame:
@@ -143,17 +157,27 @@ def unfinished_images(bind: Bind) -> pd.DataFrame:
     DataFrame[path, night, status, reason, batch_token, attempts, queued_at, next_attempt_at],
     ordered by night and path.
     """
-    stmt = (sa.select(images.c.path, images.c.night, images.c.status, images.c.reason,
-                      images.c.batch_token, images.c.attempts, images.c.queued_at,
-                      images.c.next_attempt_at)
-            .where(images.c.status.in_(UNFINISHED_STATUSES))
-            .order_by(images.c.night, images.c.path))
+    stmt = (
+        sa.select(
+            images.c.path,
+            images.c.night,
+            images.c.status,
+            images.c.reason,
+            images.c.batch_token,
+            images.c.attempts,
+            images.c.queued_at,
+            images.c.next_attempt_at,
+        )
+        .where(images.c.status.in_(UNFINISHED_STATUSES))
+        .order_by(images.c.night, images.c.path)
+    )
     with reading(bind) as conn:
         return read_frame(conn, stmt)
 
 
-def claim_images(bind: Bind, expected: Sequence[Mapping[str, Any]], token: str, *,
-                 queued_at: float) -> list[str]:
+def claim_images(
+    bind: Bind, expected: Sequence[Mapping[str, Any]], token: str, *, queued_at: float
+) -> list[str]:
     """Queue the images of ``expected`` for the run of batch ``token``; returns the paths claimed.
 
     Each item of ``expected`` holds ``path``, ``status`` and ``batch_token`` as read by the
@@ -165,20 +189,36 @@ def claim_images(bind: Bind, expected: Sequence[Mapping[str, Any]], token: str, 
     """
     if not expected:
         return []
-    stmt = (images.update()
-            .where(images.c.path == sa.bindparam("b_path"),
-                   images.c.status == sa.bindparam("b_status"),
-                   sa.func.coalesce(images.c.batch_token, "") == sa.bindparam("b_token"))
-            .values(status="queued", batch_token=token, queued_at=queued_at,
-                    next_attempt_at=sa.bindparam("b_retry"), attempts=images.c.attempts + 1))
-    params = [{"b_path": str(e["path"]), "b_status": str(e["status"]),
-               "b_token": str(e.get("batch_token") or ""), "b_retry": float(e["retry_at"])}
-              for e in expected]
+    stmt = (
+        images.update()
+        .where(
+            images.c.path == sa.bindparam("b_path"),
+            images.c.status == sa.bindparam("b_status"),
+            sa.func.coalesce(images.c.batch_token, "") == sa.bindparam("b_token"),
+        )
+        .values(
+            status="queued",
+            batch_token=token,
+            queued_at=queued_at,
+            next_attempt_at=sa.bindparam("b_retry"),
+            attempts=images.c.attempts + 1,
+        )
+    )
+    params = [
+        {
+            "b_path": str(e["path"]),
+            "b_status": str(e["status"]),
+            "b_token": str(e.get("batch_token") or ""),
+            "b_retry": float(e["retry_at"]),
+        }
+        for e in expected
+    ]
     with writing(bind) as conn:
         for chunk in chunks(params):
             conn.execute(stmt, chunk)
-        return sorted(conn.execute(sa.select(images.c.path)
-                                   .where(images.c.batch_token == token)).scalars())
+        return sorted(
+            conn.execute(sa.select(images.c.path).where(images.c.batch_token == token)).scalars()
+        )
 
 
 def give_up_images(bind: Bind, paths: Iterable[str], reason: str) -> int:
@@ -186,9 +226,11 @@ def give_up_images(bind: Bind, paths: Iterable[str], reason: str) -> int:
     updated = 0
     with writing(bind) as conn:
         for chunk in chunks(unique_str(paths)):
-            updated += conn.execute(images.update().where(images.c.path.in_(chunk))
-                                    .values(status="failed", reason=reason,
-                                            next_attempt_at=None)).rowcount
+            updated += conn.execute(
+                images.update()
+                .where(images.c.path.in_(chunk))
+                .values(status="failed", reason=reason, next_attempt_at=None)
+            ).rowcount
     return updated
 
 
@@ -198,23 +240,31 @@ def set_waiting_reason(bind: Bind, paths: Iterable[str], reason: str | None) -> 
     with writing(bind) as conn:
         for chunk in chunks(unique_str(paths)):
             updated += conn.execute(
-                images.update().where(images.c.path.in_(chunk), images.c.status == "pending",
-                                      sa.func.coalesce(images.c.reason, "") != (reason or ""))
-                .values(reason=reason)).rowcount
+                images.update()
+                .where(
+                    images.c.path.in_(chunk),
+                    images.c.status == "pending",
+                    sa.func.coalesce(images.c.reason, "") != (reason or ""),
+                )
+                .values(reason=reason)
+            ).rowcount
     return updated
 
 
 def pending_images(bind: Bind) -> pd.DataFrame:
     """Images registered but not yet queued: DataFrame[path, night], ordered by night, path."""
-    stmt = (sa.select(images.c.path, images.c.night)
-            .where(images.c.status == "pending")
-            .order_by(images.c.night, images.c.path))
+    stmt = (
+        sa.select(images.c.path, images.c.night)
+        .where(images.c.status == "pending")
+        .order_by(images.c.night, images.c.path)
+    )
     with reading(bind) as conn:
         return read_frame(conn, stmt)
 
 
-def night_images(bind: Bind, night: str,
-                 statuses: Sequence[str] | str | None = USABLE_STATUSES) -> pd.DataFrame:
+def night_images(
+    bind: Bind, night: str, statuses: Sequence[str] | str | None = USABLE_STATUSES
+) -> pd.DataFrame:
     """All ``images`` columns of a night's images with one of ``statuses`` (None: any), by mjd."""
     wanted = check_statuses(statuses, IMAGE_STATUSES, "image status")
     stmt = sa.select(images).where(images.c.night == str(night))
@@ -225,14 +275,16 @@ def night_images(bind: Bind, night: str,
         return read_frame(conn, stmt)
 
 
-def rejected_images(bind: Bind, night: str | None = None,
-                    since: float | None = None) -> pd.DataFrame:
+def rejected_images(
+    bind: Bind, night: str | None = None, since: float | None = None
+) -> pd.DataFrame:
     """Rejected files: DataFrame[path, night, reason, registered_at], newest first.
 
     ``night`` filters on the partition, ``since`` on ``registered_at >= since`` (Unix seconds).
     """
-    stmt = (sa.select(images.c.path, images.c.night, images.c.reason, images.c.registered_at)
-            .where(images.c.status == "rejected"))
+    stmt = sa.select(images.c.path, images.c.night, images.c.reason, images.c.registered_at).where(
+        images.c.status == "rejected"
+    )
     if night is not None:
         stmt = stmt.where(images.c.night == str(night))
     if since is not None:
@@ -242,8 +294,9 @@ def rejected_images(bind: Bind, night: str | None = None,
         return read_frame(conn, stmt)
 
 
-def image_counts_by_status(bind: Bind, night: str | None = None, *,
-                           nights: Iterable[str] | None = None) -> dict[str, int]:
+def image_counts_by_status(
+    bind: Bind, night: str | None = None, *, nights: Iterable[str] | None = None
+) -> dict[str, int]:
     """Images per status (every status present, zeros included).
 
     ``night`` (one partition) and/or ``nights`` (several) restrict the count; neither: all images.
@@ -267,10 +320,21 @@ def images_near_mjd(bind: Bind, mjd_min: float, mjd_max: float) -> pd.DataFrame:
 
     Columns: path, night, mjd, ra_center_deg, dec_center_deg, status; ordered by mjd, path.
     """
-    stmt = (sa.select(images.c.path, images.c.night, images.c.mjd, images.c.ra_center_deg,
-                      images.c.dec_center_deg, images.c.status)
-            .where(images.c.mjd >= float(mjd_min), images.c.mjd <= float(mjd_max),
-                   images.c.status != "rejected")
-            .order_by(images.c.mjd, images.c.path))
+    stmt = (
+        sa.select(
+            images.c.path,
+            images.c.night,
+            images.c.mjd,
+            images.c.ra_center_deg,
+            images.c.dec_center_deg,
+            images.c.status,
+        )
+        .where(
+            images.c.mjd >= float(mjd_min),
+            images.c.mjd <= float(mjd_max),
+            images.c.status != "rejected",
+        )
+        .order_by(images.c.mjd, images.c.path)
+    )
     with reading(bind) as conn:
         return read_frame(conn, stmt)

@@ -34,12 +34,32 @@ from ese_assets.storage.access import (
 from ese_assets.storage.schema import images, photometry, source_sums
 
 #: Columns of :func:`lightcurves` / :func:`lightcurves_for_nights`, in order.
-LIGHTCURVE_COLUMNS = ("source_id", "mjd", "peak_jyb", "peak_err_jyb", "ra_deg", "dec_deg",
-                      "nvss_flux_mjy", "image_path", "measured_at", "quality_flag")
+LIGHTCURVE_COLUMNS = (
+    "source_id",
+    "mjd",
+    "peak_jyb",
+    "peak_err_jyb",
+    "ra_deg",
+    "dec_deg",
+    "nvss_flux_mjy",
+    "image_path",
+    "measured_at",
+    "quality_flag",
+)
 
 #: Columns of :func:`night_photometry` / :func:`source_photometry`, in order.
-NIGHT_PHOTOMETRY_COLUMNS = ("source_id", "night", "mjd", "peak_jyb", "peak_err_jyb",
-                            "nvss_flux_mjy", "ra_deg", "dec_deg", "measured_at", "image_path")
+NIGHT_PHOTOMETRY_COLUMNS = (
+    "source_id",
+    "night",
+    "mjd",
+    "peak_jyb",
+    "peak_err_jyb",
+    "nvss_flux_mjy",
+    "ra_deg",
+    "dec_deg",
+    "measured_at",
+    "image_path",
+)
 
 _WRITE_COLUMNS = tuple(c.key for c in photometry.c if c.key != "id")
 _ORDER = (photometry.c.source_id, photometry.c.mjd, photometry.c.image_path)
@@ -53,12 +73,14 @@ def usable_rows(exclude_flags: int = DEFAULT_EXCLUDED_FLAGS) -> sa.ColumnElement
     and PostgreSQL). A row without a flux (``peak_jyb`` NULL) is never usable, whatever the mask.
     """
     mask = validate_exclude_flags(exclude_flags)
-    return sa.and_(photometry.c.quality_flag.bitwise_and(mask) == 0,
-                   photometry.c.peak_jyb.is_not(None))
+    return sa.and_(
+        photometry.c.quality_flag.bitwise_and(mask) == 0, photometry.c.peak_jyb.is_not(None)
+    )
 
 
-def replace_image_photometry(bind: Bind, image_path: str, rows: pd.DataFrame,
-                             image_update: Mapping[str, Any] | None = None) -> int:
+def replace_image_photometry(
+    bind: Bind, image_path: str, rows: pd.DataFrame, image_update: Mapping[str, Any] | None = None
+) -> int:
     """Replace all photometry of one image and mark it measured, in ONE transaction.
 
     Steps: update the ``images`` row with ``image_update`` plus ``status='measured'``,
@@ -88,8 +110,10 @@ def replace_image_photometry(bind: Bind, image_path: str, rows: pd.DataFrame,
     if "image_path" in frame.columns:
         other = set(frame["image_path"].dropna().astype(str)) - {image_path}
         if other:
-            raise ValueError(f"replace_image_photometry({image_path!r}): rows name other images "
-                             f"{sorted(other)[:3]}")
+            raise ValueError(
+                f"replace_image_photometry({image_path!r}): rows name other images "
+                f"{sorted(other)[:3]}"
+            )
     frame["image_path"] = image_path
     if "measured_at" not in frame.columns:
         frame["measured_at"] = measured_at
@@ -115,7 +139,8 @@ def delete_image_photometry(bind: Bind, image_paths: Iterable[str]) -> int:
     with writing(bind) as conn:
         for chunk in chunks(unique_str(image_paths)):
             deleted += conn.execute(
-                photometry.delete().where(photometry.c.image_path.in_(chunk))).rowcount
+                photometry.delete().where(photometry.c.image_path.in_(chunk))
+            ).rowcount
     return deleted
 
 
@@ -132,15 +157,23 @@ def lightcurves(bind: Bind, source_ids: Iterable[str] | None = None) -> pd.DataF
         if source_ids is None:
             return read_frame(conn, _lightcurve_select().order_by(*_ORDER))
         frame = read_chunked(
-            conn, lambda chunk: _lightcurve_select().where(photometry.c.source_id.in_(chunk))
-            .order_by(*_ORDER), unique_str(source_ids))
+            conn,
+            lambda chunk: (
+                _lightcurve_select().where(photometry.c.source_id.in_(chunk)).order_by(*_ORDER)
+            ),
+            unique_str(source_ids),
+        )
     # Chunks are sorted source lists, so concatenating them keeps (source_id, mjd) order.
     return frame.reset_index(drop=True)
 
 
 def _night_sources(nights: list[str]) -> sa.Select[Any]:
-    return (sa.select(photometry.c.source_id).select_from(_WITH_IMAGES)
-            .where(images.c.night.in_(nights)).distinct())
+    return (
+        sa.select(photometry.c.source_id)
+        .select_from(_WITH_IMAGES)
+        .where(images.c.night.in_(nights))
+        .distinct()
+    )
 
 
 def sources_measured_in_nights(bind: Bind, nights: Iterable[str]) -> list[str]:
@@ -162,9 +195,11 @@ def lightcurves_for_nights(bind: Bind, nights: Iterable[str]) -> pd.DataFrame:
     wanted = unique_str(nights)
 
     def make_stmt(chunk: list[str]) -> sa.Select[Any]:
-        return (_lightcurve_select()
-                .where(photometry.c.source_id.in_(_night_sources(chunk)))
-                .order_by(*_ORDER))
+        return (
+            _lightcurve_select()
+            .where(photometry.c.source_id.in_(_night_sources(chunk)))
+            .order_by(*_ORDER)
+        )
 
     with reading(bind) as conn:
         if len(wanted) <= CHUNK_SIZE:
@@ -179,54 +214,71 @@ def photometry_counts(bind: Bind, night: str | None = None) -> int:
     """Number of photometry rows, in total or from images of one night."""
     stmt = sa.select(sa.func.count()).select_from(photometry)
     if night is not None:
-        stmt = (sa.select(sa.func.count()).select_from(_WITH_IMAGES)
-                .where(images.c.night == str(night)))
+        stmt = (
+            sa.select(sa.func.count()).select_from(_WITH_IMAGES).where(images.c.night == str(night))
+        )
     with reading(bind) as conn:
         return int(conn.execute(stmt).scalar_one())
 
 
-def photometry_counts_by_source(bind: Bind, source_ids: Iterable[str], *,
-                                exclude_flags: int = DEFAULT_EXCLUDED_FLAGS) -> dict[str, int]:
+def photometry_counts_by_source(
+    bind: Bind, source_ids: Iterable[str], *, exclude_flags: int = DEFAULT_EXCLUDED_FLAGS
+) -> dict[str, int]:
     """``{source_id: number of usable photometry rows}`` (sources without any are absent)."""
     counts: dict[str, int] = {}
     usable = usable_rows(exclude_flags)
     with reading(bind) as conn:
         for chunk in chunks(unique_str(source_ids)):
-            counts.update((str(s), int(n)) for s, n in conn.execute(
-                sa.select(photometry.c.source_id, sa.func.count())
-                .where(photometry.c.source_id.in_(chunk), usable)
-                .group_by(photometry.c.source_id)))
+            counts.update(
+                (str(s), int(n))
+                for s, n in conn.execute(
+                    sa.select(photometry.c.source_id, sa.func.count())
+                    .where(photometry.c.source_id.in_(chunk), usable)
+                    .group_by(photometry.c.source_id)
+                )
+            )
     return counts
 
 
 def measured_source_ids(bind: Bind) -> list[str]:
     """Sorted distinct source_ids that have at least one photometry row."""
     with reading(bind) as conn:
-        return list(conn.execute(sa.select(photometry.c.source_id).distinct()
-                                 .order_by(photometry.c.source_id)).scalars())
+        return list(
+            conn.execute(
+                sa.select(photometry.c.source_id).distinct().order_by(photometry.c.source_id)
+            ).scalars()
+        )
 
 
 def _night_photometry_select() -> sa.Select[Any]:
-    return (sa.select(*(images.c.night if c == "night" else photometry.c[c]
-                        for c in NIGHT_PHOTOMETRY_COLUMNS))
-            .select_from(_WITH_IMAGES)
-            .order_by(photometry.c.source_id, images.c.night, photometry.c.mjd,
-                      photometry.c.image_path))
+    return (
+        sa.select(
+            *(images.c.night if c == "night" else photometry.c[c] for c in NIGHT_PHOTOMETRY_COLUMNS)
+        )
+        .select_from(_WITH_IMAGES)
+        .order_by(photometry.c.source_id, images.c.night, photometry.c.mjd, photometry.c.image_path)
+    )
 
 
-def _photometry_with_night_where(bind: Bind, column: sa.ColumnElement[Any],
-                                 values: Iterable[str], exclude_flags: int) -> pd.DataFrame:
+def _photometry_with_night_where(
+    bind: Bind, column: sa.ColumnElement[Any], values: Iterable[str], exclude_flags: int
+) -> pd.DataFrame:
     """Usable photometry rows (with their night) whose ``column`` is one of ``values``."""
     usable = usable_rows(exclude_flags)
     with reading(bind) as conn:
-        frame = read_chunked(conn, lambda chunk: _night_photometry_select()
-                             .where(column.in_(chunk), usable), unique_str(values))
-    return frame.sort_values(["source_id", "night", "mjd", "image_path"],
-                             kind="mergesort").reset_index(drop=True)
+        frame = read_chunked(
+            conn,
+            lambda chunk: _night_photometry_select().where(column.in_(chunk), usable),
+            unique_str(values),
+        )
+    return frame.sort_values(
+        ["source_id", "night", "mjd", "image_path"], kind="mergesort"
+    ).reset_index(drop=True)
 
 
-def night_photometry(bind: Bind, nights: Iterable[str], *,
-                     exclude_flags: int = DEFAULT_EXCLUDED_FLAGS) -> pd.DataFrame:
+def night_photometry(
+    bind: Bind, nights: Iterable[str], *, exclude_flags: int = DEFAULT_EXCLUDED_FLAGS
+) -> pd.DataFrame:
     """Usable photometry rows of the images of ``nights`` only, with their night (one join).
 
     Columns :data:`NIGHT_PHOTOMETRY_COLUMNS`, ordered by source_id, night, mjd, image_path (a
@@ -236,16 +288,22 @@ def night_photometry(bind: Bind, nights: Iterable[str], *,
     return _photometry_with_night_where(bind, images.c.night, nights, exclude_flags)
 
 
-def source_photometry(bind: Bind, source_ids: Iterable[str], *,
-                      exclude_flags: int = DEFAULT_EXCLUDED_FLAGS) -> pd.DataFrame:
+def source_photometry(
+    bind: Bind, source_ids: Iterable[str], *, exclude_flags: int = DEFAULT_EXCLUDED_FLAGS
+) -> pd.DataFrame:
     """The whole usable photometry history of ``source_ids`` with each row's night (the rebuild
     path). Columns and order as :func:`night_photometry`.
     """
     return _photometry_with_night_where(bind, photometry.c.source_id, source_ids, exclude_flags)
 
 
-def window_photometry(bind: Bind, source_ids: Iterable[str], window_days: float, *,
-                      exclude_flags: int = DEFAULT_EXCLUDED_FLAGS) -> pd.DataFrame:
+def window_photometry(
+    bind: Bind,
+    source_ids: Iterable[str],
+    window_days: float,
+    *,
+    exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
+) -> pd.DataFrame:
     """Each source's usable epochs within ``window_days`` of its latest epoch
     (``source_sums.last_mjd``, itself the latest usable epoch).
 
@@ -257,13 +315,23 @@ def window_photometry(bind: Bind, source_ids: Iterable[str], window_days: float,
     usable = usable_rows(exclude_flags)
 
     def make_stmt(chunk: list[str]) -> sa.Select[Any]:
-        return (sa.select(photometry.c.source_id, photometry.c.mjd, photometry.c.peak_jyb,
-                          photometry.c.peak_err_jyb)
-                .select_from(photometry.join(source_sums,
-                                             source_sums.c.source_id == photometry.c.source_id))
-                .where(photometry.c.source_id.in_(chunk),
-                       photometry.c.mjd >= source_sums.c.last_mjd - window, usable)
-                .order_by(*_ORDER))
+        return (
+            sa.select(
+                photometry.c.source_id,
+                photometry.c.mjd,
+                photometry.c.peak_jyb,
+                photometry.c.peak_err_jyb,
+            )
+            .select_from(
+                photometry.join(source_sums, source_sums.c.source_id == photometry.c.source_id)
+            )
+            .where(
+                photometry.c.source_id.in_(chunk),
+                photometry.c.mjd >= source_sums.c.last_mjd - window,
+                usable,
+            )
+            .order_by(*_ORDER)
+        )
 
     with reading(bind) as conn:
         frame = read_chunked(conn, make_stmt, unique_str(source_ids))
@@ -283,12 +351,17 @@ def night_photometry_summary(bind: Bind, nights: Iterable[str]) -> dict[str, int
     with reading(bind) as conn:
         for chunk in chunks(unique_str(nights)):
             row = conn.execute(
-                sa.select(sa.func.count(sa.distinct(photometry.c.image_path)),
-                          sa.func.count(),
-                          sa.func.coalesce(sa.func.sum(sa.case((bad, 1), else_=0)), 0),
-                          sa.func.coalesce(sa.func.sum(
-                              sa.case((photometry.c.quality_flag != 0, 1), else_=0)), 0))
-                .select_from(_WITH_IMAGES).where(images.c.night.in_(chunk))).one()
+                sa.select(
+                    sa.func.count(sa.distinct(photometry.c.image_path)),
+                    sa.func.count(),
+                    sa.func.coalesce(sa.func.sum(sa.case((bad, 1), else_=0)), 0),
+                    sa.func.coalesce(
+                        sa.func.sum(sa.case((photometry.c.quality_flag != 0, 1), else_=0)), 0
+                    ),
+                )
+                .select_from(_WITH_IMAGES)
+                .where(images.c.night.in_(chunk))
+            ).one()
             summary["n_images"] += int(row[0])
             summary["n_rows"] += int(row[1])
             summary["n_bad_errors"] += int(row[2])

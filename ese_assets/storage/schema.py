@@ -128,10 +128,16 @@ def _sums_columns() -> list[sa.Column]:
     """
     counts = [sa.Column(c, sa.Integer, nullable=False, server_default="0") for c in COUNT_COLUMNS]
     sums = [sa.Column(c, sa.Float, nullable=False) for c in SUM_COLUMNS if c not in COUNT_COLUMNS]
-    extremes = [sa.Column(c, sa.Float, nullable=True)
-                for c in (*EXTREME_COLUMNS, "last_measured_at")]
-    return [sa.Column("shift_mjy", sa.Float, nullable=False), *counts, *sums, *extremes,
-            sa.Column("flux_scale_error", sa.Float, nullable=False)]
+    extremes = [
+        sa.Column(c, sa.Float, nullable=True) for c in (*EXTREME_COLUMNS, "last_measured_at")
+    ]
+    return [
+        sa.Column("shift_mjy", sa.Float, nullable=False),
+        *counts,
+        *sums,
+        *extremes,
+        sa.Column("flux_scale_error", sa.Float, nullable=False),
+    ]
 
 
 #: Partial sums of one source's epochs in one night (added by this project). Replaced whenever the
@@ -177,11 +183,17 @@ ese_candidates = sa.Table(
     sa.Column("last_night", sa.String(10), nullable=True),  # partition that last confirmed it
     sa.Column("sigma_deviation", sa.Float, nullable=True),
     sa.Column("dip_significance", sa.Float, nullable=True),
-    sa.CheckConstraint(sa.column("status").in_(CANDIDATE_STATUSES),
-                       name="ck_ese_candidates_status"),
+    sa.CheckConstraint(
+        sa.column("status").in_(CANDIDATE_STATUSES), name="ck_ese_candidates_status"
+    ),
 )
 sa.Index("ix_ese_candidates_source", ese_candidates.c.source_id)
 # At most one open candidate per source (partial unique index; SQLite >= 3.8 and PostgreSQL).
 _OPEN = ese_candidates.c.status.in_(OPEN_STATUSES)
-sa.Index("uq_ese_candidates_open_source", ese_candidates.c.source_id, unique=True,
-         sqlite_where=_OPEN, postgresql_where=_OPEN)
+sa.Index(
+    "uq_ese_candidates_open_source",
+    ese_candidates.c.source_id,
+    unique=True,
+    sqlite_where=_OPEN,
+    postgresql_where=_OPEN,
+)

@@ -67,6 +67,7 @@ def sums_transaction(engine: Engine) -> Iterator[Connection]:
 # variability_stats
 # --------------------------------------------------------------------------------------------------
 
+
 def upsert_variability_stats(bind: Bind, stats: pd.DataFrame) -> int:
     """Insert or update one ``variability_stats`` row per source; returns the rows written.
 
@@ -83,8 +84,10 @@ def upsert_variability_stats(bind: Bind, stats: pd.DataFrame) -> int:
     frame["source_id"] = frame["source_id"].astype(str)
     duplicated = frame["source_id"].duplicated()
     if duplicated.any():
-        raise ValueError("upsert_variability_stats: duplicate source_id "
-                         f"{sorted(frame.loc[duplicated, 'source_id'].unique())[:5]}")
+        raise ValueError(
+            "upsert_variability_stats: duplicate source_id "
+            f"{sorted(frame.loc[duplicated, 'source_id'].unique())[:5]}"
+        )
     if "updated_at" not in frame.columns:
         frame["updated_at"] = now()
     frame = frame.sort_values("source_id", kind="mergesort")
@@ -94,15 +97,18 @@ def upsert_variability_stats(bind: Bind, stats: pd.DataFrame) -> int:
         insert = dialect_insert(conn, stats_table)
         stmt = insert.on_conflict_do_update(
             index_elements=[stats_table.c.source_id],
-            set_={c: insert.excluded[c] for c in columns if c != "source_id"})
+            set_={c: insert.excluded[c] for c in columns if c != "source_id"},
+        )
         for chunk in chunks(records, WRITE_BATCH):
             conn.execute(stmt, chunk)
     return len(records)
 
 
-def variability_stats(bind: Bind, source_ids: Iterable[str] | None = None,
-                      min_n_obs: int | None = None) -> pd.DataFrame:
+def variability_stats(
+    bind: Bind, source_ids: Iterable[str] | None = None, min_n_obs: int | None = None
+) -> pd.DataFrame:
     """``variability_stats`` rows (all columns), optionally of some sources / n_obs >= min_n_obs."""
+
     def make_stmt(chunk: list[str] | None) -> sa.Select[Any]:
         stmt = sa.select(stats_table)
         if chunk is not None:
@@ -118,8 +124,10 @@ def variability_stats(bind: Bind, source_ids: Iterable[str] | None = None,
 # source_night_sums / source_sums
 # --------------------------------------------------------------------------------------------------
 
-def _sums_key(nights: Iterable[str] | None, source_ids: Iterable[str] | None,
-              what: str) -> tuple[sa.ColumnElement[Any], list[str]]:
+
+def _sums_key(
+    nights: Iterable[str] | None, source_ids: Iterable[str] | None, what: str
+) -> tuple[sa.ColumnElement[Any], list[str]]:
     if (nights is None) == (source_ids is None):
         raise ValueError(f"{what}: give either nights or source_ids")
     if nights is not None:
@@ -127,19 +135,22 @@ def _sums_key(nights: Iterable[str] | None, source_ids: Iterable[str] | None,
     return source_night_sums.c.source_id, unique_str(source_ids)
 
 
-def night_sums(bind: Bind, nights: Iterable[str] | None = None,
-               source_ids: Iterable[str] | None = None) -> pd.DataFrame:
+def night_sums(
+    bind: Bind, nights: Iterable[str] | None = None, source_ids: Iterable[str] | None = None
+) -> pd.DataFrame:
     """``source_night_sums`` rows of ``nights`` or of ``source_ids`` (exactly one of them given),
     ordered by source_id, night."""
     column, wanted = _sums_key(nights, source_ids, "night_sums")
     with reading(bind) as conn:
-        frame = read_chunked(conn, lambda chunk: sa.select(source_night_sums)
-                             .where(column.in_(chunk)), wanted)
+        frame = read_chunked(
+            conn, lambda chunk: sa.select(source_night_sums).where(column.in_(chunk)), wanted
+        )
     return frame.sort_values(["source_id", "night"], kind="mergesort").reset_index(drop=True)
 
 
 def source_sums(bind: Bind, source_ids: Iterable[str] | None = None) -> pd.DataFrame:
     """``source_sums`` rows of ``source_ids`` (all when None), ordered by source_id."""
+
     def make_stmt(chunk: list[str] | None) -> sa.Select[Any]:
         stmt = sa.select(sums_table)
         if chunk is not None:
@@ -149,9 +160,13 @@ def source_sums(bind: Bind, source_ids: Iterable[str] | None = None) -> pd.DataF
     return read_all_or_chunked(bind, make_stmt, source_ids).reset_index(drop=True)
 
 
-def replace_night_sums(bind: Bind, rows: pd.DataFrame, *,
-                       nights: Iterable[str] | None = None,
-                       source_ids: Iterable[str] | None = None) -> int:
+def replace_night_sums(
+    bind: Bind,
+    rows: pd.DataFrame,
+    *,
+    nights: Iterable[str] | None = None,
+    source_ids: Iterable[str] | None = None,
+) -> int:
     """Delete the ``source_night_sums`` rows of ``nights`` or of ``source_ids`` and insert ``rows``.
 
     Run it in the :func:`sums_transaction` connection, so the night rows change together with the
@@ -199,8 +214,7 @@ def add_source_sums(bind: Bind, deltas: pd.DataFrame) -> int:
         newer = ex.last_mjd >= sums_table.c.last_mjd
         set_: dict[str, Any] = {c: sums_table.c[c] + ex[c] for c in SUM_COLUMNS}
         set_.update({c: _keep_smaller(c, ex) for c in EXTREME_MIN_COLUMNS})
-        set_.update({c: _keep_larger(c, ex)
-                     for c in (*EXTREME_MAX_COLUMNS, "last_measured_at")})
+        set_.update({c: _keep_larger(c, ex) for c in (*EXTREME_MAX_COLUMNS, "last_measured_at")})
         # SET expressions see the stored row, so `newer` compares against the old last_mjd.
         set_.update({c: sa.case((newer, ex[c]), else_=sums_table.c[c]) for c in _CATALOG_COLUMNS})
         stmt = insert.on_conflict_do_update(index_elements=[sums_table.c.source_id], set_=set_)
@@ -218,7 +232,8 @@ def put_source_sums(bind: Bind, rows: pd.DataFrame) -> int:
         insert = dialect_insert(conn, sums_table)
         stmt = insert.on_conflict_do_update(
             index_elements=[sums_table.c.source_id],
-            set_={c: insert.excluded[c] for c in records[0] if c != "source_id"})
+            set_={c: insert.excluded[c] for c in records[0] if c != "source_id"},
+        )
         for chunk in chunks(records, WRITE_BATCH):
             conn.execute(stmt, chunk)
     return len(records)
@@ -234,17 +249,24 @@ def refresh_source_extremes(bind: Bind, source_ids: Iterable[str]) -> None:
     night = source_night_sums.alias("n")
 
     def agg(func: Any, column: str) -> sa.ScalarSelect[Any]:
-        return (sa.select(func(night.c[column])).where(night.c.source_id == sums_table.c.source_id)
-                .scalar_subquery())
+        return (
+            sa.select(func(night.c[column]))
+            .where(night.c.source_id == sums_table.c.source_id)
+            .scalar_subquery()
+        )
 
-    values = {"min_flux_mjy": agg(sa.func.min, "min_flux_mjy"),
-              "max_flux_mjy": agg(sa.func.max, "max_flux_mjy"),
-              "first_mjd": agg(sa.func.min, "first_mjd"), "last_mjd": agg(sa.func.max, "last_mjd"),
-              "last_measured_at": agg(sa.func.max, "last_measured_at")}
+    values = {
+        "min_flux_mjy": agg(sa.func.min, "min_flux_mjy"),
+        "max_flux_mjy": agg(sa.func.max, "max_flux_mjy"),
+        "first_mjd": agg(sa.func.min, "first_mjd"),
+        "last_mjd": agg(sa.func.max, "last_mjd"),
+        "last_measured_at": agg(sa.func.max, "last_measured_at"),
+    }
     with writing(bind) as conn:
         for chunk in chunks(unique_str(source_ids)):
-            conn.execute(sums_table.update().where(sums_table.c.source_id.in_(chunk))
-                         .values(**values))
+            conn.execute(
+                sums_table.update().where(sums_table.c.source_id.in_(chunk)).values(**values)
+            )
 
 
 def delete_source_sums(bind: Bind, source_ids: Iterable[str], *, only_empty: bool = False) -> int:
@@ -264,8 +286,10 @@ def delete_source_sums(bind: Bind, source_ids: Iterable[str], *, only_empty: boo
 # Consistency checks
 # --------------------------------------------------------------------------------------------------
 
-def stats_photometry_mismatches(bind: Bind, source_ids: Iterable[str], *,
-                                exclude_flags: int = DEFAULT_EXCLUDED_FLAGS) -> int:
+
+def stats_photometry_mismatches(
+    bind: Bind, source_ids: Iterable[str], *, exclude_flags: int = DEFAULT_EXCLUDED_FLAGS
+) -> int:
     """Number of ``source_ids`` whose ``variability_stats.n_obs`` differs from their count of
     usable photometry rows (none of the ``exclude_flags`` bits; the rows statistics use).
 
@@ -276,19 +300,27 @@ def stats_photometry_mismatches(bind: Bind, source_ids: Iterable[str], *,
     usable = usable_rows(exclude_flags)
     with reading(bind) as conn:
         for chunk in chunks(unique_str(source_ids)):
-            n_rows = dict(conn.execute(
-                sa.select(photometry.c.source_id, sa.func.count())
-                .where(photometry.c.source_id.in_(chunk), usable)
-                .group_by(photometry.c.source_id)).all())
-            n_obs = dict(conn.execute(
-                sa.select(stats_table.c.source_id, stats_table.c.n_obs)
-                .where(stats_table.c.source_id.in_(chunk))).all())
+            n_rows = dict(
+                conn.execute(
+                    sa.select(photometry.c.source_id, sa.func.count())
+                    .where(photometry.c.source_id.in_(chunk), usable)
+                    .group_by(photometry.c.source_id)
+                ).all()
+            )
+            n_obs = dict(
+                conn.execute(
+                    sa.select(stats_table.c.source_id, stats_table.c.n_obs).where(
+                        stats_table.c.source_id.in_(chunk)
+                    )
+                ).all()
+            )
             mismatched += sum(int(n_rows.get(s, 0)) != int(n_obs.get(s) or 0) for s in chunk)
     return mismatched
 
 
-def night_stats_mismatches(bind: Bind, nights: Iterable[str], *,
-                           exclude_flags: int = DEFAULT_EXCLUDED_FLAGS) -> int:
+def night_stats_mismatches(
+    bind: Bind, nights: Iterable[str], *, exclude_flags: int = DEFAULT_EXCLUDED_FLAGS
+) -> int:
     """Inconsistencies the statistics stage of ``nights`` could have introduced, found at a cost
     bounded by those nights (the full-history check is :func:`stats_photometry_mismatches`).
 
@@ -301,23 +333,39 @@ def night_stats_mismatches(bind: Bind, nights: Iterable[str], *,
     usable = usable_rows(exclude_flags)
     with reading(bind) as conn:
         for chunk in chunks(unique_str(nights)):
-            rows = {(r.source_id, r.night): r.n for r in conn.execute(
-                sa.select(photometry.c.source_id, images.c.night, sa.func.count().label("n"))
-                .join(images, images.c.path == photometry.c.image_path)
-                .where(images.c.night.in_(chunk), usable)
-                .group_by(photometry.c.source_id, images.c.night))}
-            sums = {(r.source_id, r.night): r.n_obs for r in conn.execute(
-                sa.select(source_night_sums.c.source_id, source_night_sums.c.night,
-                          source_night_sums.c.n_obs)
-                .where(source_night_sums.c.night.in_(chunk)))}
+            rows = {
+                (r.source_id, r.night): r.n
+                for r in conn.execute(
+                    sa.select(photometry.c.source_id, images.c.night, sa.func.count().label("n"))
+                    .join(images, images.c.path == photometry.c.image_path)
+                    .where(images.c.night.in_(chunk), usable)
+                    .group_by(photometry.c.source_id, images.c.night)
+                )
+            }
+            sums = {
+                (r.source_id, r.night): r.n_obs
+                for r in conn.execute(
+                    sa.select(
+                        source_night_sums.c.source_id,
+                        source_night_sums.c.night,
+                        source_night_sums.c.n_obs,
+                    ).where(source_night_sums.c.night.in_(chunk))
+                )
+            }
             mismatched += sum(rows.get(k, 0) != sums.get(k, 0) for k in rows.keys() | sums.keys())
             night_sources = sa.select(source_night_sums.c.source_id).where(
-                source_night_sums.c.night.in_(chunk))
+                source_night_sums.c.night.in_(chunk)
+            )
             mismatched += conn.execute(
-                sa.select(sa.func.count()).select_from(
-                    stats_table.join(sums_table, sums_table.c.source_id == stats_table.c.source_id,
-                                     isouter=True))
-                .where(stats_table.c.source_id.in_(night_sources),
-                       sa.or_(sums_table.c.n_obs.is_(None),
-                              sums_table.c.n_obs != stats_table.c.n_obs))).scalar_one()
+                sa.select(sa.func.count())
+                .select_from(
+                    stats_table.join(
+                        sums_table, sums_table.c.source_id == stats_table.c.source_id, isouter=True
+                    )
+                )
+                .where(
+                    stats_table.c.source_id.in_(night_sources),
+                    sa.or_(sums_table.c.n_obs.is_(None), sums_table.c.n_obs != stats_table.c.n_obs),
+                )
+            ).scalar_one()
     return mismatched
