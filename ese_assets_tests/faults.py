@@ -85,7 +85,8 @@ class Survey:
     root: Path
     images: tuple[Path, ...]  # good FITS files, in time order
     catalog: Path
-    truth_fluxes: pd.DataFrame
+    truth_fluxes: pd.DataFrame  # image, name, true_flux_mjy, x_pix, y_pix, in_image, ...
+    ese_names: frozenset[str]  # sources with an injected ESE
 
     @property
     def names(self) -> list[str]:
@@ -107,11 +108,13 @@ def night_of_name(name: str) -> str:
 
 def build_survey(out: Path) -> Survey:
     manifest = simulate_survey(FAULT_SURVEY, out)
+    truth = pd.read_csv(manifest.truth_sources_path)
     return Survey(
         root=out,
         images=tuple(sorted(manifest.image_paths)),
         catalog=manifest.catalog_path,
         truth_fluxes=pd.read_csv(manifest.truth_fluxes_path),
+        ese_names=frozenset(truth.loc[truth["kind"] == "ese", "name"]),
     )
 
 

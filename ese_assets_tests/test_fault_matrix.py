@@ -99,8 +99,17 @@ def baseline(survey, tmp_path_factory) -> dict[str, pd.DataFrame]:
     ws.close()
     images = tables["images"]
     assert list(images["status"]) == ["measured"] * len(survey.names)
-    assert len(tables["ese_candidates"]) >= 1, "the survey's ESE must be a candidate"
     assert len(tables["photometry"]) > 150 and len(tables["variability_stats"]) >= 20
+    # The baseline is right, not just repeatable: fluxes agree with the injected ones within their
+    # errors, and the injected ESE is the candidate.
+    phot = tables["photometry"]
+    phot = phot[phot["quality_flag"] == 0].merge(
+        survey.truth_fluxes, left_on=["image_path", "source_id"], right_on=["image", "name"]
+    )
+    assert len(phot) > 100
+    pull = (phot["peak_jyb"] * 1e3 - phot["true_flux_mjy"]) / (phot["peak_err_jyb"] * 1e3)
+    assert abs(pull.median()) < 0.3 and 0.6 < pull.std() < 1.6, pull.describe()
+    assert set(tables["ese_candidates"]["source_id"]) == survey.ese_names
     return tables
 
 
