@@ -67,8 +67,12 @@ FAULT_SURVEY = SurveyConfig(
 FAULT_MIN_OBS = 6
 
 #: Environment shared by every workspace (in-process settings and subprocesses): short retry
-#: delays so the recovery paths finish in seconds.
+#: delays so the recovery paths finish in seconds. The window statistics use the raw epochs: as
+#: nightly bins, three nights are three points, too few for the dip rule (windows of >= 3 rows
+#: about a robust median) to flag the ESE; how the statistics are binned does not change what
+#: recovery must achieve.
 FAULT_ENV = {
+    "ESE_BIN_NIGHTS": "off",
     "ESE_MIN_OBS": str(FAULT_MIN_OBS),
     "ESE_RETRY_DELAY_S": "0.2",
     "ESE_MAX_ATTEMPTS": "5",

@@ -40,6 +40,7 @@ sigkill_ingest                 cli            ``ese ingest`` killed mid-run, the
 sigkill_ingest_postgres        cli (pg)       the same on PostgreSQL
 disk_full                      cli            products DB on a full tmpfs, freed, re-run
 broken_catalog                 cli            one line naming the catalog, then fixed, re-run
+database_unreachable           cli            PostgreSQL down: one line, non-zero; then clean
 sqlite_lock_during_ingest      ingest         BEGIN IMMEDIATE held 3 s past a 0.5 s timeout
 sqlite_lock_during_sensor_run  sensor         the same through the sensor's runs
 pg_terminated_photometry       ingest (pg)    backends killed in photometry transactions
@@ -57,6 +58,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -109,7 +111,10 @@ def baseline(survey, tmp_path_factory) -> dict[str, pd.DataFrame]:
     assert len(phot) > 100
     pull = (phot["peak_jyb"] * 1e3 - phot["true_flux_mjy"]) / (phot["peak_err_jyb"] * 1e3)
     assert abs(pull.median()) < 0.3 and 0.6 < pull.std() < 1.6, pull.describe()
-    assert set(tables["ese_candidates"]["source_id"]) == survey.ese_names
+    assert set(tables["ese_candidates"]["source_id"]) == survey.ese_names, (
+        f"the injected ESE {set(survey.ese_names)} is not the candidate (detection settings: "
+        f"{ {k: v for k, v in faults.FAULT_ENV.items() if k.startswith('ESE_')} })"
+    )
     return tables
 
 
@@ -623,6 +628,24 @@ def case_broken_catalog(h: Harness) -> None:
 # A busy or unreachable database
 # --------------------------------------------------------------------------------------------------
 
+
+def case_database_unreachable(h: Harness) -> None:
+    """A products database that stays unreachable: ``ese ingest`` retries, then exits non-zero
+    with one line (no traceback); pointed at a working database, one plain run is clean."""
+    ws = h.workspace()
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dead = f"postgresql+psycopg://postgres@127.0.0.1:{port}/ese"
+    down = ws.run_ingest(env=ws.env(PIPELINE_PRODUCTS_DB=dead, HOME=str(ws.root)))
+    assert down.returncode != 0, down.stdout
+    lines = faults.one_line(down.stderr)
+    assert len(lines) == 1 and "Traceback" not in down.stderr, down.stderr
+    assert re.search(r"database|connect|refused", lines[0], re.IGNORECASE), lines
+    run_path(h, ws, "cli")
+    h.check(ws)
+
+
 LOCK_ENV = {"ESE_DB_BUSY_TIMEOUT_S": "0.5", "ESE_RETRY_DELAY_S": "0.5"}
 
 
@@ -785,6 +808,7 @@ CASES: dict[str, Callable[[Harness], None]] = {
     "sigkill_ingest_postgres": case_sigkill_ingest_postgres,
     "disk_full": case_disk_full,
     "broken_catalog": case_broken_catalog,
+    "database_unreachable": case_database_unreachable,
     "sqlite_lock_during_ingest": case_sqlite_lock_during_ingest,
     "sqlite_lock_during_sensor_run": case_sqlite_lock_during_sensor_run,
     "pg_terminated_photometry": case_pg_terminated_photometry,
