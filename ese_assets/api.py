@@ -3,6 +3,12 @@
 >>> from ese_assets.api import detect_ese_candidates, Source
 >>> candidates = detect_ese_candidates("data/demo/products.sqlite3", preset="conservative")
 >>> Source("SIM J100012+300455", products_db="data/demo/products.sqlite3").measurements
+>>> Source("SIM J100012+300455", products_db="data/demo/products.sqlite3").plot_lightcurve(
+...     save=True, outfile="lightcurve.png")
+
+Plots are drawn by :mod:`ese_assets.plots` (the seed's ``visualization`` module: its
+``plot_lightcurve``, ``FigureConfig`` and ``PlotStyle``); matplotlib is imported only when a plot
+is made.
 
 ``products_db`` is a path to an SQLite file or an SQLAlchemy URL everywhere.
 """
@@ -11,11 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from sqlalchemy import Engine
 
 from ese_assets import pipeline
+from ese_assets.core.candidates import OPEN_STATUSES
 from ese_assets.core.detection import (
     DEFAULT_MIN_DIP_SIGMA,
     DEFAULT_MIN_OBS,
@@ -31,6 +39,11 @@ from ese_assets.storage import candidates as candidates_db
 from ese_assets.storage import photometry as photometry_db
 from ese_assets.storage import statistics as statistics_db
 from ese_assets.storage.engine import ensure_schema, make_engine
+
+if TYPE_CHECKING:  # matplotlib is imported when a plot is made, not with the API
+    from matplotlib.figure import Figure
+
+    from ese_assets.plots import FigureConfig
 
 #: Fields of one candidate in ``detect_ese_candidates`` output (the seed's JSON fields).
 CANDIDATE_FIELDS = (
@@ -149,6 +162,46 @@ def auto_detect_ese_for_new_measurements(
     return found[0] if found else None
 
 
+def plot_lightcurve(
+    flux,
+    times,
+    errors=None,
+    config: FigureConfig | None = None,
+    title: str | None = None,
+    output: str | Path | None = None,
+    **kwargs,
+) -> Figure:
+    """The seed's ``plot_lightcurve(flux, times, errors, config, title, output)``: ``flux``
+    (± ``errors``) against ``times`` (astropy ``Time`` or MJD); written to ``output`` (.png/.pdf)
+    when given. See :func:`ese_assets.plots.plot_lightcurve`."""
+    from ese_assets import plots
+
+    return plots.plot_lightcurve(flux, times, errors, config, title, output, **kwargs)
+
+
+def plot_eta_v(
+    products_db: str | Path | Engine,
+    output: str | Path | None = None,
+    *,
+    config: FigureConfig | None = None,
+) -> Figure:
+    """The η–V diagram of every source in ``variability_stats`` (log10 ``eta_metric`` against
+    log10 ``v_index``), open candidates highlighted; written to ``output`` when given."""
+    from ese_assets import plots
+
+    if output is not None:
+        plots.check_save_path(output)
+    engine = _engine(products_db)
+    stats = statistics_db.variability_stats(engine)
+    if stats.empty:
+        raise ValueError("no variability statistics in the products database yet")
+    open_ids = candidates_db.candidates(engine, status=OPEN_STATUSES)["source_id"]
+    fig = plots.eta_v_figure(stats, open_ids, config=config)
+    if output is not None:
+        plots.save_figure(fig, output)
+    return fig
+
+
 @dataclass
 class Source:
     """One source's lightcurve and statistics.
@@ -171,6 +224,55 @@ class Source:
             _engine(self.products_db), source_ids=[self.source_id]
         )
         return {k: py_scalar(v) for k, v in stats.iloc[0].items()} if len(stats) else None
+
+    def plot_lightcurve(
+        self,
+        use_normalized: bool = False,
+        highlight_baseline: bool = True,
+        highlight_ese_period: bool = True,
+        save: bool = False,
+        outfile: str | Path | None = None,
+        *,
+        exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
+        config: FigureConfig | None = None,
+    ) -> Figure:
+        """The lightcurve with its metrics (the seed's ``Source.plot_lightcurve``); the Figure.
+
+        ``use_normalized``: plot ``normalized_flux_jy`` (raw fluxes faint behind); ValueError when
+        the photometry has none. ``highlight_baseline``: shade the first 10 usable epochs and draw
+        their median. ``highlight_ese_period``: shade the detected event window
+        (``dip_start_mjd``..``dip_end_mjd`` of ``variability_stats``), not the whole span.
+        ``save`` (or an ``outfile``): write the figure to ``outfile`` (.png, .pdf or .svg by
+        extension; default ``<source_id>_lightcurve.png``). ``exclude_flags``: the quality bits
+        left out of the statistics (drawn as grey crosses). Raises ValueError when the source has
+        no measurements.
+        """
+        from ese_assets import plots
+
+        engine = _engine(self.products_db)
+        if save or outfile is not None:
+            outfile = outfile or plots.default_lightcurve_path(self.source_id)
+            plots.check_save_path(outfile)  # before reading or drawing anything
+        lc = photometry_db.lightcurves(engine, [self.source_id])
+        if lc.empty:
+            raise ValueError(f"no measurements for source {self.source_id!r}")
+        stats = statistics_db.variability_stats(engine, source_ids=[self.source_id])
+        found = candidates_db.candidates(engine, source_ids=[self.source_id])
+        open_ = found[found["status"].isin(OPEN_STATUSES)]
+        fig = plots.lightcurve_figure(
+            lc,
+            stats.iloc[0].to_dict() if len(stats) else None,
+            source_id=self.source_id,
+            candidate=(open_ if len(open_) else found).iloc[0].to_dict() if len(found) else None,
+            use_normalized=use_normalized,
+            highlight_baseline=highlight_baseline,
+            highlight_ese_period=highlight_ese_period,
+            exclude_flags=exclude_flags,
+            config=config,
+        )
+        if outfile is not None:
+            plots.save_figure(fig, outfile)
+        return fig
 
     def mark(self, status: str, notes: str | None = None, by: str = "user") -> None:
         """Set this source's open candidate to ``investigated`` or ``dismissed``."""

@@ -1,6 +1,7 @@
 """``ese``: command line interface.
 
-Subcommands: ``simulate``, ``ingest``, ``detect``, ``export``, ``candidates``, ``mark``, ``demo``.
+Subcommands: ``simulate``, ``ingest``, ``detect``, ``export``, ``candidates``, ``mark``, ``plot``,
+``demo``.
 Options default to the environment (``PIPELINE_PRODUCTS_DB``, ``ESE_CATALOG``...); see README.
 """
 
@@ -260,6 +261,32 @@ def cmd_mark(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    """``ese plot SOURCE_ID`` (a lightcurve) or ``ese plot --eta-v`` (the population)."""
+    from ese_assets import api, plots
+
+    if bool(args.source_id) == bool(args.eta_v):
+        print("ese plot: give a SOURCE_ID or --eta-v (one of them)", file=sys.stderr)
+        return 2
+    settings = _settings(args)
+    if args.eta_v:
+        output = args.output or "eta_v.png"
+        api.plot_eta_v(settings.products_db, output)
+        print(f"wrote the eta-V diagram to {output}")
+        return 0
+    output = args.output or plots.default_lightcurve_path(args.source_id)
+    api.Source(args.source_id, settings.products_db).plot_lightcurve(
+        use_normalized=args.normalized,
+        highlight_baseline=not args.no_baseline,
+        highlight_ese_period=not args.no_event,
+        save=True,
+        outfile=output,
+        exclude_flags=settings.exclude_flags,
+    )
+    print(f"wrote the lightcurve of {args.source_id} to {output}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ese_assets.demo import run_demo
 
@@ -340,6 +367,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", default="user", help="who decided (default: user)")
     _add_db(p)
     p.set_defaults(func=cmd_mark)
+
+    p = sub.add_parser(
+        "plot",
+        help="plot a source's lightcurve, or the eta-V diagram of all sources (PNG or PDF)",
+    )
+    p.add_argument("source_id", nargs="?", help="source to plot")
+    p.add_argument(
+        "--eta-v",
+        action="store_true",
+        help="plot log eta against log V of every source, open candidates highlighted",
+    )
+    p.add_argument(
+        "--output",
+        help="file to write, .png or .pdf (default: <source_id>_lightcurve.png or eta_v.png)",
+    )
+    p.add_argument(
+        "--normalized", action="store_true", help="plot normalized fluxes (normalized_flux_jy)"
+    )
+    p.add_argument("--no-baseline", action="store_true", help="do not shade the first 10 epochs")
+    p.add_argument("--no-event", action="store_true", help="do not shade the detected event")
+    _add_db(p)
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("demo", help="simulate a month, run it through Dagster, compare with truth")
     p.add_argument("--out-dir", default="data/demo")

@@ -23,6 +23,7 @@ from ese_assets import pipeline
 from ese_assets.core.candidates import OPEN_STATUSES
 from ese_assets.core.errors import InputError
 from ese_assets.core.values import py_scalar
+from ese_assets.orchestration.candidate_report import candidate_metadata
 from ese_assets.orchestration.partitions import nights_backfill_policy
 from ese_assets.orchestration.resources import (
     DetectionResource,
@@ -337,11 +338,11 @@ def build_assets(
             "min_sigma": detection.min_sigma,
             "min_dip_sigma": detection.min_dip_sigma,
         }
-        if len(open_now):
-            top = open_now.sort_values("significance", ascending=False).head(10)
-            metadata["top_candidates"] = _table(
-                top, ["source_id", "significance", "flag_type", "status", "n_obs", "mean_flux_mjy"]
-            )
+        # top_candidates (position, dip dates and depth, flag type, status) and
+        # top_candidate_plots (small PNG lightcurves of the first few, in Markdown)
+        metadata.update(
+            candidate_metadata(engine, open_now, context.log, exclude_flags=detection.exclude_flags)
+        )
         return dg.MaterializeResult(
             metadata=metadata,
             check_results=[
