@@ -23,6 +23,7 @@ import pandas as pd
 from sqlalchemy import Engine
 
 from ese_assets import pipeline
+from ese_assets.core.binning import DEFAULT_BIN_NIGHTS
 from ese_assets.core.candidates import OPEN_STATUSES
 from ese_assets.core.detection import (
     DEFAULT_MIN_DIP_SIGMA,
@@ -76,9 +77,11 @@ def update_variability_stats_for_source(
     flux_scale_error: float = DEFAULT_FLUX_SCALE_ERROR,
     dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
     exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
+    bin_nights: str = DEFAULT_BIN_NIGHTS,
 ) -> bool:
     """Rebuild one source's sums and statistics from its usable photometry (no ``exclude_flags``
-    quality bit); False if it has none."""
+    quality bit; window statistics on nightly bins as ``bin_nights`` says); False if it has
+    none."""
     return (
         pipeline.recompute_variability(
             _engine(products_db),
@@ -86,6 +89,7 @@ def update_variability_stats_for_source(
             flux_scale_error=flux_scale_error,
             dip_window_days=dip_window_days,
             exclude_flags=exclude_flags,
+            bin_nights=bin_nights,
         )
         > 0
     )
@@ -104,6 +108,7 @@ def detect_ese_candidates(
     flux_scale_error: float = DEFAULT_FLUX_SCALE_ERROR,
     dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
     exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
+    bin_nights: str = DEFAULT_BIN_NIGHTS,
 ) -> list[dict]:
     """Flag ESE candidates among all sources (or one) and return them, most significant first.
 
@@ -127,6 +132,7 @@ def detect_ese_candidates(
             flux_scale_error=flux_scale_error,
             dip_window_days=dip_window_days,
             exclude_flags=exclude_flags,
+            bin_nights=bin_nights,
         )
     summary = pipeline.detect_candidates(engine, settings, source_ids=ids)
     if summary.flagged.empty:

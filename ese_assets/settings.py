@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from ese_assets.core.binning import DEFAULT_BIN_NIGHTS, validate_bin_nights
 from ese_assets.core.detection import (
     DEFAULT_MIN_DIP_SIGMA,
     DEFAULT_MIN_OBS,
@@ -72,6 +73,13 @@ def _exclude_flags(name: str) -> int:
         if value != int(value):
             raise ValueError(f"not an integer: {value}")
         return validate_exclude_flags(int(value))
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}: {exc}") from None
+
+
+def _bin_nights(name: str) -> str:
+    try:
+        return validate_bin_nights(_env(name, DEFAULT_BIN_NIGHTS))
     except ValueError as exc:
         raise ValueError(f"environment variable {name}: {exc}") from None
 
@@ -152,6 +160,8 @@ class Settings:
     exclude_flags: int = DEFAULT_EXCLUDED_FLAGS
     retry_delay_s: float = DEFAULT_RETRY_DELAY_S  # first delay of step and image retries
     max_attempts: int = DEFAULT_MAX_ATTEMPTS  # run requests per image before the sensor gives up
+    # window statistics on nightly bins: auto | on | off (core.binning.sources_to_bin)
+    bin_nights: str = DEFAULT_BIN_NIGHTS
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -188,6 +198,7 @@ class Settings:
             exclude_flags=_exclude_flags("ESE_EXCLUDE_FLAGS"),
             retry_delay_s=_env_float("ESE_RETRY_DELAY_S", DEFAULT_RETRY_DELAY_S),
             max_attempts=_int("ESE_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS),
+            bin_nights=_bin_nights("ESE_BIN_NIGHTS"),
         )
 
     def detection(self) -> DetectionSettings:

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from ese_assets import pipeline
+from ese_assets.core.binning import bin_measurements, binned_window_metrics
 from ese_assets.core.variability import (
     MOMENT_COLUMNS,
     WINDOW_COLUMNS,
@@ -221,7 +222,8 @@ def test_incremental_in_any_order_with_remeasured_images_equals_rebuild(engine):
     pipeline.update_variability(engine, [NIGHTS[9], NIGHTS[2], NIGHTS[10]], flux_scale_error=FSE)
     incremental, incremental_sums = _stats(engine), _sums(engine)
 
-    # Full-history reference straight from photometry (the window holds every epoch here).
+    # Full-history reference straight from photometry (the window holds every epoch here; 36
+    # epochs, so the default bin_nights="auto" keeps the raw epochs).
     ref = pipeline.stats_from_lightcurves(photometry_db.lightcurves(engine), flux_scale_error=FSE)
     ref = ref.set_index("source_id").loc[incremental["source_id"]]
     assert (incremental["n_obs"].to_numpy() == ref["n_obs"].to_numpy()).all()
@@ -283,18 +285,43 @@ def test_history_without_sums_is_rebuilt_on_first_update(engine):
     assert len(statistics_db.night_sums(engine, source_ids=SOURCES)) == 4 * len(SOURCES)
 
 
-def test_dip_statistics_cover_the_trailing_window_only(engine):
+def _epochs_with_nights(lc: pd.DataFrame) -> pd.DataFrame:
+    """Photometry rows as a measurement table (mJy) with each row's night (from its image path)."""
+    return pd.DataFrame(
+        {
+            "source_id": lc["source_id"],
+            "night": lc["image_path"].str.split("/").str[2],
+            "mjd": lc["mjd"],
+            "flux_mjy": lc["peak_jyb"] * 1e3,
+            "flux_err_mjy": lc["peak_err_jyb"] * 1e3,
+        }
+    )
+
+
+@pytest.mark.parametrize("bin_nights", ["off", "on"])
+def test_dip_statistics_cover_the_trailing_window_only(engine, bin_nights):
     _fill(engine)
     window_days = 4.0
     for night in NIGHTS:
         pipeline.update_variability(
-            engine, [night], flux_scale_error=FSE, dip_window_days=window_days
+            engine,
+            [night],
+            flux_scale_error=FSE,
+            dip_window_days=window_days,
+            bin_nights=bin_nights,
         )
     stats = _stats(engine).set_index("source_id")
     lc = photometry_db.lightcurves(engine)
     last = lc.groupby("source_id")["mjd"].transform("max")
-    recent = lc[lc["mjd"] >= last - window_days]
-    ref = pipeline.stats_from_lightcurves(recent, flux_scale_error=FSE).set_index("source_id")
+    if bin_nights == "off":  # the epochs of the window
+        recent = lc[lc["mjd"] >= last - window_days]
+        ref = pipeline.stats_from_lightcurves(recent, flux_scale_error=FSE).set_index("source_id")
+    else:  # the nights whose mid-time is in the window (not the window's first night here)
+        bins = bin_measurements(_epochs_with_nights(lc), flux_scale_error=FSE)
+        last_bin = bins.groupby("source_id")["last_mjd"].transform("max")
+        in_window = bins["mjd"] >= last_bin - window_days
+        assert bins[in_window].groupby("source_id").size().eq(4).all()
+        ref = binned_window_metrics(bins[in_window]).set_index("source_id")
     for col in WINDOW_COLUMNS[1:]:
         np.testing.assert_allclose(
             stats[col].astype(float),

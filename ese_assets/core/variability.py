@@ -110,6 +110,8 @@ METRIC_COLUMNS = (
 )
 
 _INPUT_COLUMNS = ("source_id", "mjd", "flux_mjy", "flux_err_mjy")
+#: Optional input columns of rows that stand for several epochs (nightly bins).
+_BIN_SPAN_COLUMNS = ("first_mjd", "last_mjd", "n_epochs")
 
 
 def window_ladder(max_len: int, min_len: int = 3) -> np.ndarray:
@@ -180,6 +182,12 @@ def variability_metrics(
     dip_z_clip
         Per-epoch |z| clip of the dip scan (default 5; ``None`` disables clipping).
 
+    A row may stand for several epochs (a nightly bin of :mod:`ese_assets.core.binning`: its
+    weighted mean and error) when ``lightcurves`` also has ``n_epochs``, ``first_mjd`` and
+    ``last_mjd``: every metric then treats a row as one measurement (``n_obs`` counts rows), but
+    ``first_mjd``/``last_mjd`` and the dip window's ``dip_start_mjd``/``dip_end_mjd`` are the times
+    of the rows' first and last epochs, and ``dip_n_epochs`` counts the epochs in the window.
+
     Returns
     -------
     DataFrame with one row per source, sorted by ``source_id``, columns :data:`METRIC_COLUMNS`
@@ -214,6 +222,12 @@ def variability_metrics(
     mjd = mjd_all[keep][order]
     f = flux_all[keep][order]
     err = lightcurves["flux_err_mjy"].to_numpy(dtype=np.float64)[keep][order]
+    binned = all(c in lightcurves.columns for c in _BIN_SPAN_COLUMNS)
+    t_first, t_last, n_epochs = (
+        (lightcurves[c].to_numpy(dtype=np.float64)[keep][order] for c in _BIN_SPAN_COLUMNS)
+        if binned
+        else (mjd, mjd, np.ones(len(mjd)))
+    )
 
     n_src = len(uniques)
     n_rows = len(f)
@@ -318,8 +332,8 @@ def variability_metrics(
         p0 = best_pos[found]
         p1 = p0 + dip_len[found]
         dip_sig[found] = (cz[p1] - cz[p0]) / np.sqrt(dip_len[found])
-        dip_start[found] = mjd[p0]
-        dip_end[found] = mjd[p1 - 1]
+        dip_start[found] = t_first[p0]
+        dip_end[found] = t_last[p1 - 1]
         # Depth from sums of (f - median), again shifted for precision.
         cf = np.concatenate(([0.0], np.cumsum(f - median[codes])))
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -327,6 +341,9 @@ def variability_metrics(
             depth = (cf[p1] - cf[p0]) / dip_len[found] / med_f
         dip_depth[found] = np.where(med_f > 0, depth, np.nan)
         dip_len = np.where(found, dip_len, 0)
+        if binned:  # epochs in the window, not rows
+            cn = np.concatenate(([0.0], np.cumsum(n_epochs)))
+            dip_len[found] = np.rint(cn[p1] - cn[p0]).astype(np.int64)
 
     weighted_nan = ~src_ok
     for arr in (wmean, chi2_nu, eta):
@@ -347,8 +364,8 @@ def variability_metrics(
             "sigma_deviation": sigma_dev,
             "median_flux_mjy": median,
             "robust_std_mjy": robust_std,
-            "first_mjd": mjd[starts],
-            "last_mjd": mjd[starts + counts - 1],
+            "first_mjd": t_first[starts],
+            "last_mjd": t_last[starts + counts - 1],
             "dip_significance": dip_sig,
             "dip_start_mjd": dip_start,
             "dip_end_mjd": dip_end,

@@ -11,6 +11,7 @@ import os
 import dagster as dg
 from sqlalchemy import Engine
 
+from ese_assets.core.binning import DEFAULT_BIN_NIGHTS
 from ese_assets.core.catalog import Catalog, load_catalog_cached
 from ese_assets.core.detection import (
     DEFAULT_MIN_DIP_SIGMA,
@@ -77,6 +78,7 @@ class DetectionResource(dg.ConfigurableResource):
     flux_scale_error: float = DEFAULT_FLUX_SCALE_ERROR
     dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS  # median/robust std/dip over this window
     exclude_flags: int = DEFAULT_EXCLUDED_FLAGS  # quality bits left out of the statistics
+    bin_nights: str = DEFAULT_BIN_NIGHTS  # window statistics on nightly bins: auto | on | off
 
     def settings(self) -> DetectionSettings:
         return DetectionSettings(
@@ -117,5 +119,6 @@ def resources_from_settings(settings: Settings, *, bind_env: bool = True) -> dic
             flux_scale_error=settings.flux_scale_error,
             dip_window_days=settings.dip_window_days,
             exclude_flags=settings.exclude_flags,
+            bin_nights=settings.bin_nights,
         ),
     }

@@ -2,7 +2,12 @@
 
 Additive per-night sums give the whole-history moments, a trailing window the dip statistic, so a
 night costs the same whatever the length of the history; :func:`recompute_variability` rebuilds
-them from the whole history on demand.
+them from the whole history on demand. The window statistics run on nightly bins (one weighted
+mean per source and night, from the same sums; ``bin_nights``, :mod:`ese_assets.core.binning`,
+which also says what binning loses), so a night also costs the same whatever the cadence: at most
+one row per source and night of the window is read. Raw epochs of the window are read only for
+sources left unbinned: all with ``bin_nights="off"``; with ``"auto"`` those whose window holds at
+most ~365 epochs or one epoch a night (as cheap as their bins, and exact).
 
 Only usable measurements enter the statistics: photometry rows whose ``quality_flag`` has none of
 the ``exclude_flags`` bits (default ``core.quality.DEFAULT_EXCLUDED_FLAGS``: blank and edge
@@ -18,8 +23,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
+from ese_assets.core.binning import (
+    BIN_COLUMNS,
+    DEFAULT_BIN_NIGHTS,
+    binned_window_metrics,
+    night_bins,
+    sources_to_bin,
+    validate_bin_nights,
+)
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS, usable_measurement
 from ese_assets.core.variability import (
     COUNT_COLUMNS,
@@ -45,12 +58,15 @@ log = logging.getLogger(__name__)
 # * whole-history moments (n_obs, mean, std, min/max, weighted mean, chi2_nu, eta, V,
 #   sigma_deviation, first/last mjd) from additive sums: one source_night_sums row per source and
 #   night, one source_sums row per source (core.variability.night_partial_sums, metrics_from_sums);
-# * the robust baseline and the dip statistic (median, robust std, dip_*) from the epochs of a
-#   trailing window of ``dip_window_days`` ending at the source's latest epoch: order statistics and
-#   a time-ordered scan cannot come from sums, and an ESE (14-180 days) fits in a year.
+# * the robust baseline and the dip statistic (median, robust std, dip_*) from a trailing window
+#   of ``dip_window_days`` ending at the source's latest epoch: order statistics and a time-ordered
+#   scan cannot come from sums, and an ESE (14-180 days) fits in a year. They run on the nightly
+#   bins of the window (source_night_sums rows, core.binning) or, for unbinned sources, on the
+#   window's epochs.
 #
-# A night therefore costs its own photometry rows, one sums row per source and the window rows,
-# whatever the length of the history. recompute_variability is the O(history) rebuild, on demand.
+# A night therefore costs its own photometry rows, one sums row per source and at most one night
+# row per source and night of the window, whatever the length of the history and the cadence.
+# recompute_variability is the O(history) rebuild, on demand.
 
 #: Columns of variability_stats that are not metrics: catalog values and processing times.
 _STATS_EXTRA_COLUMNS = ("ra_deg", "dec_deg", "nvss_flux_mjy", "last_measured_at")
@@ -199,6 +215,38 @@ def _apply_night_changes(
     statistics_db.delete_source_sums(conn, totals["source_id"], only_empty=True)
 
 
+def _window_stats(
+    conn,
+    source_ids: Sequence[str],
+    *,
+    flux_scale_error: float,
+    dip_window_days: float,
+    exclude_flags: int,
+    bin_nights: str,
+) -> pd.DataFrame:
+    """Median, robust std and dip statistic (WINDOW_COLUMNS) of ``source_ids`` over their trailing
+    window: from the window's nightly bins for the sources ``bin_nights`` bins
+    (core.binning.sources_to_bin), from the window's epochs for the others."""
+    parts = []
+    raw_ids = list(source_ids)
+    if bin_nights != "off":
+        bins = night_bins(statistics_db.window_night_sums(conn, source_ids, dip_window_days))
+        binned = sources_to_bin(bins, bin_nights)
+        if len(binned):
+            parts.append(binned_window_metrics(bins[bins["source_id"].isin(binned)]))
+            raw_ids = sorted(set(raw_ids) - set(binned))
+    if raw_ids:
+        window = _flux_table(
+            photometry_db.window_photometry(
+                conn, raw_ids, dip_window_days, exclude_flags=exclude_flags
+            )
+        )
+        parts.append(
+            variability_metrics(window, flux_scale_error=flux_scale_error)[list(WINDOW_COLUMNS)]
+        )
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
 def _store_stats(
     conn,
     source_ids: Sequence[str],
@@ -206,6 +254,7 @@ def _store_stats(
     flux_scale_error: float,
     dip_window_days: float,
     exclude_flags: int,
+    bin_nights: str,
     now: float,
 ) -> pd.DataFrame:
     """Steps (e)-(g): variability_stats of ``source_ids`` from their sums and their window."""
@@ -213,12 +262,14 @@ def _store_stats(
     if sums.empty:
         return pd.DataFrame()
     moments = metrics_from_sums(sums)
-    window = _flux_table(
-        photometry_db.window_photometry(
-            conn, sums["source_id"], dip_window_days, exclude_flags=exclude_flags
-        )
+    robust = _window_stats(
+        conn,
+        sums["source_id"].tolist(),
+        flux_scale_error=flux_scale_error,
+        dip_window_days=dip_window_days,
+        exclude_flags=exclude_flags,
+        bin_nights=bin_nights,
     )
-    robust = variability_metrics(window, flux_scale_error=flux_scale_error)[list(WINDOW_COLUMNS)]
     stats = moments.merge(robust, on="source_id", how="left").merge(
         sums[["source_id", *_STATS_EXTRA_COLUMNS]], on="source_id", how="left"
     )
@@ -264,6 +315,7 @@ def update_variability(
     flux_scale_error: float,
     dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
     exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
+    bin_nights: str = DEFAULT_BIN_NIGHTS,
     now: float | None = None,
 ) -> pd.DataFrame:
     """Update the statistics of every source measured in ``nights``, at a cost bounded by the
@@ -273,14 +325,17 @@ def update_variability(
     the nights' images only; (b) their per-(source, night) partial sums; (c) the stored night rows
     of those nights; (d) add new - old to ``source_sums`` and replace the night rows; (e) the
     whole-history moments from ``source_sums``; (f) median, robust std and dip statistic over each
-    source's last ``dip_window_days``; (g) upsert ``variability_stats``. Sources whose sums cannot
-    be updated (another ``flux_scale_error``, or history without sums) are rebuilt from their whole
-    history instead. A killed run leaves the previous state; a re-run on unchanged photometry
-    leaves every table identical. Only usable photometry rows (no ``exclude_flags`` bit) are read.
-    The stored sums do not record the mask: after changing it, rebuild with
-    :func:`recompute_variability`. Returns the rows written to ``variability_stats``.
+    source's last ``dip_window_days``, on its nightly bins (``bin_nights``: ``auto``, ``on`` or
+    ``off``, see :func:`ese_assets.core.binning.sources_to_bin`); (g) upsert
+    ``variability_stats``. Sources whose sums cannot be updated (another ``flux_scale_error``, or
+    history without sums) are rebuilt from their whole history instead. A killed run leaves the
+    previous state; a re-run on unchanged photometry leaves every table identical. Only usable
+    photometry rows (no ``exclude_flags`` bit) are read. The stored sums do not record the mask:
+    after changing it, rebuild with :func:`recompute_variability`. Returns the rows written to
+    ``variability_stats``.
     """
     now = time.time() if now is None else now
+    bin_nights = validate_bin_nights(bin_nights)
     nights = sorted({str(n) for n in nights})
     with statistics_db.sums_transaction(engine) as conn:
         rows = photometry_db.night_photometry(conn, nights, exclude_flags=exclude_flags)
@@ -305,6 +360,7 @@ def update_variability(
             flux_scale_error=flux_scale_error,
             dip_window_days=dip_window_days,
             exclude_flags=exclude_flags,
+            bin_nights=bin_nights,
             now=now,
         )
 
@@ -316,6 +372,7 @@ def recompute_variability(
     flux_scale_error: float,
     dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
     exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
+    bin_nights: str = DEFAULT_BIN_NIGHTS,
     chunk: int = 2000,
     progress: Progress = silent,
 ) -> int:
@@ -323,9 +380,11 @@ def recompute_variability(
 
     The full O(history) path (``ese detect --recompute``, the API): per chunk of sources, one
     transaction rewrites their ``source_night_sums`` and ``source_sums`` rows from their whole
-    history (usable rows only, see ``exclude_flags``), then their ``variability_stats``. Returns
-    the number of sources with statistics.
+    history (usable rows only, see ``exclude_flags``), then their ``variability_stats`` (window
+    statistics binned as ``bin_nights`` says, as in :func:`update_variability`). Returns the number
+    of sources with statistics.
     """
+    bin_nights = validate_bin_nights(bin_nights)
     if source_ids is None:
         ids = sorted(
             set(photometry_db.measured_source_ids(engine))
@@ -346,8 +405,31 @@ def recompute_variability(
                 flux_scale_error=flux_scale_error,
                 dip_window_days=dip_window_days,
                 exclude_flags=exclude_flags,
+                bin_nights=bin_nights,
                 now=time.time(),
             )
         done += len(stats)
         progress(f"variability statistics: {min(start + chunk, len(ids))}/{len(ids)} sources")
     return done
+
+
+def nightly_lightcurves(
+    bind: Engine | Connection,
+    source_ids: Sequence[str],
+    *,
+    window_days: float | None = None,
+) -> pd.DataFrame:
+    """Nightly-binned lightcurves of ``source_ids`` from the stored night sums: one row per source
+    and night (:data:`ese_assets.core.binning.BIN_COLUMNS`: weighted mean ``flux_mjy``, its
+    ``flux_err_mjy``, ``n_epochs``, the night's ``first_mjd``/``last_mjd`` and within-night
+    scatter), sorted by source_id and time.
+
+    The whole history, or with ``window_days`` each source's trailing window (the rows the
+    statistics stage reads). What detection scans instead of raw epochs; raw epochs are for plots
+    and exports (:func:`ese_assets.storage.photometry.lightcurves`).
+    """
+    if window_days is None:
+        rows = statistics_db.night_sums(bind, source_ids=source_ids)
+    else:
+        rows = statistics_db.window_night_sums(bind, source_ids, window_days)
+    return night_bins(rows)[list(BIN_COLUMNS)]

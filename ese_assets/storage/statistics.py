@@ -10,6 +10,8 @@ night rows, the source rows and the statistics change together under the lock.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -28,6 +30,7 @@ from ese_assets.storage.access import (
     now,
     read_all_or_chunked,
     read_chunked,
+    read_frame,
     reading,
     sorted_records,
     unique_str,
@@ -146,6 +149,60 @@ def night_sums(
             conn, lambda chunk: sa.select(source_night_sums).where(column.in_(chunk)), wanted
         )
     return frame.sort_values(["source_id", "night"], kind="mergesort").reset_index(drop=True)
+
+
+#: Days between a night's calendar date and the UTC date of its epochs, at most: a night is a date
+#: in a time zone within +-14 h of UTC; one more day of margin.
+_NIGHT_DATE_MARGIN_DAYS = 2
+_MJD_EPOCH = dt.date(1858, 11, 17)
+
+
+def _night_floor(mjd: float | None) -> str | None:
+    """A night (``YYYY-MM-DD``) on or before the night of every epoch at or after ``mjd``."""
+    if mjd is None or not math.isfinite(mjd):
+        return None
+    try:
+        day = _MJD_EPOCH + dt.timedelta(days=math.floor(mjd) - _NIGHT_DATE_MARGIN_DAYS)
+    except OverflowError:  # before year 1: no floor
+        return None
+    return day.isoformat()
+
+
+def window_night_sums(bind: Bind, source_ids: Iterable[str], window_days: float) -> pd.DataFrame:
+    """The ``source_night_sums`` rows of each source's trailing window: its nights whose mid-time
+    ``(first_mjd + last_mjd) / 2`` is at least ``source_sums.last_mjd - window_days`` (its latest
+    usable epoch minus the window). For a night of one epoch this is that epoch's own test, as in
+    :func:`ese_assets.storage.photometry.window_photometry`.
+
+    At most one row per source and night of the window, whatever the cadence. The rows scanned are
+    bounded by the window too, not by the history: each chunk also asks ``night >= floor`` (the
+    date of the chunk's earliest bound minus :data:`_NIGHT_DATE_MARGIN_DAYS`), a range of the
+    primary key (source_id, night). Ordered by source_id, night.
+    """
+    night = source_night_sums
+    bound = sums_table.c.last_mjd - float(window_days)
+
+    def make_stmt(chunk: list[str], floor: str | None) -> sa.Select[Any]:
+        stmt = (
+            sa.select(night)
+            .join(sums_table, sums_table.c.source_id == night.c.source_id)
+            .where(night.c.source_id.in_(chunk), night.c.first_mjd + night.c.last_mjd >= 2 * bound)
+        )
+        if floor is not None:
+            stmt = stmt.where(night.c.night >= floor)
+        return stmt.order_by(night.c.source_id, night.c.night)
+
+    wanted = unique_str(source_ids)
+    with reading(bind) as conn:
+        if not wanted:
+            return read_frame(conn, make_stmt([], None))
+        frames = []
+        for chunk in chunks(wanted):
+            earliest = conn.execute(
+                sa.select(sa.func.min(bound)).where(sums_table.c.source_id.in_(chunk))
+            ).scalar()
+            frames.append(read_frame(conn, make_stmt(chunk, _night_floor(earliest))))
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
 def source_sums(bind: Bind, source_ids: Iterable[str] | None = None) -> pd.DataFrame:
