@@ -201,9 +201,11 @@ def fit_clusters(
         else:
             # B_mn = sum_i Kw_m(i) (K_n conv rho)(i), with K_n conv rho in closed form (continuous
             # Gaussian convolution) instead of one FFT per member and cluster.
-            g = smoothed_kernel(icov[mem], icov_centre, dx, dy)
-            kw_live = np.where(dead[:, :, None, None], 0.0, kw)
-            g_live = np.where(dead[:, :, None, None], 0.0, g)
+            g_live = smoothed_kernel(icov[mem], icov_centre, dx, dy)
+            kw_live = kw
+            if dead.any():  # (rare) zero the dead members, in place for g: no extra copies
+                kw_live = np.where(dead[:, :, None, None], 0.0, kw)
+                g_live[dead] = 0.0
             b_mat = np.einsum("cmyx,cnyx->cmn", kw_live, g_live)
             # The closed form convolves the whole kernel K_n, but only Kw_n (its unblanked pixels)
             # enters the estimator: where blank or off-image pixels fall inside the union of the

@@ -92,6 +92,7 @@ from typing import Protocol
 
 import numpy as np
 from astropy.wcs import WCS
+from numpy.lib.stride_tricks import sliding_window_view
 
 from ese_assets.core.background import background_and_rms, clipped_mad_std_bias, sample_mesh
 from ese_assets.core.beam import FWHM_PER_SIGMA, beam_covariance_sky
@@ -135,6 +136,10 @@ __all__ = [
 #: Linking length of the blend search, in beam majors (science brief: pairs closer than ~1.5 BMAJ
 #: bias each other; at that separation the cross-talk sum(K1 K2)/sum(K1^2) is ~4 %).
 BLEND_BEAMS = 1.5
+#: Pixels per batch of stamps (isolated fits) or of cluster regions x members (joint fits): each
+#: float64 temporary of a batch is <= 1 MiB, so the few alive at once stay well below a 2048^2
+#: float32 image (16 MiB) whatever the beam; batches this large already run at full numpy speed.
+CHUNK_PIX = 2**17
 #: sigma_F / rms for beam-correlated noise in the well-sampled limit (see module docstring).
 WELL_SAMPLED_BEAM_FACTOR = 2.0 / math.sqrt(3.0)
 
@@ -232,22 +237,22 @@ def _major_fwhm_pix(cov: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------
 # Forced photometry
 # --------------------------------------------------------------------------------------------
-def _source_mask(shape, x, y, half: int, chunk: int) -> np.ndarray:
-    """Boolean image, True within +-half pixels of any of the positions (clipped to the image)."""
+def _source_mask(shape, x, y, half: int) -> np.ndarray:
+    """Boolean image, True within +-half pixels of any of the positions (clipped to the image).
+
+    Each box is one (2 half + 1)^2 window of a writable window view of a boolean array padded by
+    2 half on every side, so all boxes are set by one fancy assignment (no index arrays per
+    pixel); boxes that overlap the image only partly fall partly on the padding."""
     ny, nx = shape
-    mask = np.zeros(shape, dtype=bool)
-    off = np.arange(-half, half + 1)
+    size = 2 * half + 1
     cx = np.floor(x + 0.5).astype(np.int64)
     cy = np.floor(y + 0.5).astype(np.int64)
-    # Only boxes that overlap the image; for those, clipping maps outside indices onto pixels that
-    # are inside the box anyway.
     keep = (cx + half >= 0) & (cx - half <= nx - 1) & (cy + half >= 0) & (cy - half <= ny - 1)
-    cx, cy = cx[keep], cy[keep]
-    for s in range(0, cx.size, chunk):
-        rows = np.clip(cy[s : s + chunk, None] + off, 0, ny - 1)
-        cols = np.clip(cx[s : s + chunk, None] + off, 0, nx - 1)
-        mask[rows[:, :, None], cols[:, None, :]] = True
-    return mask
+    padded = np.zeros((ny + 4 * half, nx + 4 * half), dtype=bool)
+    # The window starting at padded (cy + half, cx + half) covers image rows cy - half..cy + half.
+    windows = sliding_window_view(padded, (size, size), writeable=True)
+    windows[cy[keep] + half, cx[keep] + half] = True  # overlapping windows: same value, safe
+    return padded[2 * half : 2 * half + ny, 2 * half : 2 * half + nx]
 
 
 def _stamp_offsets(h: int) -> np.ndarray:
@@ -273,6 +278,8 @@ def _measure_isolated(
     Returns (peak, err_per_rms or NaN where the image factor applies, has_nan, blank); blank
     stamps (own pixel NaN, or NaN pixels carrying > max_blank_fraction of sum K^2) get NaN."""
     off = _stamp_offsets(h)
+    chunk = max(1, min(int(chunk), CHUNK_PIX // (2 * h + 1) ** 2))
+    windows = sliding_window_view(data, (2 * h + 1, 2 * h + 1))  # a view: stamp of every pixel
     n = idx.size
     peak = np.full(n, np.nan)
     err_unit = np.full(n, np.nan)
@@ -283,16 +290,20 @@ def _measure_isolated(
         ii = idx[sl]
         rows = cyi[ii][:, None] + off[None, :]  # (c, S)
         cols = cxi[ii][:, None] + off[None, :]
-        stamp = data[rows[:, :, None], cols[:, None, :]]  # (c, S, S): one fancy-index gather
+        stamp = windows[rows[:, 0], cols[:, 0]]  # (c, S, S): one gather of whole stamps
         dx = (cols - x[ii][:, None])[:, None, :]
         dy = (rows - y[ii][:, None])[:, :, None]
         k = gaussian(icov[ii][:, None, None, :, :], dx, dy)
         valid = np.isfinite(stamp)
-        kw = np.where(valid, k, 0.0)
-        d = np.where(valid, stamp - bkg[ii][:, None, None], 0.0)
-        num = np.einsum("cyx,cyx->c", kw, d)
-        den = np.einsum("cyx,cyx->c", kw, k)
+        d = stamp - bkg[ii][:, None, None]
         full = np.einsum("cyx,cyx->c", k, k)  # sum K^2 of the whole stamp, blanks included
+        if valid.all():  # the usual case: no blank pixel in this chunk, no masking passes
+            kw, den = k, full
+        else:
+            kw = np.where(valid, k, 0.0)
+            d = np.where(valid, d, 0.0)
+            den = np.einsum("cyx,cyx->c", kw, k)
+        num = np.einsum("cyx,cyx->c", kw, d)
         is_blank = ~valid[:, h, h] | ~(den >= (1.0 - max_blank_fraction) * full)
         with np.errstate(invalid="ignore", divide="ignore"):
             peak[sl] = np.where(is_blank, np.nan, num / np.where(is_blank, 1.0, den))
@@ -352,8 +363,8 @@ def forced_photometry(
     ``max_blank_fraction``: largest fraction of the stamp's beam weight sum(K^2) that blank (NaN)
     pixels may carry before the position is flagged ``FLAG_BLANK`` and not measured (its own
     pixel must be unblanked in any case).
-    ``chunk_size``: sources per gather (bounds memory at
-    ~ chunk_size x (2h+1)^2 x 8 bytes per temporary array).
+    ``chunk_size``: at most this many sources per gather of stamps; a gather also holds at most
+    ``CHUNK_PIX`` stamp pixels, so each float64 temporary stays <= 1 MiB whatever the beam.
 
     Returns a :class:`ForcedPhotometry` aligned with the input. See the module docstring for the
     estimator, the error model and the flags.
@@ -399,11 +410,9 @@ def forced_photometry(
     if mask_sources and finite.any():
         # The whole stamp (+-1.5 BMAJ: < 0.1 % of a source's flux lies outside), unless that
         # would hide more than half of a crowded image; then +-1 BMAJ (< 4 % outside).
-        source_mask = _source_mask((ny, nx), x[finite], y[finite], h, chunk_size)
+        source_mask = _source_mask((ny, nx), x[finite], y[finite], h)
         if source_mask.mean() > 0.5:
-            source_mask = _source_mask(
-                (ny, nx), x[finite], y[finite], math.ceil(major_pix), chunk_size
-            )
+            source_mask = _source_mask((ny, nx), x[finite], y[finite], math.ceil(major_pix))
     stride = max(1, math.floor(major_pix / 2.5 + 1e-6))  # >= 2.5 samples per FWHM
     bkg_grid, rms_grid = background_and_rms(data, box_pix, mask=source_mask, stride=stride)
     on_image = finite & (x > -0.5) & (x < nx - 0.5) & (y > -0.5) & (y < ny - 0.5)
@@ -486,7 +495,7 @@ def forced_photometry(
                     h,
                     icov_centre,
                     noise_correlation,
-                    chunk_pix=1_000_000,  # ~8 MB per (cluster, member, pixel) array
+                    chunk_pix=CHUNK_PIX,
                 )
                 peak[members] = amp
                 peak_err[members] = err
