@@ -14,8 +14,16 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ese_assets.core.candidates import CANDIDATE_STATUSES, OPEN_STATUSES, REVIEW_STATUSES
-from ese_assets.core.detection import DEFAULT_PRESET, PRESETS, resolve_min_sigma
+from ese_assets import cli_candidates
+from ese_assets.cli_candidates import open_products_db
+from ese_assets.core.detection import (
+    DEFAULT_MIN_DIP_SIGMA,
+    DEFAULT_MIN_OBS,
+    DEFAULT_PRESET,
+    PRESETS,
+    DetectionSettings,
+    resolve_min_sigma,
+)
 from ese_assets.settings import Settings
 
 if TYPE_CHECKING:  # the simulator (and astropy.wcs) is imported only by `ese simulate`
@@ -130,7 +138,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         print(f"ese ingest: {args.directory} is not a directory", file=sys.stderr)
         return 2
     report = ingest_directory(
-        settings, args.directory, settle_seconds=args.settle_seconds, verbose=args.verbose
+        settings,
+        args.directory,
+        settle_seconds=args.settle_seconds,
+        verbose=args.verbose,
+        recursive=args.recursive,
     )
     failed = report.failed
     print(f"{len(report.runs)} runs, {len(failed)} failed")
@@ -146,43 +158,83 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from ese_assets.api import detect_ese_candidates
+    """The seed's ``ese-detect`` JSON, plus the run id (to undo the run) and the changes made;
+    ``--dry-run`` plans without writing."""
+    from ese_assets import pipeline
+    from ese_assets.pipeline.candidates import new_run_id, seed_candidate_records
+    from ese_assets.storage.engine import describe_url
 
     settings = _settings(args)
-    found = detect_ese_candidates(
-        settings.products_db,
-        args.min_sigma,
-        preset=args.preset,
-        recompute=args.recompute,
-        source_id=args.source_id,
-        use_composite_scoring=args.use_composite_scoring,
-        min_dip_sigma=args.min_dip_sigma,
-        min_obs=args.min_obs,
-        flux_scale_error=settings.flux_scale_error,
-        dip_window_days=settings.dip_window_days,
-        exclude_flags=settings.exclude_flags,
+    if args.dry_run and args.recompute:
+        raise ValueError("--dry-run cannot be combined with --recompute (recomputing writes)")
+    engine = open_products_db(settings.products_db)
+    detection = DetectionSettings(
+        min_sigma=resolve_min_sigma(args.preset, args.min_sigma),
+        min_dip_sigma=DEFAULT_MIN_DIP_SIGMA if args.min_dip_sigma is None else args.min_dip_sigma,
+        min_obs=DEFAULT_MIN_OBS if args.min_obs is None else args.min_obs,
     )
+    ids = [args.source_id] if args.source_id else None
+    if args.recompute:
+        pipeline.recompute_variability(
+            engine,
+            ids,
+            flux_scale_error=settings.flux_scale_error,
+            dip_window_days=settings.dip_window_days,
+            exclude_flags=settings.exclude_flags,
+            bin_nights=settings.bin_nights,
+        )
+    summary = pipeline.detect_candidates(
+        engine, detection, source_ids=ids, dry_run=args.dry_run, run_id=new_run_id("cli")
+    )
+    found = seed_candidate_records(
+        engine, summary.flagged, use_composite_scoring=args.use_composite_scoring
+    )
+    changes = [
+        {
+            "source_id": c.source_id,
+            "candidate_id": c.candidate_id,
+            "old_status": c.old_status,
+            "new_status": c.new_status,
+            "note": c.note,
+        }
+        for c in summary.changes
+    ]
     print(
         json.dumps(
             {
-                "products_db": settings.products_db,
+                "products_db": describe_url(settings.products_db),
                 "preset": args.preset,
-                "min_sigma": resolve_min_sigma(args.preset, args.min_sigma),
+                "min_sigma": detection.min_sigma,
                 "source_id": args.source_id,
                 "recompute": args.recompute,
                 "candidates_found": len(found),
                 "candidates": found,
+                "run_id": summary.run_id,
+                "dry_run": args.dry_run,
+                "changes": changes,
             },
             indent=2,
         )
     )
+    counts = (
+        f"{summary.inserted} new, {summary.expired} expired, {summary.reopened} re-opened, "
+        f"{summary.updated} updated"
+    )
+    if args.dry_run:
+        print(f"ese detect: dry run: would change {counts}; nothing written", file=sys.stderr)
+    elif summary.changes:
+        print(
+            f"ese detect: run {summary.run_id}: {counts}; "
+            f"undo with: ese candidates undo {summary.run_id}",
+            file=sys.stderr,
+        )
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ese_assets.api import Source
 
-    lc = Source(args.source_id, _settings(args).products_db).measurements
+    lc = Source(args.source_id, open_products_db(_settings(args).products_db)).measurements
     if lc.empty:
         print(f"ese export: no measurements for source {args.source_id!r}", file=sys.stderr)
         return 1
@@ -214,50 +266,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"wrote {len(lc)} measurements of {args.source_id} to {args.output}")
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    return 0
-
-
-def cmd_candidates(args: argparse.Namespace) -> int:
-    from ese_assets.storage import candidates as candidates_db
-    from ese_assets.storage.engine import ensure_schema, make_engine
-
-    engine = make_engine(_settings(args).products_db)
-    ensure_schema(engine)
-    status = {"open": OPEN_STATUSES, "all": None}.get(args.status, (args.status,))
-    df = candidates_db.candidates(engine, status=status)
-    if args.format == "json":
-        print(df.to_json(orient="records", indent=2))
-    elif args.format == "csv":
-        sys.stdout.write(df.to_csv(index=False))
-    elif df.empty:
-        print(f"no {args.status} candidates")
-    else:
-        cols = [
-            "source_id",
-            "status",
-            "significance",
-            "flag_type",
-            "n_obs",
-            "mean_flux_mjy",
-            "chi2_nu",
-            "night",
-            "last_night",
-        ]
-        print(df[[c for c in cols if c in df.columns]].to_string(index=False))
-    return 0
-
-
-def cmd_mark(args: argparse.Namespace) -> int:
-    from ese_assets.api import Source
-
-    try:
-        Source(args.source_id, _settings(args).products_db).mark(
-            args.status, notes=args.notes, by=args.by
-        )
-    except ValueError as exc:
-        print(f"ese mark: {exc}", file=sys.stderr)
-        return 1
-    print(f"{args.source_id}: {args.status}")
     return 0
 
 
@@ -314,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip files modified less than this many seconds ago (default 0)",
     )
     p.add_argument("--verbose", action="store_true", help="also print Dagster's step logs")
+    p.add_argument(
+        "--recursive",
+        action="store_true",
+        help="also the FITS files of every sub-directory (e.g. one directory per night)",
+    )
     _add_db(p)
     p.set_defaults(func=cmd_ingest)
 
@@ -344,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add the seed's composite score and confidence to each candidate",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be flagged and what would change; write nothing",
+    )
     _add_db(p)
     p.set_defaults(func=cmd_detect)
 
@@ -354,19 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("candidates", help="list ESE candidates")
-    p.add_argument("--status", default="open", choices=["open", *CANDIDATE_STATUSES, "all"])
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    _add_db(p)
-    p.set_defaults(func=cmd_candidates)
-
-    p = sub.add_parser("mark", help="mark a source's open candidate investigated or dismissed")
-    p.add_argument("source_id")
-    p.add_argument("status", choices=REVIEW_STATUSES)
-    p.add_argument("--notes")
-    p.add_argument("--by", default="user", help="who decided (default: user)")
-    _add_db(p)
-    p.set_defaults(func=cmd_mark)
+    cli_candidates.add_parsers(sub)
 
     p = sub.add_parser(
         "plot",

@@ -31,7 +31,9 @@ from ese_assets.orchestration.runs import (
     plan_unfinished,
     process_tags,
 )
+from ese_assets.orchestration.sensors import rejection_observation
 from ese_assets.pipeline.recovery import Plan
+from ese_assets.pipeline.registration import fits_in_subdirectories
 from ese_assets.settings import Settings
 from ese_assets.storage.engine import ensure_schema, make_engine
 
@@ -123,14 +125,19 @@ def ingest_directory(
     settle_seconds: float = 0.0,
     progress=print,
     verbose: bool = False,
+    recursive: bool = False,
 ) -> IngestReport:
-    """Register the files of ``directory`` and run every image that still needs a run.
+    """Register the FITS files of ``directory`` (and of its sub-directories when ``recursive``)
+    and run every image that still needs a run.
 
     The catalog is validated first (a bad one raises :class:`CatalogError` before anything is
-    registered). Then new and changed files are registered, runs left unfinished by an earlier
-    process are recognised, and every unfinished image is requested at once, whatever its backoff
-    (a person is waiting). Each run's full log is in the Dagster instance (UI); the console shows
-    one line per run unless ``verbose`` also echoes Dagster's own step logs.
+    registered). Then new and changed files are registered (other files are ignored; a directory
+    whose images are all in sub-directories gets a hint to use ``recursive``), runs left
+    unfinished by an earlier process are recognised, and every unfinished image is requested at
+    once, whatever its backoff (a person is waiting). Rejected files are also reported to the
+    instance as an observation of ``photometry`` (the UI shows them, night or not). Each run's
+    full log is in the Dagster instance (UI); the console shows one line per run unless
+    ``verbose`` also echoes Dagster's own step logs.
     """
     progress(_check_catalog(settings))
     engine = make_engine(settings.products_db)
@@ -142,14 +149,28 @@ def ingest_directory(
         timezone=settings.timezone,
         first_night=settings.partition_start,
         progress=progress,
+        recursive=recursive,
     )
     changed = f", {len(scan.changed)} changed since" if scan.changed else ""
+    ignored = f", {scan.ignored} other files ignored (not FITS)" if scan.ignored else ""
     progress(
         f"{directory}: {len(scan.registered)} new images, {len(scan.rejected)} rejected, "
         f"{scan.already_known} already known{changed}, {len(scan.waiting)} still being "
-        "written"
+        f"written{ignored}"
     )
+    seen = len(scan.registered) + len(scan.rejected) + scan.already_known + len(scan.waiting)
+    if not recursive and seen == 0:
+        n_below, first = fits_in_subdirectories(directory)
+        if n_below:
+            more = "+" if n_below >= 1000 else ""
+            progress(
+                f"hint: {directory} holds no FITS files itself, but its sub-directories hold "
+                f"{n_below}{more} (e.g. {first}): use --recursive"
+            )
     instance = dagster_instance(settings)
+    observation = rejection_observation(scan.rejected, "cli")
+    if observation is not None:
+        instance.report_runless_asset_event(observation)
     plan = plan_unfinished(
         engine,
         instance,
@@ -173,7 +194,7 @@ def ingest_directory(
                 "loggers": {"console": {"config": {"log_level": log_level}}},
             },
             instance=instance,
-            tags={**batch_tags(batch, "cli"), **process_tags()},
+            tags={**batch_tags(batch, "cli", settings.products_db), **process_tags()},
             raise_on_error=False,
         )
         run = NightRun(

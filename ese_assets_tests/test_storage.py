@@ -122,6 +122,7 @@ def test_make_engine_sqlite_path_creates_dirs_and_sets_pragmas(tmp_path, monkeyp
             "photometry",
             "variability_stats",
             "ese_candidates",
+            "ese_candidate_history",
             "source_night_sums",
             "source_sums",
         }
@@ -421,6 +422,9 @@ def test_at_most_one_open_candidate_per_source(engine):
         "dismissed_at",
         "flagged_at",
         "last_night",
+        "flag_type",
+        "sigma_deviation",
+        "dip_significance",
     ]
     candidates_db.apply_candidate_changes(
         engine,

@@ -26,12 +26,23 @@ from sqlalchemy import Engine
 from ese_assets.orchestration.jobs import JOB_NAME
 from ese_assets.pipeline.recovery import ORPHAN_GRACE_S, Batch, Plan, plan_runs
 from ese_assets.settings import Settings
+from ese_assets.storage.engine import describe_url, normalize_url
 
 #: Tag naming the image batch a run measures (the token stored on the batch's ``images`` rows).
 TOKEN_TAG = "ese/batch"
 #: Tags of runs executed in the process of ``ese ingest`` (pid, host), to recognise dead ones.
 PID_TAG = "ese/pid"
 HOST_TAG = "ese/host"
+#: Tag naming the products database a run writes to (password hidden): runs of several databases
+#: in one Dagster instance can be told apart (and filtered by it in the UI's run list).
+PRODUCTS_DB_TAG = "ese/products_db"
+#: Tag saying what started a run: ``sensor``, ``cli`` (``ese ingest``), ``schedule``.
+TRIGGER_TAG = "ese/trigger"
+
+
+def products_db_tags(products_db: str) -> dict[str, str]:
+    """``{ese/products_db: <URL or path, password hidden>}`` for runs that use ``products_db``."""
+    return {PRODUCTS_DB_TAG: describe_url(normalize_url(products_db))}
 
 
 def process_tags() -> dict[str, str]:
@@ -111,8 +122,11 @@ def batch_run_config(batch: Batch) -> dict:
     return {"ops": {"photometry": {"config": {"image_paths": list(batch.paths)}}}}
 
 
-def batch_tags(batch: Batch, trigger: str) -> dict[str, str]:
-    return {TOKEN_TAG: batch.token, "ese/trigger": trigger, "ese/images": str(len(batch.paths))}
+def batch_tags(batch: Batch, trigger: str, products_db: str | None = None) -> dict[str, str]:
+    """Tags of a run that measures ``batch``: its token, the trigger, the number of images and,
+    when given, the products database."""
+    tags = {TOKEN_TAG: batch.token, TRIGGER_TAG: trigger, "ese/images": str(len(batch.paths))}
+    return {**tags, **(products_db_tags(products_db) if products_db else {})}
 
 
 def plan_unfinished(

@@ -6,9 +6,15 @@ for every image that still needs one: new images, images whose run failed, was c
 started, and failed images whose backoff has elapsed (:mod:`ese_assets.pipeline.recovery`). One
 run per night and batch, the batch's paths in the run config; the run key holds the batch token,
 so a tick repeated after a crash never launches the same work twice.
+
+Files rejected when registered are logged and also reported as an observation of the
+``photometry`` asset (table of files and reasons): a file without a readable time has no night,
+so no night's materialization would ever show it.
 """
 
 # No `from __future__ import annotations`: Dagster reads the config/resource annotations.
+from pathlib import Path
+
 import dagster as dg
 
 from ese_assets import pipeline
@@ -19,6 +25,33 @@ from ese_assets.settings import Settings
 #: New files examined per tick: a tick must finish well within Dagster's sensor timeout (60 s),
 #: so a backlog of thousands of files is registered over several ticks.
 MAX_NEW_FILES_PER_TICK = 2000
+
+#: The asset whose event log shows the files rejected when registered.
+REJECTIONS_ASSET = "photometry"
+#: Rows of the rejected-files table of one observation (the count is always complete).
+MAX_REJECTIONS_SHOWN = 200
+
+
+def rejection_observation(rejected, trigger: str):
+    """An observation of :data:`REJECTIONS_ASSET` listing ``rejected`` files (``(path, reason)``
+    pairs) with their reasons, or None when there are none. ``trigger``: who registered them."""
+    if not rejected:
+        return None
+    shown = sorted(rejected)[:MAX_REJECTIONS_SHOWN]
+    table = dg.MetadataValue.table(
+        records=[
+            dg.TableRecord({"file": Path(path).name, "reason": reason, "path": path})
+            for path, reason in shown
+        ],
+        schema=dg.TableSchema(
+            columns=[dg.TableColumn(c, "string") for c in ("file", "reason", "path")]
+        ),
+    )
+    return dg.AssetObservation(
+        asset_key=REJECTIONS_ASSET,
+        description=f"{len(rejected)} files rejected when registered ({trigger})",
+        metadata={"files_rejected": len(rejected), "rejected_files": table, "trigger": trigger},
+    )
 
 
 def build_sensor(settings: Settings, job, partitions: dg.PartitionsDefinition):
@@ -49,9 +82,12 @@ def build_sensor(settings: Settings, job, partitions: dg.PartitionsDefinition):
             )
         except FileNotFoundError as exc:
             context.log.warning(str(exc))  # recovery of known images goes on regardless
+        observation = None
         if scan is not None:
             for path, reason in scan.rejected:
                 context.log.warning(f"rejected {path}: {reason}")
+            observation = rejection_observation(scan.rejected, "sensor")
+        events = [observation] if observation is not None else []
         plan = plan_unfinished(
             engine,
             context.instance,
@@ -64,7 +100,10 @@ def build_sensor(settings: Settings, job, partitions: dg.PartitionsDefinition):
         if not plan.batches:
             waiting = f", {len(scan.waiting)} still being written" if scan and scan.waiting else ""
             rejected = len(scan.rejected) if scan else 0
-            return dg.SkipReason(f"nothing to run ({plan.summary()}; {rejected} rejected{waiting})")
+            skip = f"nothing to run ({plan.summary()}; {rejected} rejected{waiting})"
+            if not events:
+                return dg.SkipReason(skip)
+            return dg.SensorResult(skip_reason=skip, asset_events=events)
         context.log.info(
             plan.summary()
             + (f"; {scan.deferred} files left for the next tick" if scan and scan.deferred else "")
@@ -75,10 +114,11 @@ def build_sensor(settings: Settings, job, partitions: dg.PartitionsDefinition):
                     run_key=batch.run_key,
                     partition_key=batch.night,
                     run_config=batch_run_config(batch),
-                    tags=batch_tags(batch, "sensor"),
+                    tags=batch_tags(batch, "sensor", products_db.url),
                 )
                 for batch in plan.batches
-            ]
+            ],
+            asset_events=events,
         )
 
     return incoming_images_sensor

@@ -28,6 +28,14 @@ log = logging.getLogger(__name__)
 #: inspected, so a transfer in progress is not rejected.
 PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", ".lock", ".filepart")
 
+#: File name endings of FITS images (case-insensitive). Such a file is always examined (and rejected
+#: with the reason when it is not a usable image); any other file is examined only when it starts
+#: like a FITS file (:data:`FITS_MAGIC`), so catalogs, truth tables, PNG quick-looks and logs
+#: beside the images are ignored rather than registered as rejected images.
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fit.gz", ".fts.gz", ".fits.fz", ".fz")
+#: The first bytes of every FITS file: the primary header's first card (FITS standard 4.0, 4.4.1).
+FITS_MAGIC = b"SIMPLE  ="
+
 #: Two registrations closer than this in time (days) and pointing (degrees) are the same
 #: observation.
 DUPLICATE_MJD_TOL_DAYS = 1.0 / 86400.0
@@ -47,23 +55,69 @@ class ScanResult:
     already_known: int = 0
     deferred: int = 0  # new files left for the next call (``limit``)
     changed: list[str] = field(default_factory=list)  # registered files that changed: re-examined
+    ignored: int = 0  # files that are not FITS (by name and first bytes): not registered
 
 
-def _candidate_files(directory: Path) -> list[os.DirEntry]:
-    """Regular, visible files of ``directory`` (not recursive), partial-transfer names excluded."""
+def is_fits_file(path: str | os.PathLike[str]) -> bool:
+    """True when the file's name ends in one of :data:`FITS_SUFFIXES` or its first bytes are
+    :data:`FITS_MAGIC` (an unreadable file with another name is not FITS)."""
+    if os.fspath(path).lower().endswith(FITS_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(FITS_MAGIC)) == FITS_MAGIC
+    except OSError:
+        return False
+
+
+def _visible_files(directory: str) -> list[os.DirEntry]:
+    """Regular, visible files of one directory, partial-transfer names excluded."""
+    with os.scandir(directory) as entries:
+        return [
+            e
+            for e in entries
+            if e.is_file(follow_symlinks=True)
+            and not e.name.startswith(".")
+            and not e.name.lower().endswith(PARTIAL_SUFFIXES)
+        ]
+
+
+def _candidate_files(directory: Path, *, recursive: bool = False) -> tuple[list[str], int]:
+    """(paths of the FITS files of ``directory``, number of other files ignored).
+
+    ``recursive``: also every visible sub-directory (symbolic links to directories are not
+    followed, so a link cannot make the walk loop). Paths sorted.
+    """
     if not directory.is_dir():
         raise FileNotFoundError(f"incoming directory {directory} does not exist")
-    with os.scandir(directory) as entries:
-        return sorted(
-            (
-                e
-                for e in entries
-                if e.is_file(follow_symlinks=True)
-                and not e.name.startswith(".")
-                and not e.name.lower().endswith(PARTIAL_SUFFIXES)
-            ),
-            key=lambda e: e.name,
-        )
+    if recursive:
+        entries = []
+        for root, dirs, _ in os.walk(directory):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            entries += _visible_files(root)
+    else:
+        entries = _visible_files(str(directory))
+    fits = sorted(e.path for e in entries if is_fits_file(e.path))
+    return fits, len(entries) - len(fits)
+
+
+def fits_in_subdirectories(directory: str | Path, limit: int = 1000) -> tuple[int, str | None]:
+    """(FITS file names found in the sub-directories of ``directory``, counting at most
+    ``limit``; the first sub-directory holding one): the hint for a directory of dated
+    sub-directories scanned without ``recursive``."""
+    count, first = 0, None
+    top = Path(directory).expanduser().resolve()
+    for root, dirs, files in os.walk(top):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if Path(root) == top:
+            continue
+        found = sum(f.lower().endswith(FITS_SUFFIXES) for f in files)
+        if found and first is None:
+            first = root
+        count += found
+        if count >= limit:
+            break
+    return count, first
 
 
 def _file_facts(stat: os.stat_result) -> dict:
@@ -315,7 +369,13 @@ def _inspect_one(
     return _image_record(info, night=night, stat=stat, now=now)
 
 
-def scan_directory(engine: Engine, directory: str | Path, **kwargs) -> ScanResult:
-    """:func:`inspect_files` over the files of ``directory`` (see there for the rules)."""
-    entries = _candidate_files(Path(directory).expanduser().resolve())
-    return inspect_files(engine, [e.path for e in entries], **kwargs)
+def scan_directory(
+    engine: Engine, directory: str | Path, *, recursive: bool = False, **kwargs
+) -> ScanResult:
+    """:func:`inspect_files` over the FITS files of ``directory`` (and of its sub-directories when
+    ``recursive``); see there for the rules. Files that are not FITS (:func:`is_fits_file`) are
+    counted in ``result.ignored``, not registered."""
+    paths, ignored = _candidate_files(Path(directory).expanduser().resolve(), recursive=recursive)
+    result = inspect_files(engine, paths, **kwargs)
+    result.ignored = ignored
+    return result

@@ -1,25 +1,37 @@
-"""The ``ese_candidates`` table: reads for people, writes of the planned workflow changes.
+"""The ``ese_candidates`` table and its history ``ese_candidate_history``: reads for people,
+writes of the planned workflow changes, undo of a detection run.
 
-The workflow rule itself (statuses, when a candidate is opened, updated or re-opened) is
-:mod:`ese_assets.core.candidates`; this module only applies its decisions.
+The workflow rule itself (statuses, when a candidate is opened, updated, expired or re-opened) is
+:mod:`ese_assets.core.candidates`; this module only applies its decisions. Every status change is
+written with its history entry in one transaction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+import json
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
 
 from ese_assets.core.candidates import (
     AUTO_FLAGGER,
     CANDIDATE_STATUSES,
+    DETECTION_COLUMNS,
     NEW_STATUS,
     OPEN_STATUSES,
+    CandidatePlan,
+    Change,
+    reopen_update,
     review_update,
 )
+from ese_assets.core.values import py_scalar
 from ese_assets.storage.access import (
     Bind,
     check_columns,
@@ -33,6 +45,7 @@ from ese_assets.storage.access import (
     unique_str,
     writing,
 )
+from ese_assets.storage.schema import ese_candidate_history as history_table
 from ese_assets.storage.schema import ese_candidates
 from ese_assets.storage.schema import variability_stats as stats_table
 
@@ -58,9 +71,19 @@ EXISTING_COLUMNS = (
     "dismissed_at",
     "flagged_at",
     "last_night",
+    "flag_type",
+    "sigma_deviation",
+    "dip_significance",
 )
 
 _INSERT_DEFAULTS = {"flagged_by": AUTO_FLAGGER, "status": NEW_STATUS, "notes": None}
+# Arbitrary constant key of the PostgreSQL advisory lock that serialises detection runs ("ESEC").
+_DETECTION_LOCK_KEY = 0x45534543
+# Engines whose ese_candidates CHECK constraint is known to allow every current status.
+_status_check_ok: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+# ------------------------------------------------------------------------------------------ reads
 
 
 def candidates(
@@ -92,28 +115,198 @@ def candidates(
     ).reset_index(drop=True)
 
 
-def existing_candidates(bind: Bind, source_ids: Iterable[str]) -> pd.DataFrame:
-    """Every candidate row (open or dismissed) of the given sources, ordered by source_id, id.
+def existing_candidates(bind: Bind, source_ids: Iterable[str] | None) -> pd.DataFrame:
+    """Every candidate row (any status) of the given sources (None: of every source), ordered
+    by source_id, id. Columns: :data:`EXISTING_COLUMNS`."""
 
-    Columns: :data:`EXISTING_COLUMNS`.
-    """
-
-    def make_stmt(chunk: list[str]) -> sa.Select[Any]:
-        return (
-            sa.select(*(ese_candidates.c[c] for c in EXISTING_COLUMNS))
-            .where(ese_candidates.c.source_id.in_(chunk))
-            .order_by(ese_candidates.c.source_id, ese_candidates.c.id)
-        )
+    def make_stmt(chunk: list[str] | None) -> sa.Select[Any]:
+        stmt = sa.select(*(ese_candidates.c[c] for c in EXISTING_COLUMNS))
+        if chunk is not None:
+            stmt = stmt.where(ese_candidates.c.source_id.in_(chunk))
+        return stmt.order_by(ese_candidates.c.source_id, ese_candidates.c.id)
 
     with reading(bind) as conn:
+        if source_ids is None:
+            return read_frame(conn, make_stmt(None))
         return read_chunked(conn, make_stmt, unique_str(source_ids)).reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------ write machinery
+
+
+def _current_status_check(conn: Connection) -> None:
+    """Let the status CHECK constraint of an ``ese_candidates`` table created by an older version
+    allow every status of :data:`CANDIDATE_STATUSES` (``expired`` was added); once per engine.
+
+    PostgreSQL: the constraint is dropped and added again. SQLite cannot alter a constraint: the
+    table is rebuilt in this transaction (rename, create, copy, drop: the documented procedure of
+    https://sqlite.org/lang_altertable.html#otheralter; nothing refers to ``ese_candidates``).
+    """
+    engine = conn.engine
+    if engine in _status_check_ok:
+        return
+    check = next(c for c in ese_candidates.constraints if c.name == "ck_ese_candidates_status")
+    if conn.dialect.name == "sqlite":
+        ddl = conn.execute(
+            sa.text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = :t"),
+            {"t": ese_candidates.name},
+        ).scalar()
+        if ddl is not None and not all(f"'{s}'" in ddl for s in CANDIDATE_STATUSES):
+            old = "ese_candidates_before_upgrade"
+            conn.exec_driver_sql(f"ALTER TABLE ese_candidates RENAME TO {old}")
+            for index in ese_candidates.indexes:
+                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {index.name}")
+            ese_candidates.create(conn)
+            columns = ", ".join(c.name for c in ese_candidates.columns)
+            conn.exec_driver_sql(
+                f"INSERT INTO ese_candidates ({columns}) SELECT {columns} FROM {old}"
+            )
+            conn.exec_driver_sql(f"DROP TABLE {old}")
+    elif conn.dialect.name == "postgresql":
+        definition = conn.execute(
+            sa.text(
+                "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+                "WHERE conname = :name AND conrelid = to_regclass(:table)"
+            ),
+            {"name": check.name, "table": ese_candidates.name},
+        ).scalar()
+        if definition is not None and not all(f"'{s}'" in definition for s in CANDIDATE_STATUSES):
+            conn.execute(sa.schema.DropConstraint(check))
+            conn.execute(sa.schema.AddConstraint(check))
+    _status_check_ok.add(engine)
+
+
+@contextlib.contextmanager
+def candidates_writing(bind: Bind) -> Iterator[Connection]:
+    """A write transaction for candidate changes (the caller's, or a new one).
+
+    Detection reads the candidates, plans and writes in this one transaction; concurrent runs are
+    serialised (SQLite's write lock; on PostgreSQL a transaction-scoped advisory lock), so two
+    runs never both open a candidate for the same source.
+    """
+    with writing(bind) as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _DETECTION_LOCK_KEY}
+            )
+        _current_status_check(conn)
+        yield conn
+
+
+def _json(values: Mapping[str, Any] | None) -> str | None:
+    return None if values is None else json.dumps(clean_mapping(values), sort_keys=True)
+
+
+def history_row(
+    change: Change, candidate_id: int, *, by: str, run_id: str | None, at: float
+) -> dict[str, Any]:
+    return {
+        "candidate_id": int(candidate_id),
+        "source_id": str(change.source_id),
+        "changed_at": at,
+        "changed_by": by,
+        "old_status": change.old_status,
+        "new_status": change.new_status,
+        "note": change.note,
+        "run_id": run_id,
+        "undoes": None,
+        "significance": py_scalar(change.significance),
+        "previous": _json(change.previous),
+    }
+
+
+def _insert_candidate(conn: Connection, row: Mapping[str, Any]) -> int:
+    return int(conn.execute(ese_candidates.insert(), dict(row)).inserted_primary_key[0])
+
+
+@dataclass
+class AppliedPlan:
+    """What :func:`apply_plan` wrote: the ids of the created candidates (in insert order), the
+    history entries written, and the updates skipped because a person changed the candidate
+    between planning and writing."""
+
+    inserted_ids: list[int] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+
+
+def apply_plan(
+    conn: Connection,
+    plan: CandidatePlan,
+    *,
+    run_id: str | None,
+    by: str = AUTO_FLAGGER,
+    at: float | None = None,
+) -> AppliedPlan:
+    """Apply a :class:`CandidatePlan` with its history entries inside the caller's transaction
+    (:func:`candidates_writing`).
+
+    Updates first, in id order (a candidate can be closed and a new one opened for its source in
+    one plan), each only if the row still has one of the statuses the plan expected
+    (``plan.allowed``); then inserts, in source_id order. A history entry is written for each
+    change that was applied.
+    """
+    at = now() if at is None else at
+    applied = AppliedPlan()
+    changed_ids = {c.candidate_id: c for c in plan.changes if c.candidate_id is not None}
+    plain: dict[tuple[tuple[str, ...], tuple[str, ...]], list[dict[str, Any]]] = {}
+    history: list[dict[str, Any]] = []
+    for update in sorted(plan.updates, key=lambda u: int(u["id"])):
+        cid = int(update["id"])
+        values = clean_mapping({k: v for k, v in update.items() if k != "id"})
+        allowed = plan.allowed.get(cid, OPEN_STATUSES)
+        if cid not in changed_ids:  # same status, same rule: batched below
+            plain.setdefault((tuple(sorted(values)), tuple(allowed)), []).append(
+                {"b_id": cid, **{f"v_{k}": v for k, v in values.items()}}
+            )
+            continue
+        done = conn.execute(
+            ese_candidates.update()
+            .where(ese_candidates.c.id == cid, ese_candidates.c.status.in_(allowed))
+            .values(**values)
+        ).rowcount
+        if done:
+            change = changed_ids[cid]
+            applied.changes.append(change)
+            history.append(history_row(change, cid, by=by, run_id=run_id, at=at))
+        else:
+            applied.skipped.append(cid)
+    for (columns, allowed), params in plain.items():
+        conn.execute(
+            ese_candidates.update()
+            .where(  # no IN list: an expanding parameter cannot be used with executemany
+                ese_candidates.c.id == sa.bindparam("b_id"),
+                sa.or_(*(ese_candidates.c.status == s for s in allowed)),
+            )
+            .values({c: sa.bindparam(f"v_{c}") for c in columns}),
+            params,
+        )
+    inserts = [(i, {**_INSERT_DEFAULTS, **clean_mapping(r)}) for i, r in enumerate(plan.inserts)]
+    ids: dict[int, int] = {}
+    for index, row in sorted(inserts, key=lambda item: str(item[1]["source_id"])):
+        if row.get("flagged_at") is None:
+            row["flagged_at"] = at
+        ids[index] = _insert_candidate(conn, row)
+    applied.inserted_ids = [ids[i] for i in range(len(inserts))]
+    for change in plan.changes:
+        if change.insert_index is not None:
+            applied.changes.append(change)
+            history.append(
+                history_row(change, ids[change.insert_index], by=by, run_id=run_id, at=at)
+            )
+    if history:
+        conn.execute(history_table.insert(), sorted(history, key=lambda h: h["candidate_id"]))
+    return applied
+
+
+# ------------------------------------------------------------------------------------ workflow
 
 
 def apply_candidate_changes(
     bind: Bind, inserts: Sequence[Mapping[str, Any]], updates: Sequence[Mapping[str, Any]]
 ) -> None:
-    """Apply a planned set of candidate changes (:func:`core.candidates.plan_candidate_changes`)
-    in ONE transaction.
+    """Apply planned candidate inserts and updates (:func:`core.candidates.plan_candidate_changes`)
+    in ONE transaction, with a history entry for every insert and status change.
 
     ``updates``: dicts with ``id`` plus the columns to set (applied first, in id order, so that a
     candidate can be closed and a new one opened for the same source in the same call).
@@ -121,48 +314,87 @@ def apply_candidate_changes(
     "active". The partial unique index uq_ese_candidates_open_source rejects a second open candidate
     for a source (IntegrityError, nothing applied). Unknown columns raise ValueError.
     """
-    flagged_at = now()
-    insert_rows: list[dict[str, Any]] = []
+    plan = CandidatePlan()
     for row in inserts:
         check_columns(ese_candidates, row.keys(), "apply_candidate_changes insert")
         if "id" in row:
             raise ValueError("apply_candidate_changes: inserts cannot set 'id'")
         clean = {**_INSERT_DEFAULTS, **clean_mapping(row)}
-        if clean.get("flagged_at") is None:
-            clean["flagged_at"] = flagged_at
         check_statuses(clean["status"], CANDIDATE_STATUSES, "candidate status")
-        insert_rows.append(clean)
-    keys = sorted(set().union(*(r.keys() for r in insert_rows))) if insert_rows else []
-    insert_rows = sorted(
-        ({k: r.get(k) for k in keys} for r in insert_rows), key=lambda r: str(r.get("source_id"))
-    )
-
-    # Group updates by the set of columns they change: one executemany per shape.
-    update_groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        plan.changes.append(
+            Change(
+                str(clean["source_id"]),
+                None,
+                clean["status"],
+                clean.get("notes"),
+                insert_index=len(plan.inserts),
+                significance=clean.get("significance"),
+            )
+        )
+        plan.inserts.append(clean)
     for row in updates:
         check_columns(ese_candidates, row.keys(), "apply_candidate_changes update")
         if "id" not in row or row["id"] is None:
             raise ValueError(f"apply_candidate_changes: update without id: {dict(row)!r}")
-        clean = clean_mapping(row)
-        if "status" in clean:
-            check_statuses(clean["status"], CANDIDATE_STATUSES, "candidate status")
-        columns = tuple(sorted(k for k in clean if k != "id"))
-        if not columns:
-            continue
-        params = {f"v_{k}": clean[k] for k in columns}
-        params["b_id"] = int(clean["id"])
-        update_groups.setdefault(columns, []).append(params)
-
-    with writing(bind) as conn:
-        for columns, params in update_groups.items():
-            stmt = (
-                ese_candidates.update()
-                .where(ese_candidates.c.id == sa.bindparam("b_id"))
-                .values({c: sa.bindparam(f"v_{c}") for c in columns})
+        if "status" in row:
+            check_statuses(row["status"], CANDIDATE_STATUSES, "candidate status")
+        if len(row) > 1:
+            plan.updates.append(clean_mapping(row))
+    with candidates_writing(bind) as conn:
+        ids = [int(u["id"]) for u in plan.updates if "status" in u]
+        current = {
+            int(r.id): r
+            for r in conn.execute(
+                sa.select(
+                    *(ese_candidates.c[c] for c in ("id", "source_id", *DETECTION_COLUMNS))
+                ).where(ese_candidates.c.id.in_(ids))
             )
-            conn.execute(stmt, sorted(params, key=lambda p: p["b_id"]))
-        if insert_rows:
-            conn.execute(ese_candidates.insert(), insert_rows)
+        }
+        for update in plan.updates:
+            cid = int(update["id"])
+            row = current.get(cid)
+            plan.allowed[cid] = CANDIDATE_STATUSES
+            if row is not None and "status" in update and update["status"] != row.status:
+                plan.changes.append(
+                    Change(
+                        row.source_id,
+                        row.status,
+                        update["status"],
+                        candidate_id=cid,
+                        previous={c: getattr(row, c) for c in DETECTION_COLUMNS},
+                        significance=update.get("significance", row.significance),
+                    )
+                )
+        apply_plan(conn, plan, run_id=None)
+
+
+def _open_candidate(conn: Connection, source_id: str) -> Any:
+    return conn.execute(
+        sa.select(ese_candidates)
+        .where(
+            ese_candidates.c.source_id == str(source_id),
+            ese_candidates.c.status.in_(OPEN_STATUSES),
+        )
+        .order_by(ese_candidates.c.id.desc())
+        .with_for_update()
+    ).first()
+
+
+def _person_change(
+    conn: Connection, row: Any, values: Mapping[str, Any], *, by: str, notes: str | None, at: float
+) -> None:
+    """Write a person's change of candidate ``row`` and its history entry."""
+    conn.execute(ese_candidates.update().where(ese_candidates.c.id == row.id).values(**values))
+    change = Change(
+        row.source_id,
+        row.status,
+        values["status"],
+        notes,
+        candidate_id=row.id,
+        previous={c: getattr(row, c) for c in DETECTION_COLUMNS},
+        significance=row.significance,
+    )
+    conn.execute(history_table.insert(), [history_row(change, row.id, by=by, run_id=None, at=at)])
 
 
 def set_candidate_status(
@@ -171,25 +403,48 @@ def set_candidate_status(
     """Move the open candidate of ``source_id`` to ``investigated`` or ``dismissed``; return its id.
 
     The values written (time stamp, audit line appended to ``notes``) are
-    :func:`core.candidates.review_update`'s. Raises ValueError for another status or when the
-    source has no open candidate.
+    :func:`core.candidates.review_update`'s; the change goes to the history table in the same
+    transaction. Raises ValueError for another status or when the source has no open candidate.
     """
     review_update(status, old_notes=None, notes=notes, by=by, now=0.0)  # validate before locking
-    with writing(bind) as conn:
-        row = conn.execute(
-            sa.select(ese_candidates.c.id, ese_candidates.c.notes)
-            .where(
-                ese_candidates.c.source_id == str(source_id),
-                ese_candidates.c.status.in_(OPEN_STATUSES),
-            )
-            .with_for_update()
-        ).first()
+    with candidates_writing(bind) as conn:
+        row = _open_candidate(conn, source_id)
         if row is None:
             raise ValueError(
                 f"source {source_id!r} has no open ({' or '.join(OPEN_STATUSES)}) ESE candidate"
             )
-        values = review_update(status, old_notes=row.notes, notes=notes, by=by, now=now())
-        conn.execute(ese_candidates.update().where(ese_candidates.c.id == row.id).values(**values))
+        at = now()
+        values = review_update(status, old_notes=row.notes, notes=notes, by=by, now=at)
+        _person_change(conn, row, values, by=by, notes=notes, at=at)
+    return int(row.id)
+
+
+def reopen_candidate(
+    bind: Bind, source_id: str, *, notes: str | None = None, by: str = "user"
+) -> int:
+    """Make the candidate of ``source_id`` ``active`` again; return its id.
+
+    The candidate is the source's ``investigated`` one if it has one, otherwise its most recent
+    dismissed or expired one. Raises ValueError when the source has no candidate or an
+    ``active`` one already.
+    """
+    with candidates_writing(bind) as conn:
+        row = _open_candidate(conn, source_id)
+        if row is None:
+            row = conn.execute(
+                sa.select(ese_candidates)
+                .where(ese_candidates.c.source_id == str(source_id))
+                .order_by(ese_candidates.c.id.desc())
+                .limit(1)
+                .with_for_update()
+            ).first()
+        if row is None:
+            raise ValueError(f"source {source_id!r} has no ESE candidate")
+        if row.status == NEW_STATUS:
+            raise ValueError(f"source {source_id!r}: candidate {row.id} is already {NEW_STATUS!r}")
+        at = now()
+        values = reopen_update(row.status, old_notes=row.notes, notes=notes, by=by, now=at)
+        _person_change(conn, row, values, by=by, notes=notes, at=at)
     return int(row.id)
 
 

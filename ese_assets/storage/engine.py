@@ -253,6 +253,28 @@ def ensure_schema(engine: Engine) -> None:
     _schema_checked.add(engine)
 
 
+def open_existing(url_or_path: str | os.PathLike[str]) -> Engine:
+    """The engine of a products database that must exist already (read commands: nothing is
+    created). A missing SQLite file, or a database without the pipeline's tables, raises
+    FileNotFoundError naming it, a file that is no database ValueError; otherwise
+    :func:`ensure_schema` adds what a newer version added.
+    """
+    url = normalize_url(url_or_path)
+    path = _sqlite_file(make_url(url)) if make_url(url).get_backend_name() == "sqlite" else None
+    if path is not None and not os.path.isfile(path):
+        raise FileNotFoundError(f"products database {path} does not exist")
+    engine, shown = make_engine(url), path or describe_url(url)
+    try:
+        with engine.connect() as conn:
+            if not sa.inspect(conn).has_table("images"):
+                raise FileNotFoundError(f"products database {shown} has no pipeline tables")
+    except sa.exc.DatabaseError as exc:  # e.g. a file that is not SQLite
+        dispose_engine(url)
+        raise ValueError(f"{shown} is not a products database ({exc.orig})") from None
+    ensure_schema(engine)
+    return engine
+
+
 _PASSWORD_RE = re.compile(r"(://[^:/@]*:)[^@]*@")
 
 

@@ -197,3 +197,30 @@ sa.Index(
     sqlite_where=_OPEN,
     postgresql_where=_OPEN,
 )
+
+#: Every change of a candidate's status (added by this project), written in the transaction of the
+#: change: by a person (``run_id`` NULL) or a detection run (``run_id``: the Dagster run id, or a
+#: generated ``cli-``/``api-`` id). ``old_status`` NULL: the candidate was created; ``new_status``
+#: NULL: it was removed (undo of the run that created it). ``previous`` (JSON) holds the
+#: candidate's detection columns before the change (a removed candidate: its whole row), which is
+#: what undoing a run restores; an undo's own entries name the run they undid (``undoes``). No
+#: foreign key: the history outlives candidates removed by undo.
+ese_candidate_history = sa.Table(
+    "ese_candidate_history",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("candidate_id", sa.Integer, nullable=False),
+    sa.Column("source_id", sa.Text, nullable=False),
+    sa.Column("changed_at", sa.Float, nullable=False),
+    sa.Column("changed_by", sa.Text, nullable=False),
+    sa.Column("old_status", sa.String(16), nullable=True),
+    sa.Column("new_status", sa.String(16), nullable=True),
+    sa.Column("note", sa.Text, nullable=True),
+    sa.Column("run_id", sa.Text, nullable=True),
+    sa.Column("undoes", sa.Text, nullable=True),  # entries of an undo: the run id it undid
+    sa.Column("significance", sa.Float, nullable=True),  # after the change
+    sa.Column("previous", sa.Text, nullable=True),
+)
+sa.Index("ix_ese_candidate_history_candidate", ese_candidate_history.c.candidate_id)
+sa.Index("ix_ese_candidate_history_source", ese_candidate_history.c.source_id)
+sa.Index("ix_ese_candidate_history_run", ese_candidate_history.c.run_id)
