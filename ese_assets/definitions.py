@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from ese_assets.orchestration.assets import build_assets
+from ese_assets.orchestration.detection_job import build_detection_job
 from ese_assets.orchestration.jobs import build_job
 from ese_assets.orchestration.partitions import build_partitions
 from ese_assets.orchestration.resources import resources_from_settings
@@ -24,7 +25,7 @@ def build_definitions(settings: Settings | None = None, *, bind_env: bool = True
     job = build_job(assets)
     return dg.Definitions(
         assets=assets,
-        jobs=[job],
+        jobs=[job, build_detection_job()],
         sensors=[build_sensor(settings, job, partitions)],
         schedules=[build_schedule(settings, job)],
         resources=resources_from_settings(settings, bind_env=bind_env),
