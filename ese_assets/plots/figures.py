@@ -54,7 +54,7 @@ _STYLE_DEFAULTS: dict[PlotStyle, tuple[tuple[float, float], int, float, bool]] =
     PlotStyle.QUICKLOOK: ((9.0, 5.0), 110, 9.0, True),
     PlotStyle.PUBLICATION: ((6.5, 3.8), 300, 8.0, True),
     PlotStyle.PRESENTATION: ((11.0, 6.0), 110, 14.0, True),
-    PlotStyle.THUMBNAIL: ((4.8, 2.6), 80, 6.5, False),
+    PlotStyle.THUMBNAIL: ((5.0, 2.7), 96, 7.0, False),
 }
 
 
