@@ -277,13 +277,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
         print("ese plot: give a SOURCE_ID or --eta-v (one of them)", file=sys.stderr)
         return 2
     settings = _settings(args)
+    engine = open_products_db(settings.products_db)  # a read command: never creates one
     if args.eta_v:
         output = args.output or "eta_v.png"
-        api.plot_eta_v(settings.products_db, output)
+        api.plot_eta_v(engine, output)
         print(f"wrote the eta-V diagram to {output}")
         return 0
     output = args.output or plots.default_lightcurve_path(args.source_id)
-    api.Source(args.source_id, settings.products_db).plot_lightcurve(
+    api.Source(args.source_id, engine).plot_lightcurve(
         use_normalized=args.normalized,
         highlight_baseline=not args.no_baseline,
         highlight_ese_period=not args.no_event,

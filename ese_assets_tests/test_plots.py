@@ -392,6 +392,9 @@ def test_cli_plot(survey_db, tmp_path):
     assert done.returncode == 2 and "normalized_flux_jy" in done.stderr
     assert not (tmp_path / "n.png").exists()
     assert ese("plot", "--products-db", db).returncode == 2
+    missing = tmp_path / "typo.sqlite3"  # a read command never creates an empty database
+    done = ese("plot", ESE_SOURCE, "--products-db", str(missing))
+    assert done.returncode == 2 and str(missing) in done.stderr and not missing.exists()
 
 
 # --------------------------------------------------------------------------- asset metadata
