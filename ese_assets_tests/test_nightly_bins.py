@@ -25,7 +25,8 @@ from ese_assets.core.binning import (
 )
 from ese_assets.core.detection import DEFAULT_MIN_DIP_SIGMA
 from ese_assets.core.quality import FLAG_BLANK
-from ese_assets.core.variability import MOMENT_COLUMNS, WINDOW_COLUMNS, night_partial_sums
+from ese_assets.core.sums import MOMENT_COLUMNS, night_partial_sums
+from ese_assets.core.variability import WINDOW_COLUMNS
 from ese_assets.orchestration.resources import resources_from_settings
 from ese_assets.pipeline.statistics import (
     nightly_lightcurves,

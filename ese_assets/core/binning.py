@@ -5,9 +5,9 @@ statistic lose nothing that matters by seeing one point per night, and they then
 row per source and night of the trailing window (<= 365 for a year) whatever the cadence: at
 DSA-110's ~300 images a night the unbinned window holds ~10^5 epochs per source.
 
-A bin is computed from the night's partial sums (:func:`ese_assets.core.variability
-.night_partial_sums`, stored in ``source_night_sums``), so it costs nothing beyond the sums the
-whole-history moments already need. With c the source's constant shift, d = f - c,
+A bin is computed from the night's partial sums (:func:`ese_assets.core.sums.night_partial_sums`,
+stored in ``source_night_sums``), so it costs nothing beyond the sums the whole-history moments
+already need. With c the source's constant shift, d = f - c,
 ``sigma_i^2 = e_i^2 + (k f_i)^2`` (the flux-scale floor k per epoch, as in the moments) and
 ``w_i = 1/sigma_i^2``:
 
@@ -57,7 +57,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ese_assets.core.variability import WINDOW_COLUMNS, night_partial_sums, variability_metrics
+from ese_assets.core.sums import night_partial_sums
+from ese_assets.core.variability import WINDOW_COLUMNS, variability_metrics
 
 #: Values of the binning setting (``ESE_BIN_NIGHTS``): see :func:`sources_to_bin`.
 BIN_NIGHTS_MODES = ("auto", "on", "off")
@@ -113,8 +114,8 @@ def validate_bin_nights(mode: str) -> str:
 def night_bins(sums: pd.DataFrame) -> pd.DataFrame:
     """One bin per partial-sums row (one source in one night): :data:`BIN_COLUMNS`.
 
-    ``sums``: rows of ``source_night_sums`` (or :func:`~ese_assets.core.variability
-    .night_partial_sums`), any order. Formulas in the module docstring. Output sorted by
+    ``sums``: rows of ``source_night_sums`` (or :func:`~ese_assets.core.sums.night_partial_sums`),
+    any order. Formulas in the module docstring. Output sorted by
     ``source_id, mjd``.
     """
     missing = [c for c in _SUMS_NEEDED if c not in sums.columns]

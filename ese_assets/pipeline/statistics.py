@@ -34,16 +34,18 @@ from ese_assets.core.binning import (
     validate_bin_nights,
 )
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS, usable_measurement
-from ese_assets.core.variability import (
+from ese_assets.core.sums import (
     COUNT_COLUMNS,
-    DEFAULT_DIP_WINDOW_DAYS,
     EXTREME_COLUMNS,
-    METRIC_COLUMNS,
     SUM_COLUMNS,
-    WINDOW_COLUMNS,
     combine_partial_sums,
     metrics_from_sums,
     night_partial_sums,
+)
+from ese_assets.core.variability import (
+    DEFAULT_DIP_WINDOW_DAYS,
+    METRIC_COLUMNS,
+    WINDOW_COLUMNS,
     variability_metrics,
 )
 from ese_assets.pipeline.progress import Progress, silent
@@ -57,7 +59,7 @@ log = logging.getLogger(__name__)
 #
 # * whole-history moments (n_obs, mean, std, min/max, weighted mean, chi2_nu, eta, V,
 #   sigma_deviation, first/last mjd) from additive sums: one source_night_sums row per source and
-#   night, one source_sums row per source (core.variability.night_partial_sums, metrics_from_sums);
+#   night, one source_sums row per source (core.sums.night_partial_sums, metrics_from_sums);
 # * the robust baseline and the dip statistic (median, robust std, dip_*) from a trailing window
 #   of ``dip_window_days`` ending at the source's latest epoch: order statistics and a time-ordered
 #   scan cannot come from sums, and an ESE (14-180 days) fits in a year. They run on the nightly
@@ -105,7 +107,7 @@ def _catalog_shifts(rows: pd.DataFrame) -> pd.Series:
     """Shift c of each source's sums: its catalog flux (0 when unknown).
 
     Why the catalog flux: it is known before the first epoch and close to the mean of nearly every
-    source, so sums of d = f - c keep their precision (core.variability, "Additive partial sums"),
+    source, so sums of d = f - c keep their precision (core.sums, "Precision"),
     and it stays the same for ever, so sums of different nights add.
     """
     flux = _latest_catalog_values(rows)["nvss_flux_mjy"]

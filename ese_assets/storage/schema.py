@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from ese_assets.core.candidates import CANDIDATE_STATUSES, OPEN_STATUSES
-from ese_assets.core.variability import COUNT_COLUMNS, EXTREME_COLUMNS, SUM_COLUMNS
+from ese_assets.core.sums import COUNT_COLUMNS, EXTREME_COLUMNS, SUM_COLUMNS
 
 metadata = sa.MetaData()
 
@@ -118,7 +118,7 @@ variability_stats = sa.Table(
 
 
 def _sums_columns() -> list[sa.Column]:
-    """Columns shared by ``source_night_sums`` and ``source_sums`` (see core.variability).
+    """Columns shared by ``source_night_sums`` and ``source_sums`` (see core.sums).
 
     ``shift_mjy`` is the source's constant shift c (its catalog flux, 0 when unknown): the sums are
     of d = flux_mjy - c so that sums of squares do not cancel, and c never changes for a source, so

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
-from ese_assets.core.variability import EXTREME_MAX_COLUMNS, EXTREME_MIN_COLUMNS, SUM_COLUMNS
+from ese_assets.core.sums import EXTREME_MAX_COLUMNS, EXTREME_MIN_COLUMNS, SUM_COLUMNS
 from ese_assets.storage.access import (
     WRITE_BATCH,
     Bind,
