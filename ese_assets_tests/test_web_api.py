@@ -260,12 +260,19 @@ def test_detection_job_runs_in_dagster_and_writes_candidates(server, engine, wor
     assert len(row) == 1 and row["status"].iloc[0] == "active"
     assert row["flag_type"].iloc[0].startswith("sigma_deviation")
     assert row["significance"].iloc[0] == pytest.approx(stable["sigma_deviation"], rel=1e-9)
+    # The change is recorded with the run that made it (so `ese candidates undo` can undo it).
+    changes = seed_sql(
+        engine, "SELECT * FROM ese_candidate_history WHERE run_id = :rid", rid=job["id"]
+    )
+    assert changes[["source_id", "new_status"]].to_numpy().tolist() == [
+        [stable["source_id"], "active"]
+    ]
     # The run is in the instance the Dagster UI reads, tagged with its request and database.
     with dg.DagsterInstance.from_config(str(workspace.dagster_home)) as instance:
         run = instance.get_run_by_id(job["id"])
         assert run.job_name == "ese_detect" and run.status == dg.DagsterRunStatus.SUCCESS
         assert run.tags["ese/job_type"] == "ese-detect"
-        assert run.tags["ese/products_db"] == workspace.products_db
+        assert run.tags["ese/products_db"].endswith(workspace.products_db)
 
 
 def test_batch_detection_job_and_its_status(server, engine):
@@ -345,23 +352,46 @@ def test_candidate_filters_and_paging_match_the_table(server, engine):
 # ------------------------------------------------------------------------- review writes
 
 
-def test_status_change_is_written_with_its_history(server, engine):
+def test_status_changes_are_written_with_their_history(server, engine):
     source_id = truth_ese_ids(server.workspace)[1]
     url = f"{server.base_url}/api/ese/candidates/{seg(source_id)}/status"
+    history_url = f"{server.base_url}/api/v1/sources/{seg(source_id)}/candidates"
+
+    def stored() -> pd.Series:
+        return seed_sql(
+            engine,
+            "SELECT id, status, notes, investigated_at FROM ese_candidates "
+            "WHERE source_id = :sid ORDER BY id DESC",
+            sid=source_id,
+        ).iloc[0]
+
     change = {"status": "investigated", "notes": "chromatic? ask for VLA time", "by": "ana"}
     status, _, body = http("POST", url, change)
     assert status == 200, body
-    row = seed_sql(
-        engine,
-        "SELECT status, notes, investigated_at FROM ese_candidates WHERE source_id = :sid",
-        sid=source_id,
-    ).iloc[0]
+    row = stored()
     assert row["status"] == "investigated" and row["investigated_at"] > 0
     assert "ask for VLA time" in row["notes"]
-    status, hist = get_json(f"{server.base_url}/api/v1/sources/{seg(source_id)}/candidates")
-    last = hist["history"][-1]
-    assert (last["old_status"], last["new_status"], last["by"]) == ("active", "investigated", "ana")
-    assert last["note"] == "chromatic? ask for VLA time"
+    # Reopen: back to active, by another person.
+    status, _, body = http("POST", url, {"status": "active", "notes": "new epochs", "by": "bo"})
+    assert status == 200, body
+    assert stored()["status"] == "active"
+    assert http("POST", url, {"status": "active"})[0] == 409  # already active
+
+    # The history the API shows is the ese_candidate_history table, oldest first.
+    status, hist = get_json(history_url)
+    table = seed_sql(
+        engine,
+        "SELECT changed_by, old_status, new_status, note FROM ese_candidate_history "
+        "WHERE candidate_id = :cid ORDER BY id",
+        cid=int(row["id"]),
+    )
+    got = [(h["by"], h["old_status"], h["new_status"], h["note"]) for h in hist["history"]]
+    assert got == [tuple(None if pd.isna(v) else v for v in r) for r in table.to_numpy()]
+    assert got[-2:] == [
+        ("ana", "active", "investigated", "chromatic? ask for VLA time"),
+        ("bo", "investigated", "active", "new epochs"),
+    ]
+    assert got[0][1] is None and got[0][2] == "active"  # created by the pipeline's run
     # Not allowed: a status outside the workflow, unknown fields, a source with no candidate.
     assert http("POST", url, {"status": "closed"})[0] == 422
     assert http("POST", url, {"status": "dismissed", "colour": "red"})[0] == 422

@@ -4,8 +4,8 @@ serving a products database built by the real pipeline.
 
 The flow a reviewer follows: open the candidate list, open a candidate, see its lightcurve (the
 plot's SVG has one marker per measurement, hovering a marker shows its values), dismiss it with a
-note, see the change in the page and in the database; then the η–V page. Screenshots are saved
-under ``$ESE_TEST_ARTIFACTS/web`` (default: the test's temporary directory).
+note, see the change in the page and in the database, reopen it; then the η–V page. Screenshots
+are saved under ``$ESE_TEST_ARTIFACTS/web`` (default: the test's temporary directory).
 
 Skipped with a message when chromium or chromedriver is missing, unless ``ESE_REQUIRE_BROWSER=1``
 (``.ci/run`` installs both and sets it), then a missing browser fails the test.
@@ -209,6 +209,26 @@ def test_review_a_candidate_in_the_browser(browser, server, artifacts):
         for r in browser.find_elements(By.CSS_SELECTOR, "#candidates tbody tr")
     ]
     assert source_id not in listed and len(listed) == len(open_rows) - 1
+
+    # 7. Reopen it from its page.
+    browser.get(f"{server.base_url}/sources/{quote(source_id, safe='')}")
+    browser.find_element(By.ID, "note").send_keys("reopened: new epochs")
+    browser.find_element(By.ID, "btn-reopen").click()
+    _wait(
+        browser,
+        lambda d: (
+            d.find_element(By.ID, "status").text == "active"
+            and "dismissed → active"
+            in d.find_elements(By.CSS_SELECTOR, "#history tbody tr")[-1].text
+        ),
+        "reopened",
+    )
+    with engine.connect() as conn:
+        status = conn.execute(
+            sa.text("SELECT status FROM ese_candidates WHERE source_id = :sid ORDER BY id DESC"),
+            {"sid": source_id},
+        ).scalar()
+    assert status == "active"
 
 
 def test_eta_v_page_plots_every_source(browser, server, artifacts):

@@ -25,7 +25,14 @@ from ese_assets.storage import statistics as statistics_db
 DETECT_JOB_NAME = "ese_detect"
 DETECT_OP_NAME = "detect_ese_candidates"
 #: Output-metadata keys of the op (read back by the REST API).
-RESULT_KEYS = ("candidates_found", "new_candidates", "updated_candidates", "unknown_source_ids")
+RESULT_KEYS = (
+    "candidates_found",
+    "new_candidates",
+    "updated_candidates",
+    "expired_candidates",
+    "reopened_candidates",
+    "unknown_source_ids",
+)
 
 
 class DetectConfig(dg.Config):
@@ -89,7 +96,10 @@ def detect_ese_candidates_op(
         if ids is not None:
             known = set(statistics_db.variability_stats(engine, source_ids=ids)["source_id"])
             unknown = [i for i in ids if i not in known]
-        summary = pipeline.detect_candidates(engine, settings, source_ids=ids)
+        # The Dagster run id goes on every history entry, so `ese candidates undo` can undo it.
+        summary = pipeline.detect_candidates(
+            engine, settings, source_ids=ids, run_id=context.run_id
+        )
     if unknown:
         context.log.warning(f"no statistics for {len(unknown)} source(s): {unknown[:10]}")
     flagged = summary.flagged.sort_values("significance", ascending=False)
@@ -108,6 +118,8 @@ def detect_ese_candidates_op(
             "candidates_found": len(rows),
             "new_candidates": summary.inserted,
             "updated_candidates": summary.updated,
+            "expired_candidates": summary.expired,
+            "reopened_candidates": summary.reopened,
             "unknown_source_ids": dg.MetadataValue.json(unknown),
             "min_sigma": settings.min_sigma,
             "min_dip_sigma": settings.min_dip_sigma,

@@ -14,6 +14,7 @@ from astropy.time import Time
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from sqlalchemy import Engine
 
+from ese_assets.core.candidates import NEW_STATUS
 from ese_assets.storage import candidates as candidates_db
 from ese_assets.web import formats, queries
 from ese_assets.web.config import WebConfig
@@ -162,8 +163,13 @@ def get_variability(request: Request, source_id: str) -> Any:
     response_model=CandidateHistory,
 )
 def get_source_candidates(request: Request, source_id: str) -> Any:
-    cands = queries.source_candidates(engine_of(request), source_id)
-    return {"source_id": source_id, "candidates": cands, "history": queries.status_history(cands)}
+    engine = engine_of(request)
+    cands = queries.source_candidates(engine, source_id)
+    return {
+        "source_id": source_id,
+        "candidates": cands,
+        "history": queries.status_history(engine, cands),
+    }
 
 
 @router.get(
@@ -223,9 +229,12 @@ def list_candidates(
 def change_status(request: Request, source_id: str, change: StatusChange) -> Any:
     engine = engine_of(request)
     try:
-        candidates_db.set_candidate_status(
-            engine, source_id, change.status, notes=change.notes, by=change.by
-        )
+        if change.status == NEW_STATUS:
+            candidates_db.reopen_candidate(engine, source_id, notes=change.notes, by=change.by)
+        else:
+            candidates_db.set_candidate_status(
+                engine, source_id, change.status, notes=change.notes, by=change.by
+            )
     except ValueError as exc:
         raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail=str(exc)) from None
     return get_source_candidates(request, source_id)

@@ -25,13 +25,10 @@ import dagster as dg
 from dagster._core.utils import make_new_run_id
 
 from ese_assets.orchestration.detection_job import DETECT_JOB_NAME, DETECT_OP_NAME, RESULT_KEYS
-from ese_assets.orchestration.runs import process_tags
-from ese_assets.storage.engine import describe_url
+from ese_assets.orchestration.runs import TRIGGER_TAG, process_tags, products_db_tags
 
-#: Run tags: which API request launched the run, and against which products database.
+#: Run tag: which API request launched the run (the seed's job type).
 JOB_TYPE_TAG = "ese/job_type"
-TRIGGER_TAG = "ese/trigger"
-PRODUCTS_DB_TAG = "ese/products_db"
 #: ``type`` of a single-source job and of a batch job (the seed's names).
 SINGLE_TYPE = "ese-detect"
 BATCH_TYPE = "batch_ese-detect"
@@ -96,7 +93,7 @@ class JobLauncher:
         tags = {
             JOB_TYPE_TAG: job_type,
             TRIGGER_TAG: "rest-api",
-            PRODUCTS_DB_TAG: describe_url(self._products_db),
+            **products_db_tags(self._products_db),
             **process_tags(),
         }
         run_config = {"ops": {DETECT_OP_NAME: {"config": dict(params)}}}

@@ -91,9 +91,13 @@ class HistoryEvent(BaseModel):
     candidate_id: int
     at: str = Field(description="UTC time of the change.")
     by: str
-    old_status: str | None
-    new_status: str
+    old_status: str | None = Field(description="null: the candidate was created.")
+    new_status: str | None = Field(description="null: the candidate was removed (undo).")
     note: str | None
+    run_id: str | None = Field(
+        default=None, description="Detection run that made the change; null: a person."
+    )
+    significance: float | None = None
 
 
 class CandidateHistory(BaseModel):
@@ -108,8 +112,8 @@ class StatusChange(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: Literal["investigated", "dismissed", "active"] = Field(
-        description="investigated or dismissed (an open candidate), active (reopen a dismissed "
-        "one)."
+        description="investigated or dismissed (an open candidate), or active: reopen the "
+        "source's investigated, dismissed or expired candidate."
     )
     notes: str | None = Field(default=None, max_length=MAX_NOTE_CHARS)
     by: str = Field(default="web", min_length=1, max_length=100)

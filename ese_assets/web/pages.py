@@ -143,7 +143,7 @@ def source_page(request: Request, source_id: str) -> HTMLResponse:
         stats=stats or {},
         candidates=cands,
         current=current,
-        history=queries.status_history(cands),
+        history=queries.status_history(engine, cands),
         statuses=CANDIDATE_STATUSES,
     )
 

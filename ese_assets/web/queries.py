@@ -9,6 +9,7 @@ read every candidate to show fifty.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import re
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from sqlalchemy import Engine
 from ese_assets.core.candidates import CANDIDATE_STATUSES, OPEN_STATUSES, check_status
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS, usable_measurement
 from ese_assets.core.values import py_scalar
+from ese_assets.storage import candidate_history as history_db
 from ese_assets.storage import candidates as candidates_db
 from ese_assets.storage import photometry as photometry_db
 from ese_assets.storage import statistics as statistics_db
@@ -208,45 +210,72 @@ def flag_types(engine: Engine) -> list[str]:
         return [r[0] for r in rows]
 
 
-def status_history(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Status changes of a source's candidates, oldest first: each flagging and every review line
-    ``"<UTC time> <by>: <status>[: <note>]"`` the workflow appends to ``notes``
-    (:func:`ese_assets.core.candidates.review_update`). Other note lines (e.g. why a dismissed
-    candidate was re-flagged) are kept as notes of the event before them."""
-    events: list[dict[str, Any]] = []
+def status_history(engine: Engine, candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Status changes of a source's candidates, oldest first, from ``ese_candidate_history``
+    (:mod:`ese_assets.storage.candidate_history`: every change by a person or a detection run).
+
+    A candidate older than the history table has no entries there; its flagging and the review
+    lines ``"<UTC time> <by>: <status>[: <note>]"`` in its ``notes`` stand in for them.
+    """
+    ids = [int(c["id"]) for c in candidates]
+    if not ids:
+        return []
+    entries = history_db.candidate_history(engine, candidate_ids=ids)
+    events = [
+        {
+            "candidate_id": int(e["candidate_id"]),
+            "at": _utc(e["changed_at"]),
+            "by": e["changed_by"],
+            "old_status": e["old_status"],
+            "new_status": e["new_status"],
+            "note": e["note"],
+            "run_id": e["run_id"],
+            "significance": e["significance"],
+            "order": e["changed_at"],
+        }
+        for e in records(entries)
+    ]
+    recorded = {e["candidate_id"] for e in events}
     for cand in candidates:
-        status = "active"
-        flagged = Time(cand["flagged_at"], format="unix").isot[:19] + "Z"
+        if int(cand["id"]) not in recorded:
+            events.extend(_events_from_notes(cand))
+    events.sort(key=lambda e: (e["order"], e["candidate_id"]))
+    for event in events:
+        del event["order"]
+    return events
+
+
+def _utc(unix_s: float) -> str:
+    return dt.datetime.fromtimestamp(float(unix_s), tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _events_from_notes(cand: dict[str, Any]) -> list[dict[str, Any]]:
+    """A legacy candidate's history: its flagging, then the review lines of its notes."""
+
+    def event(at: str, order: float, by: str, old: str | None, new: str, note: str | None):
+        return {
+            "candidate_id": int(cand["id"]),
+            "at": at,
+            "by": by,
+            "old_status": old,
+            "new_status": new,
+            "note": note,
+            "run_id": None,
+            "significance": None,
+            "order": order,
+        }
+
+    flagged = float(cand["flagged_at"])
+    events = [event(_utc(flagged), flagged, cand.get("flagged_by") or "auto", None, "active", None)]
+    for line in (cand.get("notes") or "").splitlines():
+        match = _AUDIT_LINE.match(line.strip())
+        if match is None:
+            continue
+        at = dt.datetime.strptime(match["at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+        old = events[-1]["new_status"]
         events.append(
-            {
-                "candidate_id": cand["id"],
-                "at": flagged,
-                "by": cand.get("flagged_by") or "auto",
-                "old_status": None,
-                "new_status": "active",
-                "note": None,
-            }
+            event(match["at"], at.timestamp(), match["by"], old, match["status"], match["note"])
         )
-        for line in (cand.get("notes") or "").splitlines():
-            match = _AUDIT_LINE.match(line.strip())
-            if match is None:
-                if line.strip():
-                    last = events[-1]
-                    last["note"] = (
-                        f"{last['note']}\n{line.strip()}" if last["note"] else line.strip()
-                    )
-                continue
-            events.append(
-                {
-                    "candidate_id": cand["id"],
-                    "at": match["at"],
-                    "by": match["by"],
-                    "old_status": status,
-                    "new_status": match["status"],
-                    "note": match["note"],
-                }
-            )
-            status = match["status"]
     return events
 
 
