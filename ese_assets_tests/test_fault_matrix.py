@@ -20,7 +20,7 @@ partial_transfer_name          sensor         ``x.fits.part`` ignored, then rena
 still_being_written            sensor         recent mtime: waited for, measured once settled
 empty_file                     ingest         zero bytes
 gzip_file                      sensor         a gzip-compressed image
-png_file                       cli            a PNG quick-look plot
+png_file                       cli            a PNG named .fits (rejected) and one named .png
 table_only_fits                ingest         FITS with a binary table and no image
 duplicate_copy                 cli            a good image copied under another name
 symlinks                       sensor         image reachable only through a symlink; an alias
@@ -252,9 +252,6 @@ BAD_FILES = {
     "gzip_file": BadFile(
         "compressed.fits", lambda s, d: faults.write_gzip(s.images[2], d), REJECTED, r"gzip"
     ),
-    "png_file": BadFile(
-        "quicklook.png", lambda s, d: faults.write_png(d), REJECTED, r"not a FITS file"
-    ),
     "table_only_fits": BadFile(
         "table.fits", lambda s, d: faults.write_table_only(d), REJECTED, r"no image data"
     ),
@@ -328,7 +325,6 @@ BAD_FILE_PATHS = {
     "truncated_fits": "ingest",
     "empty_file": "ingest",
     "gzip_file": "sensor",
-    "png_file": "cli",
     "table_only_fits": "ingest",
     "duplicate_copy": "cli",
     "cube_nondegenerate": "ingest",
@@ -359,6 +355,20 @@ def bad_file_case(case_id: str) -> Callable[[Harness], None]:
 # --------------------------------------------------------------------------------------------------
 # Files that change, wait or are reached indirectly
 # --------------------------------------------------------------------------------------------------
+
+
+def case_png_file(h: Harness) -> None:
+    """A PNG quick-look under a FITS name is rejected as not FITS; one under its own name is
+    either ignored (not an image) or rejected the same way, never measured."""
+    ws = h.workspace()
+    faults.write_png(ws.incoming / "quicklook.fits")
+    faults.write_png(ws.incoming / "quicklook.png")
+    run_path(h, ws, "cli")
+    h.check(ws, bad={"quicklook.fits": (REJECTED, r"not a FITS file")})
+    images = ws.images()
+    if "quicklook.png" in images.index:
+        assert images.loc["quicklook.png", "status"] == "rejected"
+        assert "not a FITS file" in images.loc["quicklook.png", "reason"]
 
 
 def case_partial_transfer_name(h: Harness) -> None:
@@ -788,7 +798,7 @@ CASES: dict[str, Callable[[Harness], None]] = {
     "still_being_written": case_still_being_written,
     "empty_file": bad_file_case("empty_file"),
     "gzip_file": bad_file_case("gzip_file"),
-    "png_file": bad_file_case("png_file"),
+    "png_file": case_png_file,
     "table_only_fits": bad_file_case("table_only_fits"),
     "duplicate_copy": bad_file_case("duplicate_copy"),
     "symlinks": case_symlinks,
