@@ -8,6 +8,7 @@ from the simulator's truth files, never from the code under test.
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import os
@@ -249,8 +250,14 @@ def test_detection_job_runs_in_dagster_and_writes_candidates(server, engine, wor
     job = json.loads(body)
     assert job["type"] == "ese-detect" and job["status"] in ("QUEUED", "STARTING", "STARTED")
     assert "total_items" not in job
+    assert job["params"] == {
+        "source_id": stable["source_id"],
+        "min_sigma": min_sigma,
+        "recompute": False,
+    }
     done = wait_for_job(server.base_url, job["id"])
     assert done["status"] == "SUCCESS", done
+    assert "total_items" not in done and done["params"] == job["params"]
     assert done["result"]["candidates_found"] == 1
     assert done["result"]["candidates"][0]["source_id"] == stable["source_id"]
     assert done["finished_at"] >= done["started_at"] >= done["created_at"] - 1
@@ -460,3 +467,76 @@ def test_server_refuses_unsafe_or_empty_configurations(workspace, host, env, mes
     assert proc.returncode == 2
     assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not os.path.exists("/nonexistent/products.sqlite3")
+
+
+# ------------------------------------------------------------------------- both backends
+
+
+def _copy_rows(src, dst, tables) -> None:
+    from ese_assets.storage.schema import metadata
+
+    with src.connect() as conn_in, dst.begin() as conn_out:
+        for name in tables:
+            table = metadata.tables[name]
+            rows = [dict(r._mapping) for r in conn_in.execute(sa.select(table))]
+            if rows:
+                conn_out.execute(table.insert(), rows)
+
+
+def test_candidate_queries_agree_on_sqlite_and_postgresql(workspace, postgres_engine):
+    """The list's own SQL (filters, count, paging) gives the same pages on both backends."""
+    from ese_assets.web import queries
+
+    sqlite = make_engine(workspace.products_db)
+    _copy_rows(sqlite, postgres_engine, ["variability_stats", "ese_candidates"])
+    filters = [
+        queries.CandidateFilter(),
+        queries.CandidateFilter(status="open"),
+        queries.CandidateFilter(flag_type="dip"),
+        queries.CandidateFilter(flag_type="sigma_deviation", min_significance=2.0),
+        queries.CandidateFilter(night="2025-01-12"),
+    ]
+    for f in filters:
+        for limit, offset in ((500, 0), (1, 1)):
+            a = queries.candidate_page(sqlite, f, limit=limit, offset=offset)
+            b = queries.candidate_page(postgres_engine, f, limit=limit, offset=offset)
+            assert a[1] == b[1], f
+            assert [r["id"] for r in a[0]] == [r["id"] for r in b[0]], f
+            for ra, rb in zip(a[0], b[0], strict=True):
+                assert ra["significance"] == pytest.approx(rb["significance"], rel=1e-12)
+                assert ra["dip_start_date"] == rb["dip_start_date"]
+
+
+def test_history_of_a_candidate_older_than_the_history_table(workspace, tmp_path):
+    """A candidate reviewed before ``ese_candidate_history`` existed: its flagging and the review
+    lines of its notes are its history."""
+    from ese_assets.web import queries
+
+    ws = copy_workspace(workspace, tmp_path / "ws")
+    engine = make_engine(ws.products_db)
+    source_id = truth_ese_ids(ws)[0]
+    with engine.begin() as conn:
+        cid = conn.execute(
+            sa.text("SELECT id FROM ese_candidates WHERE source_id = :sid"), {"sid": source_id}
+        ).scalar_one()
+        conn.execute(
+            sa.text("DELETE FROM ese_candidate_history WHERE candidate_id = :c"), {"c": cid}
+        )
+        conn.execute(
+            sa.text(
+                "UPDATE ese_candidates SET status = 'dismissed', notes = :n, flagged_at = :f "
+                "WHERE id = :c"
+            ),
+            {
+                "c": cid,
+                "f": dt.datetime(2025, 1, 1, 3, 0, 0, tzinfo=dt.UTC).timestamp(),
+                "n": "2025-01-02T10:00:00Z ana: investigated: look again\n"
+                "2025-01-03T11:30:00Z bo: dismissed",
+            },
+        )
+    events = queries.status_history(engine, queries.source_candidates(engine, source_id))
+    assert [(e["at"], e["by"], e["old_status"], e["new_status"], e["note"]) for e in events] == [
+        ("2025-01-01T03:00:00Z", "auto", None, "active", None),
+        ("2025-01-02T10:00:00Z", "ana", "active", "investigated", "look again"),
+        ("2025-01-03T11:30:00Z", "bo", "investigated", "dismissed", None),
+    ]

@@ -295,7 +295,11 @@ def _op_config(params: Any, source_ids: list[str]) -> dict[str, Any]:
 
 
 @router.get(
-    "/api/jobs/{job_id}", tags=["jobs"], summary="Status of a detection job", response_model=Job
+    "/api/jobs/{job_id}",
+    tags=["jobs"],
+    summary="Status of a detection job",
+    response_model=Job,
+    response_model_exclude_unset=True,
 )
 def get_job(request: Request, job_id: str) -> Any:
     return _job(request, job_id)

@@ -172,11 +172,15 @@ class JobLauncher:
         result: dict[str, Any] | None = None,
         error: str | None = None,
     ) -> dict[str, Any]:
+        shown = dict(params)
+        if job_type == SINGLE_TYPE:  # the seed's single-job params name one source_id
+            ids = shown.pop("source_ids", None) or []
+            shown["source_id"] = ids[0] if ids else None
         job = {
             "id": run_id,
             "type": job_type,
             "status": status,
-            "params": dict(params),
+            "params": shown,
             "created_at": created_at,
             "started_at": started_at,
             "finished_at": finished_at,
