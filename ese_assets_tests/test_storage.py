@@ -477,6 +477,26 @@ def test_set_candidate_status_workflow(engine):
         candidates_db.candidates(engine, status="open")
 
 
+def test_candidate_writes_keep_their_history(engine):
+    """Every way of changing ese_candidates writes its history entry in the same transaction."""
+    from ese_assets.storage import candidate_history as history_db
+
+    statistics_db.upsert_variability_stats(engine, _stats(["S1", "S2"]))
+    candidates_db.apply_candidate_changes(engine, [_flag("S1"), _flag("S2", 6.0)], [])
+    [s1] = candidates_db.existing_candidates(engine, ["S1"])["id"].tolist()
+    candidates_db.apply_candidate_changes(engine, [], [{"id": s1, "status": "expired"}])
+    with pytest.raises(sa.exc.IntegrityError):  # a second open S2: nothing of the call is kept
+        candidates_db.apply_candidate_changes(
+            engine, [_flag("S2", 7.0)], [{"id": s1, "status": "active"}]
+        )
+    history = history_db.candidate_history(engine)
+    changes = history[["source_id", "old_status", "new_status"]].fillna("-").values.tolist()
+    assert changes == [["S1", "-", "active"], ["S2", "-", "active"], ["S1", "active", "expired"]]
+    assert history["previous"].iloc[2] is not None and history["changed_by"].eq("auto").all()
+    assert candidates_db.candidates(engine, status="expired")["source_id"].tolist() == ["S1"]
+    assert len(history_db.candidate_history(engine, source_ids=["S2"])) == 1
+
+
 # --------------------------------------------------------------------------------------------------
 # Bound parameters
 # --------------------------------------------------------------------------------------------------

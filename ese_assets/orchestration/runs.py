@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 from ese_assets.orchestration.jobs import JOB_NAME
 from ese_assets.pipeline.recovery import ORPHAN_GRACE_S, Batch, Plan, plan_runs
 from ese_assets.settings import Settings
-from ese_assets.storage.engine import describe_url, normalize_url
+from ese_assets.storage.engine import describe_url
 
 #: Tag naming the image batch a run measures (the token stored on the batch's ``images`` rows).
 TOKEN_TAG = "ese/batch"
@@ -41,8 +41,11 @@ TRIGGER_TAG = "ese/trigger"
 
 
 def products_db_tags(products_db: str) -> dict[str, str]:
-    """``{ese/products_db: <URL or path, password hidden>}`` for runs that use ``products_db``."""
-    return {PRODUCTS_DB_TAG: describe_url(normalize_url(products_db))}
+    """``{ese/products_db: <absolute path of an SQLite file, or URL with the password hidden>}``
+    for runs that use ``products_db``."""
+    if "://" not in str(products_db):
+        return {PRODUCTS_DB_TAG: os.path.abspath(os.path.expanduser(products_db))}
+    return {PRODUCTS_DB_TAG: describe_url(products_db)}
 
 
 def process_tags() -> dict[str, str]:
