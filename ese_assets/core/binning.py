@@ -86,21 +86,22 @@ BIN_COLUMNS = (
     "night_std_mjy",
 )
 
-#: Columns of a partial-sums row that :func:`night_bins` reads.
-_SUMS_NEEDED = (
+#: Columns of a night-sums row that a bin's flux, error, epochs and time need (what the
+#: statistics stage reads: fewer columns, a cheaper read).
+BIN_SUMS_COLUMNS = (
     "source_id",
-    "night",
     "shift_mjy",
     "n_obs",
     "n_bad_err",
     "sum_d",
-    "sum_d2",
     "sum_w",
     "sum_wd",
-    "sum_wd2",
     "first_mjd",
     "last_mjd",
 )
+#: Further columns :func:`night_bins` uses when present: the night's label and, for the
+#: within-night scatter, the sums of squares.
+_OPTIONAL_SUMS_COLUMNS = ("night", "sum_d2", "sum_wd2")
 
 
 def validate_bin_nights(mode: str) -> str:
@@ -115,16 +116,17 @@ def night_bins(sums: pd.DataFrame) -> pd.DataFrame:
     """One bin per partial-sums row (one source in one night): :data:`BIN_COLUMNS`.
 
     ``sums``: rows of ``source_night_sums`` (or :func:`~ese_assets.core.sums.night_partial_sums`),
-    any order. Formulas in the module docstring. Output sorted by
-    ``source_id, mjd``.
+    any order, with at least :data:`BIN_SUMS_COLUMNS`; without ``night`` the bins' night is None,
+    without ``sum_d2``/``sum_wd2`` their within-night scatter NaN. Formulas in the module
+    docstring. Output sorted by ``source_id, mjd``.
     """
-    missing = [c for c in _SUMS_NEEDED if c not in sums.columns]
+    missing = [c for c in BIN_SUMS_COLUMNS if c not in sums.columns]
     if missing:
         raise ValueError(f"night_bins: sums lack column(s) {missing}")
     n = sums["n_obs"].to_numpy(dtype=np.float64)
     c = sums["shift_mjy"].to_numpy(dtype=np.float64)
     s_d, s_d2, s_w, s_wd, s_wd2 = (
-        sums[k].to_numpy(dtype=np.float64)
+        sums[k].to_numpy(dtype=np.float64) if k in sums.columns else np.full(len(sums), np.nan)
         for k in ("sum_d", "sum_d2", "sum_w", "sum_wd", "sum_wd2")
     )
     first = sums["first_mjd"].to_numpy(dtype=np.float64)
@@ -140,7 +142,7 @@ def night_bins(sums: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame(
         {
             "source_id": sums["source_id"].to_numpy(),
-            "night": sums["night"].to_numpy(),
+            "night": sums["night"].to_numpy() if "night" in sums.columns else None,
             "mjd": 0.5 * (first + last),
             "flux_mjy": flux,
             "flux_err_mjy": err,

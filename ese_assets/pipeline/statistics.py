@@ -27,6 +27,7 @@ from sqlalchemy import Connection, Engine
 
 from ese_assets.core.binning import (
     BIN_COLUMNS,
+    BIN_SUMS_COLUMNS,
     DEFAULT_BIN_NIGHTS,
     binned_window_metrics,
     night_bins,
@@ -232,7 +233,11 @@ def _window_stats(
     parts = []
     raw_ids = list(source_ids)
     if bin_nights != "off":
-        bins = night_bins(statistics_db.window_night_sums(conn, source_ids, dip_window_days))
+        bins = night_bins(
+            statistics_db.window_night_sums(
+                conn, source_ids, dip_window_days, columns=BIN_SUMS_COLUMNS
+            )
+        )
         binned = sources_to_bin(bins, bin_nights)
         if len(binned):
             parts.append(binned_window_metrics(bins[bins["source_id"].isin(binned)]))
