@@ -32,7 +32,7 @@ from ese_assets.orchestration.runs import (
     process_tags,
 )
 from ese_assets.orchestration.sensors import rejection_observation
-from ese_assets.pipeline.recovery import Plan
+from ese_assets.pipeline.recovery import Plan, claim_batch
 from ese_assets.pipeline.registration import fits_in_subdirectories
 from ese_assets.settings import Settings
 from ese_assets.storage.engine import ensure_schema, make_engine
@@ -178,6 +178,7 @@ def ingest_directory(
         last_night=build_partitions(settings).get_last_partition_key(),
         patient=False,
         grace_s=INGEST_GRACE_S,
+        claim=False,  # each batch is claimed just before it runs (see recovery.claim_batch)
     )
     progress(f"to measure: {plan.summary()}")
     report = IngestReport(scan, plan)
@@ -185,7 +186,11 @@ def ingest_directory(
         return report
     job = build_definitions(settings, bind_env=False).resolve_job_def(JOB_NAME)
     log_level = "DEBUG" if verbose else "CRITICAL"  # failures are summarised below instead
-    for i, batch in enumerate(plan.batches, start=1):
+    for i, planned in enumerate(plan.batches, start=1):
+        batch = claim_batch(engine, planned)
+        if batch is None:  # another process (the sensor, a second `ese ingest`) took them
+            progress(f"[{i}/{len(plan.batches)}] night {planned.night}: taken by another process")
+            continue
         started = time.monotonic()
         result = job.execute_in_process(
             partition_key=batch.night,

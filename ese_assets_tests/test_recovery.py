@@ -211,3 +211,9 @@ def test_bad_settings_are_refused_naming_the_variable(monkeypatch, name, value, 
     with pytest.raises(ValueError, match=name) as err:
         Settings.from_env()
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_only_future_images_waiting_is_not_an_error(engine):
+    _register(engine, [("future", "2099-01-01")])
+    plan = _plan(engine)
+    assert plan.future == ["/in/future.fits"] and not plan.batches and plan.in_flight == 0

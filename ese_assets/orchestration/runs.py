@@ -140,6 +140,7 @@ def plan_unfinished(
     last_night: str,
     patient: bool,
     grace_s: float = ORPHAN_GRACE_S,
+    claim: bool = True,
 ) -> Plan:
     """:func:`ese_assets.pipeline.recovery.plan_runs` with the live runs of ``instance``."""
     tokens, nights = in_flight_work(instance, JOB_NAME)
@@ -153,4 +154,5 @@ def plan_unfinished(
         max_attempts=settings.max_attempts,
         patient=patient,
         grace_s=grace_s,
+        claim=claim,
     )

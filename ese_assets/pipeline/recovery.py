@@ -60,6 +60,8 @@ class Batch:
     night: str
     token: str
     paths: tuple[str, ...]
+    # The rows as planned (path, status, batch_token, retry_at), for a claim made later.
+    expected: tuple[dict, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def run_key(self) -> str:
@@ -147,14 +149,18 @@ def plan_runs(
     patient: bool = True,
     grace_s: float = ORPHAN_GRACE_S,
     max_images_per_run: int = MAX_IMAGES_PER_RUN,
+    claim: bool = True,
     now: float | None = None,
 ) -> Plan:
-    """Choose the unfinished images to request now, claim them and group them in batches.
+    """Choose the unfinished images to request now, group them in batches and claim them.
 
     ``in_flight_tokens`` / ``in_flight_nights`` describe the live runs (Dagster instance);
     ``tokens_with_runs`` tells which of some batch tokens have a run in any status (a batch
     queued less than ``grace_s`` ago without one may still be being launched). ``patient``: the
-    sensor (backoff and ``max_attempts`` respected); impatient: ``ese ingest``.
+    sensor (backoff and ``max_attempts`` respected); impatient: ``ese ingest``. ``claim=False``
+    leaves the claiming to :func:`claim_batch`, just before each batch runs: a process that runs
+    its batches one after the other (``ese ingest``) must not hold batches it has not started,
+    or a re-run after it was killed would take them for batches still being launched.
     """
     now = time.time() if now is None else now
     plan = Plan()
@@ -167,7 +173,9 @@ def plan_runs(
     for night, group in rows[future].groupby("night"):
         images_db.set_waiting_reason(engine, group["path"], future_night_reason(night, last_night))
     rows = rows[~future]
-    busy_night = rows["night"].map(lambda n: _in_ranges(n, in_flight_nights))
+    if rows.empty:
+        return plan
+    busy_night = rows["night"].map(lambda n: _in_ranges(n, in_flight_nights)).astype(bool)
     plan.in_flight += int(busy_night.sum())
     rows = rows[~busy_night]
 
@@ -218,12 +226,23 @@ def plan_runs(
                 }
                 for r in chunk.itertuples(index=False)
             ]
-            claimed = images_db.claim_images(engine, expected, token, queued_at=now)
-            if not claimed:
-                continue
-            kinds = chunk.set_index("path").loc[claimed, "kind"]
+            batch = Batch(str(night), token, tuple(chunk["path"]), tuple(expected))
+            if claim:
+                batch = claim_batch(engine, batch, now=now)
+                if batch is None:
+                    continue
+            kinds = chunk.set_index("path").loc[list(batch.paths), "kind"]
             plan.new += int((kinds == "new").sum())
             plan.resumed += int((kinds == "resumed").sum())
             plan.retried += int((kinds == "retried").sum())
-            plan.batches.append(Batch(str(night), token, tuple(claimed)))
+            plan.batches.append(batch)
     return plan
+
+
+def claim_batch(engine: Engine, batch: Batch, *, now: float | None = None) -> Batch | None:
+    """Queue the images of a planned batch that nobody claimed since; None if none are left."""
+    now = time.time() if now is None else now
+    claimed = images_db.claim_images(engine, batch.expected, batch.token, queued_at=now)
+    if not claimed:
+        return None
+    return Batch(batch.night, batch.token, tuple(claimed), batch.expected)
