@@ -16,7 +16,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 #: In order: cheapest and most basic first.
-SCRIPTS = ("bench_photometry", "bench_variability", "bench_incremental", "bench_ingest_end_to_end")
+SCRIPTS = (
+    "bench_photometry",
+    "bench_variability",
+    "bench_incremental",
+    "bench_nightly_bins",
+    "bench_ingest_end_to_end",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:

@@ -277,6 +277,7 @@ def build_assets(
                 flux_scale_error=detection.flux_scale_error,
                 dip_window_days=detection.dip_window_days,
                 exclude_flags=detection.exclude_flags,
+                bin_nights=detection.bin_nights,
             )
         # Bounded by the nights, like the stage itself (a whole-history COUNT would undo that).
         mismatched = statistics_db.night_stats_mismatches(

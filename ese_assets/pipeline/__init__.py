@@ -29,6 +29,7 @@ from ese_assets.pipeline.registration import (
     scan_directory,
 )
 from ese_assets.pipeline.statistics import (
+    nightly_lightcurves,
     recompute_variability,
     stats_from_lightcurves,
     update_variability,
@@ -45,6 +46,7 @@ __all__ = [
     "inspect_files",
     "measure_image",
     "measure_images",
+    "nightly_lightcurves",
     "recompute_variability",
     "scan_directory",
     "stats_from_lightcurves",

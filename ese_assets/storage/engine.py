@@ -249,7 +249,10 @@ def ensure_schema(engine: Engine) -> None:
             _, missing_columns = _missing_schema(conn)
             for table, columns in missing_columns.items():
                 _add_columns(conn, table, columns)
-            metadata.create_all(conn, checkfirst=True)
+            metadata.create_all(conn, checkfirst=True)  # new tables with their indexes
+            for table in metadata.sorted_tables:  # indexes added to tables that existed
+                for index in table.indexes:
+                    index.create(conn, checkfirst=True)
     _schema_checked.add(engine)
 
 
