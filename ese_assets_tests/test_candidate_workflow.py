@@ -25,7 +25,7 @@ from ese_assets.storage import candidate_history as history_db
 from ese_assets.storage import candidates as candidates_db
 from ese_assets.storage import statistics as statistics_db
 from ese_assets.storage.engine import dispose_engine, ensure_schema, make_engine
-from ese_assets.storage.schema import metadata
+from ese_assets.storage.schema import ese_candidates, metadata
 from ese_assets_tests import snapshots
 from ese_assets_tests.survey import NIGHTS, make_workspace
 from ese_assets_tests.test_orchestration import run_night
@@ -351,6 +351,9 @@ def test_a_database_made_before_expired_existed_is_upgraded(db_url):
     assert summary.expired == 1
     rows = candidates_db.candidates(engine, status=list(CANDIDATE_STATUSES)).set_index("source_id")
     assert rows.loc["A", "status"] == "expired" and rows.loc["A", "notes"] == "old row"
+    # New databases of this process still get the constraint in their CREATE TABLE.
+    ddl = str(sa.schema.CreateTable(ese_candidates).compile(dialect=engine.dialect))
+    assert "ck_ese_candidates_status" in ddl and "'expired'" in ddl
     assert rows.loc["B", "status"] == "dismissed"
     with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
         conn.execute(sa.text("UPDATE ese_candidates SET status = 'bogus'"))

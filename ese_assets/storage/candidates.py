@@ -171,8 +171,10 @@ def _current_status_check(conn: Connection) -> None:
             {"name": check.name, "table": ese_candidates.name},
         ).scalar()
         if definition is not None and not all(f"'{s}'" in definition for s in CANDIDATE_STATUSES):
-            conn.execute(sa.schema.DropConstraint(check))
-            conn.execute(sa.schema.AddConstraint(check))
+            # isolate_from_table=False: by default SQLAlchemy would leave the constraint out of
+            # every CREATE TABLE of this process afterwards (it assumes an ALTER adds it).
+            conn.execute(sa.schema.DropConstraint(check, isolate_from_table=False))
+            conn.execute(sa.schema.AddConstraint(check, isolate_from_table=False))
     _status_check_ok.add(engine)
 
 
