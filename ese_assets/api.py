@@ -32,6 +32,7 @@ from ese_assets.core.detection import (
     DetectionSettings,
     composite_score,
     resolve_min_sigma,
+    sigma_rule_requested,
 )
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
 from ese_assets.core.values import py_scalar
@@ -112,8 +113,9 @@ def detect_ese_candidates(
 ) -> list[dict]:
     """Flag ESE candidates among all sources (or one) and return them, most significant first.
 
-    ``preset`` (conservative 5.0, moderate 3.5, sensitive 3.0) or ``min_sigma`` sets the seed's
-    ``sigma_deviation`` rule; the dip rule (``min_dip_sigma``) runs next to it. ``recompute`` first
+    ``preset`` (conservative 5.0, moderate 3.5, sensitive 3.0) or ``min_sigma`` switches on the
+    seed's ``sigma_deviation`` rule (flag_type ``outlier``; off otherwise: one outlying epoch
+    fires it) next to the dip rule (``min_dip_sigma``), which always runs. ``recompute`` first
     rebuilds the sums and ``variability_stats`` from ``photometry`` (O(history); the dip statistic
     over the last ``dip_window_days``). With ``use_composite_scoring`` each candidate also carries
     the seed's ``composite_score`` and ``confidence``.
@@ -123,6 +125,7 @@ def detect_ese_candidates(
         min_sigma=resolve_min_sigma(preset, min_sigma),
         min_dip_sigma=DEFAULT_MIN_DIP_SIGMA if min_dip_sigma is None else min_dip_sigma,
         min_obs=DEFAULT_MIN_OBS if min_obs is None else min_obs,
+        use_sigma_rule=sigma_rule_requested(preset, min_sigma),
     )
     ids = [source_id] if source_id else None
     if recompute:

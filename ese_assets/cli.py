@@ -17,12 +17,15 @@ from typing import TYPE_CHECKING
 from ese_assets import cli_candidates
 from ese_assets.cli_candidates import open_products_db
 from ese_assets.core.detection import (
+    DEFAULT_ETA_V_SIGMA,
     DEFAULT_MIN_DIP_SIGMA,
     DEFAULT_MIN_OBS,
     DEFAULT_PRESET,
     PRESETS,
     DetectionSettings,
+    eta_v_flags,
     resolve_min_sigma,
+    sigma_rule_requested,
 )
 from ese_assets.settings import Settings
 
@@ -157,6 +160,22 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_eta_v(engine, args: argparse.Namespace, min_obs: int) -> int:
+    """``ese detect --rule eta-v``: the sources the eta-V population cut flags, as JSON; a
+    comparison rule, so nothing is written to ese_candidates."""
+    from ese_assets.core.values import py_scalar
+    from ese_assets.storage import statistics as statistics_db
+
+    stats = statistics_db.variability_stats(engine)
+    flagged = eta_v_flags(stats, k_sigma=args.eta_v_sigma, min_obs=min_obs)
+    flagged = flagged.sort_values("significance", ascending=False, kind="mergesort")
+    records = [{k: py_scalar(v) for k, v in row.items()} for row in flagged.to_dict("records")]
+    out = {"rule": "eta-v", "k_sigma": args.eta_v_sigma, "population": len(stats)}
+    out.update(candidates_found=len(records), candidates=records, written=False)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
     """The seed's ``ese-detect`` JSON, plus the run id (to undo the run) and the changes made;
     ``--dry-run`` plans without writing."""
@@ -172,6 +191,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         min_sigma=resolve_min_sigma(args.preset, args.min_sigma),
         min_dip_sigma=DEFAULT_MIN_DIP_SIGMA if args.min_dip_sigma is None else args.min_dip_sigma,
         min_obs=DEFAULT_MIN_OBS if args.min_obs is None else args.min_obs,
+        use_sigma_rule=sigma_rule_requested(args.preset, args.min_sigma) or settings.use_sigma_rule,
     )
     ids = [args.source_id] if args.source_id else None
     if args.recompute:
@@ -183,6 +203,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
             exclude_flags=settings.exclude_flags,
             bin_nights=settings.bin_nights,
         )
+    if args.rule == "eta-v":
+        return _print_eta_v(engine, args, detection.min_obs)
     summary = pipeline.detect_candidates(
         engine, detection, source_ids=ids, dry_run=args.dry_run, run_id=new_run_id("cli")
     )
@@ -348,6 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--min-obs", type=int, default=None, help="minimum number of epochs")
     p.add_argument("--source-id", help="examine only this source")
+    p.add_argument(
+        "--rule",
+        choices=("default", "eta-v"),
+        default="default",
+        help="default: the dip rule (plus the seed's sigma rule when --preset/--min-sigma or "
+        "ESE_USE_SIGMA_RULE=1); eta-v: print the eta-V population cut for comparison, "
+        "write nothing",
+    )
+    p.add_argument(
+        "--eta-v-sigma",
+        type=float,
+        default=DEFAULT_ETA_V_SIGMA,
+        help="k of the eta-V cut: mean + k std of log eta and log V "
+        f"(default {DEFAULT_ETA_V_SIGMA:g})",
+    )
     p.add_argument(
         "--recompute",
         action="store_true",

@@ -17,9 +17,11 @@ from ese_assets.core.detection import (
     DEFAULT_MIN_DIP_SIGMA,
     DEFAULT_MIN_OBS,
     DEFAULT_PRESET,
+    DEFAULT_USE_SIGMA_RULE,
     PRESETS,
     DetectionSettings,
     resolve_min_sigma,
+    sigma_rule_requested,
 )
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS, validate_exclude_flags
 from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS, DEFAULT_FLUX_SCALE_ERROR
@@ -82,6 +84,18 @@ def _bin_nights(name: str) -> str:
         return validate_bin_nights(_env(name, DEFAULT_BIN_NIGHTS))
     except ValueError as exc:
         raise ValueError(f"environment variable {name}: {exc}") from None
+
+
+def _use_sigma_rule(name: str) -> bool | None:
+    """``ESE_USE_SIGMA_RULE``: 1/true/yes or 0/false/no; None when unset."""
+    raw = _env(name)
+    if raw is None:
+        return None
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"environment variable {name}={raw!r} is not one of 1/0/true/false/yes/no")
 
 
 def _int(name: str, default: int) -> int:
@@ -162,6 +176,9 @@ class Settings:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS  # run requests per image before the sensor gives up
     # window statistics on nightly bins: auto | on | off (core.binning.sources_to_bin)
     bin_nights: str = DEFAULT_BIN_NIGHTS
+    # the seed's sigma_deviation rule: ESE_USE_SIGMA_RULE, else on when ESE_PRESET/ESE_MIN_SIGMA
+    # are set (core.detection.sigma_rule_requested), else off
+    use_sigma_rule: bool = DEFAULT_USE_SIGMA_RULE
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -199,9 +216,15 @@ class Settings:
             retry_delay_s=_env_float("ESE_RETRY_DELAY_S", DEFAULT_RETRY_DELAY_S),
             max_attempts=_int("ESE_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS),
             bin_nights=_bin_nights("ESE_BIN_NIGHTS"),
+            use_sigma_rule=sigma_rule_requested(
+                _env("ESE_PRESET"), min_sigma_env, _use_sigma_rule("ESE_USE_SIGMA_RULE")
+            ),
         )
 
     def detection(self) -> DetectionSettings:
         return DetectionSettings(
-            min_sigma=self.min_sigma, min_dip_sigma=self.min_dip_sigma, min_obs=self.min_obs
+            min_sigma=self.min_sigma,
+            min_dip_sigma=self.min_dip_sigma,
+            min_obs=self.min_obs,
+            use_sigma_rule=self.use_sigma_rule,
         )

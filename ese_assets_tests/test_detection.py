@@ -17,6 +17,7 @@ from ese_assets.core.detection import (
     flag_candidates,
     max_sigma_deviation,
     resolve_min_sigma,
+    sigma_rule_requested,
 )
 from ese_assets.core.variability import variability_metrics
 
@@ -43,10 +44,16 @@ def test_presets_and_resolve_min_sigma():
 def test_detection_settings():
     s = DetectionSettings()
     got = (s.min_sigma, s.min_dip_sigma, s.min_obs, s.use_sigma_rule, s.use_dip_rule)
-    assert got == (5.0, 6.0, 10, True, True)
+    assert got == (5.0, 6.0, 10, False, True)  # the seed rule only when asked for
+    # An explicit preset or threshold switches the seed rule on.
     assert DetectionSettings.from_preset("moderate", min_obs=20) == DetectionSettings(
-        min_sigma=3.5, min_obs=20
+        min_sigma=3.5, min_obs=20, use_sigma_rule=True
     )
+    assert DetectionSettings.from_preset(None, 4.0).use_sigma_rule
+    assert not DetectionSettings.from_preset().use_sigma_rule
+    assert sigma_rule_requested() is False
+    assert sigma_rule_requested("conservative") and sigma_rule_requested(None, 5.0)
+    assert sigma_rule_requested(None, None, True) and not sigma_rule_requested("moderate", 3, False)
     with pytest.raises(ValueError):
         DetectionSettings(min_obs=0)
     with pytest.raises(ValueError):
@@ -81,8 +88,19 @@ def _stats():
     )
 
 
+def test_flag_candidates_default_is_the_dip_rule_only():
+    out = flag_candidates(_stats())
+    got = {r.source_id: (r.flag_type, r.significance) for r in out.itertuples()}
+    assert got == {
+        "dip": ("dip", 8.0),
+        "spike": ("spike", 6.0),
+        "both": ("spike", 9.0),
+        "dipboth": ("dip", 7.5),
+    }
+
+
 def test_flag_candidates_rules():
-    out = flag_candidates(_stats(), DetectionSettings())
+    out = flag_candidates(_stats(), DetectionSettings(use_sigma_rule=True))
     assert list(out.columns) == [
         "source_id",
         "significance",
@@ -92,21 +110,23 @@ def test_flag_candidates_rules():
     ]
     got = {r.source_id: (r.flag_type, r.significance) for r in out.itertuples()}
     assert got == {
-        "sig": ("sigma_deviation", 5.5),
+        "sig": ("outlier", 5.5),
         "dip": ("dip", 8.0),
         "spike": ("spike", 6.0),  # threshold is inclusive
-        "both": ("sigma_deviation+spike", 9.0),
-        "dipboth": ("sigma_deviation+dip", 7.5),
+        "both": ("outlier+spike", 9.0),
+        "dipboth": ("outlier+dip", 7.5),
     }
     assert out.set_index("source_id").loc["dip", "dip_significance"] == -8.0
 
 
 def test_flag_candidates_switches_and_thresholds():
-    only_sigma = flag_candidates(_stats(), DetectionSettings(use_dip_rule=False))
+    only_sigma = flag_candidates(
+        _stats(), DetectionSettings(use_dip_rule=False, use_sigma_rule=True)
+    )
     assert dict(zip(only_sigma.source_id, only_sigma.flag_type, strict=True)) == {
-        "sig": "sigma_deviation",
-        "both": "sigma_deviation",
-        "dipboth": "sigma_deviation",
+        "sig": "outlier",
+        "both": "outlier",
+        "dipboth": "outlier",
     }
     assert only_sigma.set_index("source_id").loc["both", "significance"] == 6.5
     only_dip = flag_candidates(_stats(), DetectionSettings(use_sigma_rule=False, min_dip_sigma=7.8))
@@ -114,13 +134,32 @@ def test_flag_candidates_switches_and_thresholds():
         "dip": "dip",
         "both": "spike",
     }
-    few_ok = flag_candidates(_stats(), DetectionSettings(min_obs=5))
+    few_ok = flag_candidates(_stats(), DetectionSettings(min_obs=5, use_sigma_rule=True))
     assert "few" in set(few_ok.source_id)
     sensitive = flag_candidates(
         _stats(), DetectionSettings.from_preset("sensitive", use_dip_rule=False)
     )
     assert set(sensitive.source_id) == {"sig", "both", "dipboth"}
     assert len(flag_candidates(_stats().iloc[:0])) == 0
+
+
+def test_single_outlying_epoch_is_never_a_candidate_by_default():
+    # 30 clean epochs (S/N 50) plus one 20-sigma outlier: the dip scan clips it (one epoch adds at
+    # most 5/sqrt(3) to S), so the default flags nothing; the seed rule, asked for, calls it an
+    # outlier (sigma_deviation ~ 5.3 >= 5 at N = 31).
+    rng = np.random.default_rng(7)
+    mjd = 60000.0 + np.arange(31.0)
+    err = np.full(31, 2.0)
+    flux = 100.0 + rng.normal(0.0, 2.0, 31)
+    flux[17] = 100.0 + 20 * 2.0
+    lc = pd.DataFrame({"source_id": "S", "mjd": mjd, "flux_mjy": flux, "flux_err_mjy": err})
+    stats = variability_metrics(lc)
+    assert abs(stats["dip_significance"].iloc[0]) < DetectionSettings().min_dip_sigma
+    assert len(flag_candidates(stats)) == 0
+    assert len(flag_candidates(stats, DetectionSettings.from_preset())) == 0
+    seed = flag_candidates(stats, DetectionSettings.from_preset("conservative"))
+    assert seed["flag_type"].tolist() == ["outlier"]
+    assert seed["sigma_deviation"].iloc[0] >= 5.0
 
 
 def test_flag_candidates_on_metrics_output():

@@ -2,8 +2,12 @@
 
 Two rules (both need at least ``min_obs`` epochs):
 
-* sigma rule (the seed system's): ``sigma_deviation >= min_sigma``, thresholds from the user-guide
-  presets :data:`PRESETS` (conservative 5.0, moderate 3.5, sensitive 3.0). With the sample std,
+* sigma rule (the seed system's, OFF by default: :data:`DEFAULT_USE_SIGMA_RULE`):
+  ``sigma_deviation >= min_sigma``, thresholds from the user-guide presets :data:`PRESETS`
+  (conservative 5.0, moderate 3.5, sensitive 3.0). It is switched on when a preset or a custom
+  threshold is given explicitly (:func:`sigma_rule_requested`). Why off: ``sigma_deviation`` is
+  the distance of the single most extreme epoch from the mean, so one bad image or one outlying
+  epoch fires it on its own; its flags are named ``outlier``. With the sample std,
   ``sigma_deviation <= (N - 1)/sqrt(N)`` (:func:`max_sigma_deviation`), so the rule cannot fire
   below 27 / 15 / 11 epochs for those presets, and it misses dips covering more than a few epochs.
 * dip rule: ``|dip_significance| >= min_dip_sigma`` (windowed matched-filter statistic of
@@ -16,6 +20,14 @@ Two rules (both need at least ``min_obs`` epochs):
   1994) real events are rare among 10^4 monitored sources, so false-alarm control dominates.
   A 30 % dip over 15 epochs is detected at per-epoch S/N 20 (S ~ 18) and, 99 % of the time, at
   S/N 8 (S ~ 8).
+
+``flag_type`` names what fired, joined with "+" when several did: ``dip`` / ``spike`` (the dip
+rule, by the sign of ``dip_significance``), ``outlier`` (the seed's sigma rule: one epoch far from
+the mean) and ``variable`` (the eta-V population cut of :func:`eta_v_flags`, a comparison rule
+that is not part of the default).
+
+A single outlying epoch never makes a candidate by default: the dip scan clips each epoch's z at 5
+and needs windows of >= 3 epochs, so one epoch adds at most 5/sqrt(3) = 2.9 < 6 to the statistic.
 
 Composite score (seed's ``use_composite_scoring``): :func:`composite_score`.
 
@@ -45,6 +57,30 @@ DEFAULT_MIN_DIP_SIGMA = 6.0
 
 #: Default minimum number of epochs before either rule can flag a source.
 DEFAULT_MIN_OBS = 10
+
+#: Whether the seed's sigma_deviation rule creates candidates when nobody asked for it: no, it
+#: fires on a single outlying epoch. A preset or threshold given explicitly switches it on.
+DEFAULT_USE_SIGMA_RULE = False
+
+#: flag_type names of the rules (joined with "+" when several fire).
+FLAG_OUTLIER = "outlier"
+FLAG_DIP = "dip"
+FLAG_SPIKE = "spike"
+FLAG_VARIABLE = "variable"
+
+#: Default k of the eta-V cut: a source is flagged when log10(eta) and log10(V) both exceed the
+#: population's mean + k * std (Rowlinson et al. 2019 use ~1.5-2 sigma as a starting point).
+DEFAULT_ETA_V_SIGMA = 2.0
+
+
+def sigma_rule_requested(
+    preset: str | None = None, min_sigma: float | None = None, use_sigma_rule: bool | None = None
+) -> bool:
+    """Whether the seed's sigma_deviation rule runs: ``use_sigma_rule`` when given, else True when
+    a ``preset`` or a ``min_sigma`` was given explicitly, else :data:`DEFAULT_USE_SIGMA_RULE`."""
+    if use_sigma_rule is not None:
+        return bool(use_sigma_rule)
+    return preset is not None or min_sigma is not None or DEFAULT_USE_SIGMA_RULE
 
 
 def resolve_min_sigma(preset: str | None = None, min_sigma: float | None = None) -> float:
@@ -86,13 +122,14 @@ class DetectionSettings:
 
     ``min_sigma``: sigma_deviation threshold (presets via :meth:`from_preset`);
     ``min_dip_sigma``: |dip_significance| threshold; ``min_obs``: epochs needed by either rule;
-    ``use_sigma_rule`` / ``use_dip_rule``: switch the rules on or off.
+    ``use_sigma_rule`` / ``use_dip_rule``: switch the rules on or off (the sigma rule is off unless
+    asked for, :data:`DEFAULT_USE_SIGMA_RULE`).
     """
 
     min_sigma: float = DEFAULT_MIN_SIGMA
     min_dip_sigma: float = DEFAULT_MIN_DIP_SIGMA
     min_obs: int = DEFAULT_MIN_OBS
-    use_sigma_rule: bool = True
+    use_sigma_rule: bool = DEFAULT_USE_SIGMA_RULE
     use_dip_rule: bool = True
 
     def __post_init__(self) -> None:
@@ -111,7 +148,10 @@ class DetectionSettings:
     def from_preset(
         cls, preset: str | None = None, min_sigma: float | None = None, **kwargs
     ) -> DetectionSettings:
-        """Settings whose ``min_sigma`` comes from :func:`resolve_min_sigma`."""
+        """Settings whose ``min_sigma`` comes from :func:`resolve_min_sigma`; the sigma rule is on
+        when a preset or threshold is given (:func:`sigma_rule_requested`) unless ``kwargs`` say
+        otherwise."""
+        kwargs.setdefault("use_sigma_rule", sigma_rule_requested(preset, min_sigma))
         return cls(min_sigma=resolve_min_sigma(preset, min_sigma), **kwargs)
 
 
@@ -121,12 +161,13 @@ def flag_candidates(stats: pd.DataFrame, settings: DetectionSettings | None = No
     ``stats`` needs ``source_id, n_obs, sigma_deviation, dip_significance`` (the output of
     :func:`ese_assets.core.variability.variability_metrics` or the ``variability_stats`` table).
     Rules (each requires ``n_obs >= min_obs``; NaN never passes):
-    sigma rule ``sigma_deviation >= min_sigma``; dip rule ``|dip_significance| >= min_dip_sigma``,
-    named "dip" for negative and "spike" for positive dip_significance.
+    sigma rule ``sigma_deviation >= min_sigma`` (only with ``use_sigma_rule``), named "outlier";
+    dip rule ``|dip_significance| >= min_dip_sigma``, named "dip" for negative and "spike" for
+    positive dip_significance.
 
     Returns a DataFrame (flagged sources only, input order) with columns ``source_id,
     significance, flag_type, sigma_deviation, dip_significance``; ``flag_type`` is the fired rules
-    joined with "+" (e.g. "sigma_deviation+dip"); ``significance`` is the largest value among the
+    joined with "+" (e.g. "outlier+dip"); ``significance`` is the largest value among the
     rules that fired (sigma_deviation, |dip_significance|).
     """
     settings = settings or DetectionSettings()
@@ -142,8 +183,8 @@ def flag_candidates(stats: pd.DataFrame, settings: DetectionSettings | None = No
     significance = np.fmax(
         np.where(sig_fire, sigma_dev, np.nan), np.where(dip_fire, np.abs(dip), np.nan)
     )
-    sig_name = np.where(sig_fire, "sigma_deviation", "")
-    dip_name = np.where(dip_fire, np.where(dip < 0, "dip", "spike"), "")
+    sig_name = np.where(sig_fire, FLAG_OUTLIER, "")
+    dip_name = np.where(dip_fire, np.where(dip < 0, FLAG_DIP, FLAG_SPIKE), "")
     sep = np.where(sig_fire & dip_fire, "+", "")
     flag_type = np.char.add(np.char.add(sig_name, sep), dip_name)
 
@@ -157,6 +198,57 @@ def flag_candidates(stats: pd.DataFrame, settings: DetectionSettings | None = No
         }
     )
     return out
+
+
+def eta_v_flags(
+    stats: pd.DataFrame, *, k_sigma: float = DEFAULT_ETA_V_SIGMA, min_obs: int = DEFAULT_MIN_OBS
+) -> pd.DataFrame:
+    """The eta-V population cut (Rowlinson et al. 2019, A&C 27, 111), for comparison.
+
+    Over the sources with ``n_obs >= min_obs`` and finite, positive ``eta_metric`` and
+    ``v_index`` (the population), with ``x = log10(eta)`` and ``y = log10(V)``: a source is
+    flagged when ``x > mean(x) + k_sigma * std(x)`` AND ``y > mean(y) + k_sigma * std(y)`` (std
+    with ddof=1). The thresholds come from the population, so the cut flags roughly the same
+    fraction of any population whatever its noise: it finds the most variable sources of a
+    field, not ESEs. ``flag_type`` is ``variable``; ``significance`` is the smaller of the two
+    distances above the means in units of their std. Fewer than 3 sources in the population
+    flag nothing.
+
+    Returns the flagged rows (input order) with columns ``source_id, significance, flag_type,
+    eta_metric, v_index, log_eta_threshold, log_v_threshold``.
+    """
+    if not (math.isfinite(k_sigma)):
+        raise ValueError(f"k_sigma must be a finite number, got {k_sigma!r}")
+    n_obs = pd.to_numeric(stats["n_obs"]).to_numpy(dtype=np.float64, na_value=np.nan)
+    eta = pd.to_numeric(stats["eta_metric"]).to_numpy(dtype=np.float64, na_value=np.nan)
+    v = pd.to_numeric(stats["v_index"]).to_numpy(dtype=np.float64, na_value=np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        member = (n_obs >= min_obs) & (eta > 0) & (v > 0) & np.isfinite(eta) & np.isfinite(v)
+        x = np.where(member, np.log10(eta), np.nan)
+        y = np.where(member, np.log10(v), np.nan)
+    if member.sum() < 3:
+        flagged = np.zeros(len(stats), dtype=bool)
+        x_cut = y_cut = np.nan
+        zx = zy = np.full(len(stats), np.nan)
+    else:
+        mx, sx = np.nanmean(x), np.nanstd(x, ddof=1)
+        my, sy = np.nanmean(y), np.nanstd(y, ddof=1)
+        x_cut, y_cut = mx + k_sigma * sx, my + k_sigma * sy
+        with np.errstate(invalid="ignore", divide="ignore"):
+            flagged = member & (x > x_cut) & (y > y_cut)
+            zx, zy = (x - mx) / sx, (y - my) / sy
+    idx = np.flatnonzero(flagged)
+    return pd.DataFrame(
+        {
+            "source_id": stats["source_id"].iloc[idx].reset_index(drop=True),
+            "significance": np.fmin(zx, zy)[idx],
+            "flag_type": pd.Series([FLAG_VARIABLE] * len(idx), dtype="str"),
+            "eta_metric": eta[idx],
+            "v_index": v[idx],
+            "log_eta_threshold": np.full(len(idx), x_cut),
+            "log_v_threshold": np.full(len(idx), y_cut),
+        }
+    )
 
 
 def composite_score(sigma_deviation, chi2_nu, eta):

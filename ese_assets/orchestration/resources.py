@@ -18,6 +18,7 @@ from ese_assets.core.detection import (
     DEFAULT_MIN_OBS,
     DEFAULT_MIN_SIGMA,
     DEFAULT_PRESET,
+    DEFAULT_USE_SIGMA_RULE,
     DetectionSettings,
 )
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
@@ -79,10 +80,14 @@ class DetectionResource(dg.ConfigurableResource):
     dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS  # median/robust std/dip over this window
     exclude_flags: int = DEFAULT_EXCLUDED_FLAGS  # quality bits left out of the statistics
     bin_nights: str = DEFAULT_BIN_NIGHTS  # window statistics on nightly bins: auto | on | off
+    use_sigma_rule: bool = DEFAULT_USE_SIGMA_RULE  # the seed's rule (ESE_USE_SIGMA_RULE)
 
     def settings(self) -> DetectionSettings:
         return DetectionSettings(
-            min_sigma=self.min_sigma, min_dip_sigma=self.min_dip_sigma, min_obs=self.min_obs
+            min_sigma=self.min_sigma,
+            min_dip_sigma=self.min_dip_sigma,
+            min_obs=self.min_obs,
+            use_sigma_rule=self.use_sigma_rule,
         )
 
 
@@ -120,5 +125,6 @@ def resources_from_settings(settings: Settings, *, bind_env: bool = True) -> dic
             dip_window_days=settings.dip_window_days,
             exclude_flags=settings.exclude_flags,
             bin_nights=settings.bin_nights,
+            use_sigma_rule=settings.use_sigma_rule,
         ),
     }
