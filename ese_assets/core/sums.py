@@ -13,7 +13,8 @@ CONSTANT per source (else sums of different nights would not add): the pipeline 
 flux, which lies near the mean of nearly every source. The remaining cancellation costs a relative
 error of about eps * ((mean - c) / std)^2 in var and eps * max((d/sigma)^2) / chi2 in chi2_nu; the
 flux-scale error bounds d/sigma by |d| / (k |f|), i.e. ~50 x the fractional offset of c for
-k = 0.02.
+k = 0.02. VAST's eta uses the quoted errors e alone (no such bound): its relative error is about
+eps * max((d/e)^2) / eta, still ~1e-10 for a source 10 % off its catalog flux at S/N 1000.
 """
 
 from __future__ import annotations
@@ -34,12 +35,29 @@ def _sort_order(codes: np.ndarray, mjd: np.ndarray) -> np.ndarray:
     return np.argsort(codes.astype(np.int64) * n + rank)  # keys are unique: stability moot
 
 
-#: Integer counts of a partial-sums row: epochs, and epochs whose error is unusable (NaN or <= 0).
-COUNT_COLUMNS = ("n_obs", "n_bad_err")
+#: Integer counts of a partial-sums row: epochs, epochs whose error with the floor (sigma) is
+#: unusable (NaN or <= 0), epochs whose quoted error e is unusable.
+COUNT_COLUMNS = ("n_obs", "n_bad_err", "n_bad_quoted_err")
+
+#: Sums with the quoted-error weights q = 1/e^2 (no flux-scale floor) that VAST's eta needs: sums
+#: of q, q d and q d^2 over the epochs with a usable e.
+QUOTED_SUM_COLUMNS = ("sum_q", "sum_qd", "sum_qd2")
+
+#: Sum columns added after databases already existed: rows written before hold NULL (count 0)
+#: there, and the pipeline rebuilds a source whose stored sums lack them.
+LATER_SUM_COLUMNS = ("n_bad_quoted_err", *QUOTED_SUM_COLUMNS)
 
 #: Additive columns of a partial-sums row (sums over the epochs of the row's group): the counts,
-#: then sums of d = f - c, d^2, w, w d and w d^2 (float).
-SUM_COLUMNS = (*COUNT_COLUMNS, "sum_d", "sum_d2", "sum_w", "sum_wd", "sum_wd2")
+#: then sums of d = f - c, d^2, w, w d and w d^2, q, q d and q d^2 (float).
+SUM_COLUMNS = (
+    *COUNT_COLUMNS,
+    "sum_d",
+    "sum_d2",
+    "sum_w",
+    "sum_wd",
+    "sum_wd2",
+    *QUOTED_SUM_COLUMNS,
+)
 
 #: Extreme columns of a partial-sums row: combined with min (min_*, first_*) or max (max_*, last_*).
 EXTREME_COLUMNS = ("min_flux_mjy", "max_flux_mjy", "first_mjd", "last_mjd")
@@ -109,8 +127,10 @@ def night_partial_sums(
 
     * ``n_obs = N``; ``n_bad_err`` = epochs whose sigma is not finite and > 0 (they count in the
       unweighted sums but not in the weighted ones; any makes the weighted metrics NaN);
+      ``n_bad_quoted_err`` the same for the quoted error e (any makes eta NaN);
     * ``sum_d = sum d``, ``sum_d2 = sum d^2``, ``sum_w = sum w``, ``sum_wd = sum w d``,
       ``sum_wd2 = sum w d^2`` (weighted sums over the good epochs);
+    * ``sum_q``, ``sum_qd``, ``sum_qd2``: the same with ``q = 1/e^2`` (no floor; VAST's eta);
     * ``min_flux_mjy``, ``max_flux_mjy``, ``first_mjd``, ``last_mjd``.
 
     Sums run in (group, mjd) order (stable for ties), so equal input gives bit-identical output.
@@ -139,6 +159,10 @@ def night_partial_sums(
     with np.errstate(divide="ignore", invalid="ignore"):
         w = np.where(ok, 1.0 / (sigma * sigma), 0.0)
     wd = w * d  # w = 0 for bad epochs, d is finite
+    q_ok = np.isfinite(err) & (err > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(q_ok, 1.0 / (err * err), 0.0)
+    qd = q * d
 
     def seg_sum(x: np.ndarray) -> np.ndarray:
         return np.add.reduceat(x, starts) if len(starts) else np.zeros(0)
@@ -152,6 +176,10 @@ def night_partial_sums(
     out["sum_w"] = seg_sum(w)
     out["sum_wd"] = seg_sum(wd)
     out["sum_wd2"] = seg_sum(wd * d)
+    out["n_bad_quoted_err"] = seg_sum((~q_ok).astype(np.int64)).astype(np.int64)
+    out["sum_q"] = seg_sum(q)
+    out["sum_qd"] = seg_sum(qd)
+    out["sum_qd2"] = seg_sum(qd * d)
     for col, values in (
         ("min_flux_mjy", f),
         ("max_flux_mjy", f),
@@ -204,7 +232,9 @@ def metrics_from_sums(sums: pd.DataFrame) -> pd.DataFrame:
     * ``mean = c + sum_d / N``; ``std = sqrt((sum_d2 - sum_d^2 / N) / (N - 1))`` (ddof = 1);
     * ``weighted_mean = c + sum_wd / sum_w``;
     * ``chi2_nu = (sum_wd2 - sum_wd^2 / sum_w) / (N - 1)`` = sum w (f - fbar_w)^2 / (N - 1);
-    * ``eta = N/(N-1) * (mean(w d^2) - mean(w d)^2 / mean(w))`` (VAST/TraP form; equals chi2_nu);
+    * ``eta = N/(N-1) * (mean(q d^2) - mean(q d)^2 / mean(q))`` = ``(sum_qd2 - sum_qd^2 / sum_q)
+      / (N - 1)`` (VAST/TraP; quoted errors, no floor; NaN when ``n_bad_quoted_err > 0`` or the
+      q sums are missing/NULL, e.g. sums written before they existed);
     * ``v_index = std / mean``; ``sigma_deviation = max(|max - mean|, |min - mean|) / std``.
 
     Equal to ``variability_metrics`` on the same epochs up to rounding (the module docstring
@@ -221,6 +251,18 @@ def metrics_from_sums(sums: pd.DataFrame) -> pd.DataFrame:
     fmin = sums["min_flux_mjy"].to_numpy(dtype=np.float64)
     fmax = sums["max_flux_mjy"].to_numpy(dtype=np.float64)
     weighted_ok = (sums["n_bad_err"].to_numpy() == 0) & (s_w > 0)
+    s_q, s_qd, s_qd2 = (
+        pd.to_numeric(sums[k]).to_numpy(dtype=np.float64, na_value=np.nan)
+        if k in sums.columns
+        else np.full(len(sums), np.nan)
+        for k in QUOTED_SUM_COLUMNS
+    )
+    n_bad_q = (
+        pd.to_numeric(sums["n_bad_quoted_err"]).to_numpy(dtype=np.float64, na_value=np.nan)
+        if "n_bad_quoted_err" in sums.columns
+        else np.full(len(sums), np.nan)
+    )
+    quoted_ok = (n_bad_q == 0) & (s_q > 0) & np.isfinite(s_qd2)
     with np.errstate(divide="ignore", invalid="ignore"):
         inv_nm1 = np.where(n > 1, 1.0 / (n - 1.0), np.nan)
         mean_d = s_d / n
@@ -228,7 +270,7 @@ def metrics_from_sums(sums: pd.DataFrame) -> pd.DataFrame:
         std = np.sqrt(np.maximum(s_d2 - s_d * mean_d, 0.0) * inv_nm1)
         wmean_d = s_wd / s_w
         chi2_nu = np.maximum(s_wd2 - s_wd * wmean_d, 0.0) * inv_nm1
-        eta = n * inv_nm1 * (s_wd2 / n - (s_wd / n) ** 2 / (s_w / n))
+        eta = np.where(quoted_ok, np.maximum(s_qd2 - s_qd * (s_qd / s_q), 0.0) * inv_nm1, np.nan)
         v_index = std / mean
         sigma_dev = np.maximum(np.abs(fmax - mean), np.abs(fmin - mean)) / std
     nan_unless = lambda x: np.where(weighted_ok, x, np.nan)  # noqa: E731
@@ -242,7 +284,7 @@ def metrics_from_sums(sums: pd.DataFrame) -> pd.DataFrame:
             "max_flux_mjy": fmax,
             "weighted_mean_flux_mjy": nan_unless(c + wmean_d),
             "chi2_nu": nan_unless(chi2_nu),
-            "eta_metric": nan_unless(eta),
+            "eta_metric": eta,
             "v_index": v_index,
             "sigma_deviation": sigma_dev,
             "first_mjd": sums["first_mjd"].to_numpy(dtype=np.float64),

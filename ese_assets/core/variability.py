@@ -13,9 +13,13 @@ Notation for one source with N measurements f_i +- e_i:
 * ``chi2_nu = sum((f_i - fbar_w)^2 / sigma_i^2) / (N - 1)``. The seed system used the *unweighted*
   mean here; we use the weighted mean, which is the value that minimises chi2 (and so the
   constant-source null hypothesis with N - 1 degrees of freedom).
-* ``eta_metric = N/(N-1) * (mean(w f^2) - mean(w f)^2 / mean(w))`` (VAST pipeline, LOFAR TraP,
-  Swinbank et al. 2015). Algebraically identical to ``chi2_nu``; it is evaluated from shifted
-  values (see below) so it stays accurate where the raw formula cancels.
+* ``eta_metric = N/(N-1) * (mean(q f^2) - mean(q f)^2 / mean(q))`` with ``q_i = 1 / e_i^2``, the
+  QUOTED errors only (VAST pipeline, LOFAR TraP; Swinbank et al. 2015), so published eta
+  thresholds apply. It equals ``sum q (f - fbar_q)^2 / (N - 1)``, i.e. ``chi2_nu`` WITHOUT the
+  flux-scale floor; for a bright source whose scatter is the ~2 % calibration error it is up to
+  (k f / e)^2 times larger than ``chi2_nu``. It is evaluated from residuals about the q-weighted
+  mean (no cancelling raw sums). NaN when an epoch's quoted error is not finite and > 0.
+  ``chi2_nu`` (floor included) is what says whether a source varies beyond its calibration.
 * ``v_index = s / mean`` (modulation index) with ``s`` the sample standard deviation (ddof=1).
 * ``sigma_deviation = max(|max f - mean|, |min f - mean|) / s`` (the seed's primary metric, kept for
   compatibility). With the sample std it is bounded by ``(N - 1) / sqrt(N)`` (Samuelson's
@@ -294,10 +298,13 @@ def variability_metrics(
         # chi2 about the weighted mean: residuals taken directly, no expansion.
         r = d - wmean_shift[codes]
         chi2_nu = seg_sum(w * r * r) * inv_nm1
-        # eta (VAST/TraP) from shifted sums; the form is shift-invariant, and with the shift
-        # inside the data range mean(w d^2) and mean(w d)^2/mean(w) no longer cancel
-        # catastrophically.
-        eta = n * inv_nm1 * (seg_sum(w * d * d) / n - (swd / n) ** 2 / (sw / n))
+        # eta (VAST/TraP): the same sum with the quoted-error weights q = 1/e^2 (no floor),
+        # again from residuals about its own weighted mean.
+        q_ok = np.isfinite(err) & (err > 0)
+        q_src_ok = np.minimum.reduceat(q_ok.astype(np.int8), starts).astype(bool)
+        q = np.where(q_ok, 1.0 / (err * err), np.nan)
+        rq = d - (seg_sum(q * d) / seg_sum(q))[codes]
+        eta = np.where(q_src_ok, seg_sum(q * rq * rq) * inv_nm1, np.nan)
         v_index = std / mean
         sigma_dev = np.maximum(np.abs(fmax - mean), np.abs(fmin - mean)) / std
 

@@ -38,6 +38,7 @@ from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS, usable_measurement
 from ese_assets.core.sums import (
     COUNT_COLUMNS,
     EXTREME_COLUMNS,
+    LATER_SUM_COLUMNS,
     SUM_COLUMNS,
     combine_partial_sums,
     metrics_from_sums,
@@ -154,8 +155,12 @@ def _sources_to_rebuild(
     conn, rows: pd.DataFrame, stored: pd.DataFrame, *, flux_scale_error: float, exclude_flags: int
 ) -> list[str]:
     """Sources whose stored sums cannot take a difference: a different flux_scale_error (other
-    weights), or no sums yet although photometry exists outside these rows."""
+    weights), sums written before a column of LATER_SUM_COLUMNS existed (NULL there), or no sums
+    yet although photometry exists outside these rows."""
     stale = set(stored.loc[stored["flux_scale_error"] != float(flux_scale_error), "source_id"])
+    later = [c for c in LATER_SUM_COLUMNS if c in stored.columns]
+    if later:
+        stale.update(stored.loc[stored[later].isna().any(axis=1), "source_id"])
     new = sorted(set(rows["source_id"]) - set(stored["source_id"]))
     if new:
         in_rows = rows.groupby("source_id").size()

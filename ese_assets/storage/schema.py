@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from ese_assets.core.candidates import CANDIDATE_STATUSES, OPEN_STATUSES
-from ese_assets.core.sums import COUNT_COLUMNS, EXTREME_COLUMNS, SUM_COLUMNS
+from ese_assets.core.sums import COUNT_COLUMNS, EXTREME_COLUMNS, LATER_SUM_COLUMNS, SUM_COLUMNS
 
 metadata = sa.MetaData()
 
@@ -127,7 +127,13 @@ def _sums_columns() -> list[sa.Column]:
     noticed (and the sums rebuilt) instead of mixing weights.
     """
     counts = [sa.Column(c, sa.Integer, nullable=False, server_default="0") for c in COUNT_COLUMNS]
-    sums = [sa.Column(c, sa.Float, nullable=False) for c in SUM_COLUMNS if c not in COUNT_COLUMNS]
+    # Sums added later are nullable: ALTER TABLE gives the rows of an existing database NULL there
+    # (and the pipeline rebuilds those sources' sums; core.sums.LATER_SUM_COLUMNS).
+    sums = [
+        sa.Column(c, sa.Float, nullable=c in LATER_SUM_COLUMNS)
+        for c in SUM_COLUMNS
+        if c not in COUNT_COLUMNS
+    ]
     extremes = [
         sa.Column(c, sa.Float, nullable=True) for c in (*EXTREME_COLUMNS, "last_measured_at")
     ]
