@@ -98,6 +98,15 @@ def _reference_metrics(
                 dip_n_epochs=length,
                 dip_depth_frac=(sum(f[j : j + length]) / length) / med - 1,
             )
+        # Two-epoch metrics (Mooley et al. 2016): every pair, largest |m| among |Vs| >= 4.3.
+        pair = (-1.0, math.nan, math.nan)
+        for a in range(n):
+            for b in range(a + 1, n):
+                vs = (f[b] - f[a]) / math.sqrt(sig[a] ** 2 + sig[b] ** 2)
+                if abs(vs) >= 4.3 and f[a] + f[b] > 0:
+                    m = 2 * (f[b] - f[a]) / (f[b] + f[a])
+                    pair = max(pair, (abs(m), vs, m), key=lambda x: x[0])
+        res.update(two_epoch_vs=pair[1], two_epoch_m=pair[2])
         out[sid] = res
     return out
 

@@ -186,3 +186,108 @@ def test_ese_detect_rule_eta_v_prints_the_cut_and_writes_nothing(sqlite_engine, 
     assert out["rule"] == "eta-v" and out["written"] is False
     with sqlite_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM ese_candidates")).scalar_one() == 0
+
+
+# --------------------------------------- two-epoch metrics ---------------------------------------
+
+
+def _brute_force_two_epoch(f: np.ndarray, s: np.ndarray, vs_min: float = 4.3):
+    """Every pair (a before b): (Vs, m) of the largest |m| among |Vs| >= vs_min, f_a + f_b > 0."""
+    best = (-1.0, np.nan, np.nan)
+    for a in range(len(f)):
+        for b in range(a + 1, len(f)):
+            vs = (f[b] - f[a]) / np.sqrt(s[a] ** 2 + s[b] ** 2)
+            if abs(vs) < vs_min or f[a] + f[b] <= 0:
+                continue
+            m = 2 * (f[b] - f[a]) / (f[b] + f[a])
+            if abs(m) > best[0]:
+                best = (abs(m), vs, m)
+    return best[1], best[2]
+
+
+def _two_epoch_population(rng, n_src: int = 120) -> pd.DataFrame:
+    frames = []
+    for i in range(n_src):
+        n = int(rng.integers(1, 60))
+        level = rng.uniform(0.5, 50.0)
+        err = rng.uniform(0.2, 2.0, n)
+        kind = i % 4  # stable, red-noise-like variable, one outlier, faint (fluxes around 0)
+        flux = level + err * rng.standard_normal(n)
+        if kind == 1:
+            flux += level * 0.3 * np.cumsum(rng.standard_normal(n)) / np.sqrt(n)
+        elif kind == 2:
+            flux[rng.integers(n)] += 8 * err.max()
+        elif kind == 3:
+            flux = rng.normal(0.0, 3.0, n)
+        mjd = 60000.0 + np.sort(rng.uniform(0, 400, n))
+        frames.append(
+            pd.DataFrame(
+                {"source_id": f"S{i:03d}", "mjd": mjd, "flux_mjy": flux, "flux_err_mjy": err}
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.mark.parametrize("k", [0.0, 0.02])
+def test_two_epoch_metrics_match_brute_force(k):
+    rng = np.random.default_rng(2016)
+    table = _two_epoch_population(rng)
+    got = variability_metrics(table.sample(frac=1.0, random_state=4), flux_scale_error=k)
+    got = got.set_index("source_id")
+    n_found = 0
+    for sid, g in table.groupby("source_id"):
+        g = g.sort_values("mjd")
+        f, e = g["flux_mjy"].to_numpy(), g["flux_err_mjy"].to_numpy()
+        vs, m = _brute_force_two_epoch(f, np.sqrt(e**2 + (k * f) ** 2))
+        np.testing.assert_allclose(
+            [got.loc[sid, "two_epoch_vs"], got.loc[sid, "two_epoch_m"]],
+            [vs, m],
+            rtol=1e-12,
+            equal_nan=True,
+            err_msg=sid,
+        )
+        n_found += np.isfinite(m)
+    # Both paths (the (max, min) shortcut and the pair scan) and the empty case are exercised.
+    assert 10 < n_found < len(got) - 10
+
+
+def test_two_epoch_metrics_stored_over_the_dip_window(engine):
+    inc._fill(engine)
+    for night in inc.NIGHTS:
+        pipeline.update_variability(engine, [night], flux_scale_error=FSE, dip_window_days=5.0)
+    stats = inc._stats(engine).set_index("source_id")
+    lcs = photometry_db.lightcurves(engine)
+    last = lcs["mjd"].max()
+    for sid, g in lcs.groupby("source_id"):
+        g = g[g["mjd"] >= g["mjd"].max() - 5.0].sort_values("mjd")  # the trailing window
+        f, e = g["peak_jyb"].to_numpy() * 1e3, g["peak_err_jyb"].to_numpy() * 1e3
+        vs, m = _brute_force_two_epoch(f, np.sqrt(e**2 + (FSE * f) ** 2))
+        np.testing.assert_allclose(
+            [stats.loc[sid, "two_epoch_vs"], stats.loc[sid, "two_epoch_m"]],
+            [vs, m],
+            rtol=1e-9,
+            equal_nan=True,
+            err_msg=sid,
+        )
+    # The window holds the end of the three sources' 40 % dip: those have a significant pair.
+    assert np.isfinite(stats.loc[inc.SOURCES[:3], "two_epoch_m"]).all()
+    assert last > 0
+
+
+def test_two_epoch_metrics_on_nightly_bins(engine):
+    inc._fill(engine)
+    pipeline.update_variability(
+        engine, inc.NIGHTS, flux_scale_error=FSE, dip_window_days=6.0, bin_nights="on"
+    )
+    stats = inc._stats(engine).set_index("source_id")
+    bins = pipeline.nightly_lightcurves(engine, inc.SOURCES, window_days=6.0)
+    for sid, g in bins.groupby("source_id"):
+        vs, m = _brute_force_two_epoch(g["flux_mjy"].to_numpy(), g["flux_err_mjy"].to_numpy())
+        np.testing.assert_allclose(
+            [stats.loc[sid, "two_epoch_vs"], stats.loc[sid, "two_epoch_m"]],
+            [vs, m],
+            rtol=1e-9,
+            equal_nan=True,
+            err_msg=sid,
+        )
+    assert np.isfinite(stats.loc[inc.SOURCES[:3], "two_epoch_m"]).all()

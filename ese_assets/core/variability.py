@@ -75,6 +75,23 @@ the epochs can reach at most about sqrt((1 - p)/p) standard deviations, ~1.7 for
   for events longer than a few nights, a single-night event is averaged); the figures above then
   apply with N = nights.
 
+Two-epoch metrics (Mooley et al. 2016, ApJ 818, 105), over the same rows as the dip statistic
+(the trailing window, raw epochs or nightly bins): for epochs a before b,
+``Vs = (f_b - f_a) / sqrt(sigma_a^2 + sigma_b^2)`` and ``m = 2 (f_b - f_a) / (f_b + f_a)``. Of the
+pairs with ``|Vs| >= vs_min`` (default 4.3, Mooley's threshold) and ``f_a + f_b > 0`` (m is
+undefined otherwise), the one of largest |m| is reported as ``two_epoch_m`` and its
+``two_epoch_vs`` (signed, later minus earlier: negative = fading); NaN when no pair qualifies.
+sigma is the error the dip scan uses (quoted error with the flux-scale floor, or a nightly bin's
+error): with ``flux_scale_error = 0`` on raw epochs these are exactly Mooley's/VAST's values.
+No O(N^2) pairs are stored, and most sources cost O(N): when even
+``(max f - min f) / (sqrt(2) min sigma) < vs_min`` no pair can qualify; when all fluxes are > 0
+and the (max, min) pair qualifies it is the answer (|m| = 2|f_b - f_a|/(f_a + f_b) grows with the
+larger flux and falls with the smaller). Only the remaining sources are scanned pair by pair, one
+time lag at a time over all of them at once, and only over rows that can be in a qualifying pair
+(see :func:`two_epoch_extremes`). Measured on 10^4 sources x 365 rows: 0.05 s with equal errors
+(nearly all settled by the bounds), ~10 s in the worst case tried (errors varying 10x within
+each source, so many rows pass the bounds).
+
 Sources with N = 1 get NaN for every metric that needs two points (std, chi2_nu, eta, v_index,
 sigma_deviation) rather than an error; sources with fewer than ``min_window_epochs`` epochs get NaN
 dip columns. Rows with a non-finite ``mjd`` or ``flux_mjy`` are ignored (a source with none left is
@@ -127,10 +144,12 @@ METRIC_COLUMNS = (
     "dip_end_mjd",
     "dip_n_epochs",
     "dip_depth_frac",
+    "two_epoch_vs",
+    "two_epoch_m",
 )
 
-#: Columns of :func:`variability_metrics` that need the epochs themselves (order statistics and the
-#: time-ordered dip scan), so they cannot come from sums.
+#: Columns of :func:`variability_metrics` that need the epochs themselves (order statistics, the
+#: time-ordered dip scan, the two-epoch pairs), so they cannot come from sums.
 WINDOW_COLUMNS = (
     "source_id",
     "median_flux_mjy",
@@ -140,7 +159,12 @@ WINDOW_COLUMNS = (
     "dip_end_mjd",
     "dip_n_epochs",
     "dip_depth_frac",
+    "two_epoch_vs",
+    "two_epoch_m",
 )
+
+#: |Vs| a pair of epochs needs to count as a significant two-epoch change (Mooley et al. 2016).
+DEFAULT_VS_MIN = 4.3
 
 #: Default length (days) of the trailing window of the robust baseline and the dip scan. ESEs last
 #: 14-180 days (30-90 typical; Fiedler et al. 1994), so a year holds a whole event and its baseline.
@@ -179,6 +203,95 @@ def _segment_median(values: np.ndarray, codes: np.ndarray) -> np.ndarray:
     (code, value); for an even count it is the mean of the two middle values.
     """
     return pd.Series(values, copy=False).groupby(codes, sort=True).median().to_numpy()
+
+
+def two_epoch_extremes(
+    flux: np.ndarray,
+    sigma: np.ndarray,
+    starts: np.ndarray,
+    counts: np.ndarray,
+    *,
+    vs_min: float = DEFAULT_VS_MIN,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per segment (source), ``(Vs, m)`` of the pair of largest |m| among pairs with
+    ``|Vs| >= vs_min`` and ``f_a + f_b > 0`` (NaN, NaN when none); see the module docstring.
+
+    ``flux``/``sigma``: rows sorted by segment then time; segment i is rows
+    ``starts[i] : starts[i] + counts[i]`` (counts >= 1). A segment with a non-finite or
+    non-positive sigma gets NaN. Ties in |m| go to the earliest first epoch, then the shortest lag.
+    """
+    n_src = len(starts)
+    best_vs = np.full(n_src, np.nan)
+    best_m = np.full(n_src, np.nan)
+    if n_src == 0:
+        return best_vs, best_m
+    sig_ok = np.isfinite(sigma) & (sigma > 0)
+    seg_ok = np.minimum.reduceat(sig_ok.astype(np.int8), starts).astype(bool) & (counts >= 2)
+    fmax = np.maximum.reduceat(flux, starts)
+    fmin = np.minimum.reduceat(flux, starts)
+    rows = np.arange(len(flux), dtype=np.int64)
+    seg_of = np.repeat(np.arange(n_src), counts)
+    # Bounds: in a qualifying pair the brighter epoch u has (f_u - min f)/sqrt(s_u^2 + min s^2)
+    # >= |Vs| >= vs_min and the fainter one l (max f - f_l)/sqrt(s_l^2 + min s^2) >= vs_min, so
+    # only such rows can be in a pair and a source with none has no pair.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sig_min = np.minimum.reduceat(np.where(sig_ok, sigma, np.inf), starts)[seg_of]
+        scale = np.sqrt(sigma * sigma + sig_min * sig_min)
+        can_be_upper = (flux - fmin[seg_of]) / scale >= vs_min
+        can_be_lower = (fmax[seg_of] - flux) / scale >= vs_min
+    possible = seg_ok & (np.add.reduceat(can_be_upper.astype(np.int64), starts) > 0)
+    # Positive fluxes: the (max, min) pair has the largest |m| of all; if it qualifies, done.
+    i_max = np.minimum.reduceat(np.where(flux == fmax[seg_of], rows, len(flux)), starts)
+    i_min = np.minimum.reduceat(np.where(flux == fmin[seg_of], rows, len(flux)), starts)
+    ia = np.minimum(i_max, i_min)[possible]
+    ib = np.maximum(i_max, i_min)[possible]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vs_ext = (flux[ib] - flux[ia]) / np.hypot(sigma[ia], sigma[ib])
+        m_ext = 2.0 * (flux[ib] - flux[ia]) / (flux[ib] + flux[ia])
+    direct = (fmin[possible] > 0) & (np.abs(vs_ext) >= vs_min)
+    idx = np.flatnonzero(possible)
+    best_vs[idx[direct]] = vs_ext[direct]
+    best_m[idx[direct]] = m_ext[direct]
+
+    # The others: every pair of their rows that can be in one (time order kept), one lag at a
+    # time over all of them together.
+    scan = idx[~direct]
+    if len(scan) == 0:
+        return best_vs, best_m
+    in_scan = np.zeros(n_src, dtype=bool)
+    in_scan[scan] = True
+    sel = rows[in_scan[seg_of] & (can_be_upper | can_be_lower)]
+    f, s = flux[sel], sigma[sel]
+    sub_counts = np.bincount(seg_of[sel], minlength=n_src)[scan]
+    sub_starts = np.zeros(len(scan), dtype=np.int64)
+    np.cumsum(sub_counts[:-1], out=sub_starts[1:])
+    seg_end = np.repeat(sub_starts + sub_counts, sub_counts)
+    pos = np.arange(len(f), dtype=np.int64)
+    row_abs_m = np.full(len(f), -1.0)  # best |m| of pairs starting at each row
+    row_vs = np.full(len(f), np.nan)
+    row_m = np.full(len(f), np.nan)
+    active = pos  # rows whose segment still has an epoch `lag` later: the set shrinks, so the
+    # total cost is the number of pairs of kept rows, not (longest segment) x (all rows)
+    for lag in range(1, int(sub_counts.max())):
+        active = active[seg_end[active] - active > lag]
+        fa, sa, fb, sb = f[active], s[active], f[active + lag], s[active + lag]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            total = fa + fb
+            vs = (fb - fa) / np.hypot(sa, sb)
+            m = 2.0 * (fb - fa) / total
+            abs_m = np.where((np.abs(vs) >= vs_min) & (total > 0), np.abs(m), -1.0)
+        better = abs_m > row_abs_m[active]
+        upd = active[better]
+        row_abs_m[upd] = abs_m[better]
+        row_vs[upd] = vs[better]
+        row_m[upd] = m[better]
+    seg_max = np.maximum.reduceat(row_abs_m, sub_starts)
+    seg_of_sub = np.repeat(np.arange(len(scan)), sub_counts)
+    first = np.minimum.reduceat(np.where(row_abs_m == seg_max[seg_of_sub], pos, len(f)), sub_starts)
+    found = seg_max >= 0
+    best_vs[scan[found]] = row_vs[first[found]]
+    best_m[scan[found]] = row_m[first[found]]
+    return best_vs, best_m
 
 
 def _empty_result(source_dtype) -> pd.DataFrame:
@@ -377,6 +490,8 @@ def variability_metrics(
             cn = np.concatenate(([0.0], np.cumsum(n_epochs)))
             dip_len[found] = np.rint(cn[p1] - cn[p0]).astype(np.int64)
 
+    two_vs, two_m = two_epoch_extremes(f, sigma, starts, counts)
+
     weighted_nan = ~src_ok
     for arr in (wmean, chi2_nu, eta):
         arr[weighted_nan] = np.nan
@@ -403,6 +518,8 @@ def variability_metrics(
             "dip_end_mjd": dip_end,
             "dip_n_epochs": pd.arrays.IntegerArray(dip_len, dip_len == 0),
             "dip_depth_frac": dip_depth,
+            "two_epoch_vs": two_vs,
+            "two_epoch_m": two_m,
         }
     )
     return out

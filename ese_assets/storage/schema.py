@@ -114,6 +114,10 @@ variability_stats = sa.Table(
     sa.Column("dip_n_epochs", sa.Integer, nullable=True),
     sa.Column("dip_depth_frac", sa.Float, nullable=True),  # mean(window)/median - 1
     sa.Column("first_mjd", sa.Float, nullable=True),
+    # Mooley et al. 2016 two-epoch metrics over the dip window: Vs and m of the pair of largest |m|
+    # among pairs with |Vs| >= 4.3 (core.variability.two_epoch_extremes); NULL when none
+    sa.Column("two_epoch_vs", sa.Float, nullable=True),
+    sa.Column("two_epoch_m", sa.Float, nullable=True),
 )
 
 
