@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from ese_assets.core.candidates import (
     CANDIDATE_STATUSES,
+    EXPIRED_STATUS,
     OPEN_STATUSES,
     REVIEW_STATUSES,
     review_update,
@@ -17,6 +18,7 @@ from ese_assets.core.candidates import (
 from ese_assets.core.catalog import CatalogError, load_catalog
 from ese_assets.core.errors import InputError
 from ese_assets.core.fits_image import ImageError, load_image
+from ese_assets.core.sums import COUNT_COLUMNS, LATER_SUM_COLUMNS
 from ese_assets.core.variability import EXTREME_COLUMNS, SUM_COLUMNS
 from ese_assets.storage import candidates as candidates_db
 from ese_assets.storage import statistics as statistics_db
@@ -79,11 +81,16 @@ def _stats(source_ids: list[str]) -> pd.DataFrame:
 def test_sums_tables_have_the_sums_columns_of_the_science_core():
     for table in (source_night_sums, source_sums):
         for column in SUM_COLUMNS:
-            assert column in table.c and not table.c[column].nullable
+            # sums added after the first release can be added to older databases: nullable,
+            # or (counts) NOT NULL with a server default
+            col = table.c[column]
+            later = column in LATER_SUM_COLUMNS
+            assert col.nullable == (later and column not in COUNT_COLUMNS)
+            assert not later or col.nullable or col.server_default is not None
         for column in EXTREME_COLUMNS:
             assert column in table.c
     counts = {c for c in SUM_COLUMNS if isinstance(source_sums.c[c].type, sa.Integer)}
-    assert counts == {"n_obs", "n_bad_err"}
+    assert counts == {"n_obs", "n_bad_err", "n_bad_quoted_err"}
 
 
 def test_review_update_is_the_audit_trail():
@@ -100,7 +107,8 @@ def test_review_update_is_the_audit_trail():
         "investigated_at": 0.0,
         "notes": "1970-01-01T00:00:00Z bo: investigated",
     }
-    assert set(REVIEW_STATUSES) == set(CANDIDATE_STATUSES) - {"active"}
+    # people review open candidates; "expired" is set by detection only
+    assert set(REVIEW_STATUSES) == set(CANDIDATE_STATUSES) - {"active", EXPIRED_STATUS}
     with pytest.raises(ValueError, match="'active'"):
         review_update("active", old_notes=None, notes=None, by="x", now=0.0)
 
