@@ -119,8 +119,9 @@ def test_sensor_registers_files_and_requests_one_run_per_night(tmp_path, small_s
             )
         engine = make_engine(settings.products_db)
         rejected = images_db.rejected_images(engine).set_index("path")["reason"]
-        assert set(Path(p).name for p in rejected.index) == {"corrupt.fits", "observing_log.txt"}
-        assert "not a FITS file" in rejected[str(incoming / "observing_log.txt")]
+        # the corrupt FITS file is rejected; a text file is not an image at all: ignored
+        assert set(Path(p).name for p in rejected.index) == {"corrupt.fits"}
+        assert not images_db.known_image_paths(engine, [str(incoming / "observing_log.txt")])
         assert images_db.image_counts_by_status(engine)["queued"] == 12
 
         # Nothing new: the next tick skips, and does not request the same work again.
