@@ -30,8 +30,9 @@ from ese_assets_tests import snapshots
 from ese_assets_tests.survey import NIGHTS, make_workspace
 from ese_assets_tests.test_orchestration import run_night
 
-CONSERVATIVE = DetectionSettings()  # sigma_deviation >= 5, |dip| >= 6, n_obs >= 10
-SENSITIVE = DetectionSettings(min_sigma=3.0, min_dip_sigma=3.0)
+#: The seed's presets (their sigma_deviation rule on): sigma_deviation >= 5, |dip| >= 6, n_obs >= 10
+CONSERVATIVE = DetectionSettings.from_preset("conservative")
+SENSITIVE = DetectionSettings.from_preset("sensitive", min_dip_sigma=3.0)
 #: The seed guide's queries (section 6) that involve candidates.
 SEED_ACTIVE_SQL = "SELECT * FROM ese_candidates WHERE status = 'active'"
 SEED_JOIN_SQL = """
@@ -220,7 +221,9 @@ def test_every_status_change_has_its_history_entry(engine):
     b = candidates_db.candidates(engine, source_ids=["B"])
     assert len(b) == 1 and b["status"].iloc[0] == "active" and b["significance"].iloc[0] == 7.0
     assert b["last_night"].iloc[0] == NIGHTS[2]
-    assert _history(engine).iloc[-1]["note"].startswith("qualifies again: sigma_deviation")
+    assert (
+        _history(engine).iloc[-1]["note"].startswith("qualifies again: outlier, significance 7.00")
+    )
     assert candidates_db.candidate_problems(engine) == []
 
 
