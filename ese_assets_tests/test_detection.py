@@ -441,3 +441,37 @@ def test_rerunning_an_older_night_keeps_the_latest_confirming_night():
     assert updates[0]["last_night"] == "2025-01-03"
     _, updates = plan_candidate_changes(flagged, existing, night="2025-01-04", now=0.0)
     assert updates[0]["last_night"] == "2025-01-04"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, False),
+        ({"ESE_PRESET": "moderate"}, True),
+        ({"ESE_MIN_SIGMA": "4"}, True),
+        ({"ESE_USE_SIGMA_RULE": "1"}, True),
+        ({"ESE_PRESET": "moderate", "ESE_USE_SIGMA_RULE": "0"}, False),
+    ],
+)
+def test_settings_switch_the_seed_rule_from_the_environment(monkeypatch, tmp_path, env, expected):
+    from ese_assets.orchestration.resources import resources_from_settings
+    from ese_assets.settings import Settings
+
+    for name in ("ESE_PRESET", "ESE_MIN_SIGMA", "ESE_USE_SIGMA_RULE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ESE_DATA_DIR", str(tmp_path))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings.from_env()
+    assert settings.detection().use_sigma_rule is expected
+    resource = resources_from_settings(settings, bind_env=False)["detection"]
+    assert resource.settings().use_sigma_rule is expected
+
+
+def test_settings_reject_a_bad_use_sigma_rule(monkeypatch, tmp_path):
+    from ese_assets.settings import Settings
+
+    monkeypatch.setenv("ESE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("ESE_USE_SIGMA_RULE", "maybe")
+    with pytest.raises(ValueError, match="ESE_USE_SIGMA_RULE"):
+        Settings.from_env()
