@@ -265,7 +265,7 @@ def test_detection_job_runs_in_dagster_and_writes_candidates(server, engine, wor
         engine, "SELECT * FROM ese_candidates WHERE source_id = :sid", sid=stable["source_id"]
     )
     assert len(row) == 1 and row["status"].iloc[0] == "active"
-    assert row["flag_type"].iloc[0].startswith("sigma_deviation")
+    assert row["flag_type"].iloc[0].startswith("outlier")  # the seed rule's flags
     assert row["significance"].iloc[0] == pytest.approx(stable["sigma_deviation"], rel=1e-9)
     # The change is recorded with the run that made it (so `ese candidates undo` can undo it).
     changes = seed_sql(
@@ -314,7 +314,7 @@ def test_batch_detection_job_and_its_status(server, engine):
 
 
 def test_candidate_filters_and_paging_match_the_table(server, engine):
-    # More variety than the two ESEs: a sensitive run flags sigma_deviation candidates too.
+    # More variety than the two ESEs: a sensitive run flags outlier (seed rule) candidates too.
     status, _, body = http(
         "POST", server.base_url + "/api/batch/ese-detect", {"params": {"min_sigma": 2.0}}
     )
@@ -333,7 +333,7 @@ def test_candidate_filters_and_paging_match_the_table(server, engine):
 
     assert ids("status=all") == table["id"].tolist()
     assert ids("status=active") == table.loc[table["status"] == "active", "id"].tolist()
-    for rule in ("dip", "sigma_deviation"):
+    for rule in ("dip", "outlier"):
         fired = table["flag_type"].str.split("+").apply(lambda parts, r=rule: r in parts)
         assert ids(f"flag_type={rule}") == table.loc[fired, "id"].tolist()
     cut = float(table["significance"].median())
@@ -493,7 +493,7 @@ def test_candidate_queries_agree_on_sqlite_and_postgresql(workspace, postgres_en
         queries.CandidateFilter(),
         queries.CandidateFilter(status="open"),
         queries.CandidateFilter(flag_type="dip"),
-        queries.CandidateFilter(flag_type="sigma_deviation", min_significance=2.0),
+        queries.CandidateFilter(flag_type="outlier", min_significance=2.0),
         queries.CandidateFilter(night="2025-01-12"),
     ]
     for f in filters:

@@ -68,6 +68,8 @@ def _settings(config: DetectConfig, detection: DetectionResource) -> DetectionSe
         if config.min_dip_sigma is None
         else config.min_dip_sigma,
         min_obs=detection.min_obs,
+        # a request that names a sigma threshold asks for the seed's rule
+        use_sigma_rule=explicit or detection.use_sigma_rule,
     )
 
 

@@ -187,7 +187,7 @@ def list_candidates(
     flag_type: Annotated[
         str | None,
         Query(
-            description="A rule that fired (dip, spike, sigma_deviation) or an exact flag_type",
+            description="A rule that fired (dip, spike, outlier, variable) or an exact flag_type",
             max_length=100,
         ),
     ] = None,

@@ -50,7 +50,8 @@ CANDIDATE_STATS = (*candidates_db.CANDIDATE_STATS_COLUMNS, *CANDIDATE_EXTRA_STAT
 STATUS_FILTERS = ("open", "all", *CANDIDATE_STATUSES)
 
 #: The rules that can fire (``flag_type`` joins them with ``+``): core.detection's names.
-FLAG_RULES = ("sigma_deviation", "dip", "spike")
+#: ``sigma_deviation`` is the seed rule's name in rows flagged before it was called ``outlier``.
+FLAG_RULES = ("dip", "spike", "outlier", "variable", "sigma_deviation")
 
 #: Columns of a lightcurve data point (JSON, CSV and VOTable), in order. ``peak_jyb`` and
 #: ``peak_err_jyb`` are the seed's columns, as measured; ``used`` says whether the statistics and
