@@ -30,13 +30,13 @@ from ese_assets.core.detection import (
     DEFAULT_MIN_OBS,
     DEFAULT_MIN_SIGMA,
     DetectionSettings,
-    composite_score,
     resolve_min_sigma,
     sigma_rule_requested,
 )
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
 from ese_assets.core.values import py_scalar
 from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS, DEFAULT_FLUX_SCALE_ERROR
+from ese_assets.pipeline.candidates import SEED_CANDIDATE_FIELDS, seed_candidate_records
 from ese_assets.storage import candidates as candidates_db
 from ese_assets.storage import photometry as photometry_db
 from ese_assets.storage import statistics as statistics_db
@@ -48,19 +48,7 @@ if TYPE_CHECKING:  # matplotlib is imported when a plot is made, not with the AP
     from ese_assets.plots import FigureConfig
 
 #: Fields of one candidate in ``detect_ese_candidates`` output (the seed's JSON fields).
-CANDIDATE_FIELDS = (
-    "source_id",
-    "ra_deg",
-    "dec_deg",
-    "significance",
-    "nvss_flux_mjy",
-    "mean_flux_mjy",
-    "std_flux_mjy",
-    "chi2_nu",
-    "n_obs",
-    "last_mjd",
-    "flag_type",
-)
+CANDIDATE_FIELDS = SEED_CANDIDATE_FIELDS
 
 
 def _engine(products_db: str | Path | Engine) -> Engine:
@@ -138,26 +126,9 @@ def detect_ese_candidates(
             bin_nights=bin_nights,
         )
     summary = pipeline.detect_candidates(engine, settings, source_ids=ids)
-    if summary.flagged.empty:
-        return []
-    stats = statistics_db.variability_stats(
-        engine, source_ids=summary.flagged["source_id"].tolist()
+    return seed_candidate_records(
+        engine, summary.flagged, use_composite_scoring=use_composite_scoring
     )
-    merged = summary.flagged.merge(stats, on="source_id", how="left", suffixes=("", "_stats"))
-    merged = merged.sort_values("significance", ascending=False)
-    out = []
-    for row in merged.to_dict("records"):
-        item = {k: py_scalar(row.get(k)) for k in CANDIDATE_FIELDS}
-        item["sigma_deviation"] = py_scalar(row.get("sigma_deviation"))
-        item["dip_significance"] = py_scalar(row.get("dip_significance"))
-        if use_composite_scoring:
-            score, confidence = composite_score(
-                row.get("sigma_deviation"), row.get("chi2_nu"), row.get("eta_metric")
-            )
-            item["composite_score"] = py_scalar(score)
-            item["confidence"] = py_scalar(confidence)
-        out.append(item)
-    return out
 
 
 def auto_detect_ese_for_new_measurements(
