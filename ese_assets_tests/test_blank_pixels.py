@@ -557,7 +557,8 @@ def test_blank_epoch_never_reaches_statistics_or_detection(engine, tmp_path):
     results = pipeline.measure_images(engine, catalog, scan.registered)
     assert [r.status for r in results] == ["measured"] * _N_NIGHTS
     nights = [f"2023-03-{n + 1:02d}" for n in range(_N_NIGHTS)]
-    settings = DetectionSettings()  # conservative: sigma_deviation >= 5
+    # the seed rule at its conservative preset (sigma_deviation >= 5), which one bad epoch fires
+    settings = DetectionSettings(use_sigma_rule=True)
     for night in nights:
         pipeline.update_variability(engine, [night], flux_scale_error=0.02)
     src = "SRC_ON_BLANK"
