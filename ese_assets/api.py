@@ -36,11 +36,15 @@ from ese_assets.core.detection import (
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
 from ese_assets.core.values import py_scalar
 from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS, DEFAULT_FLUX_SCALE_ERROR
-from ese_assets.pipeline.candidates import SEED_CANDIDATE_FIELDS, seed_candidate_records
+from ese_assets.pipeline.candidates import (
+    SEED_CANDIDATE_FIELDS,
+    new_run_id,
+    seed_candidate_records,
+)
 from ese_assets.storage import candidates as candidates_db
 from ese_assets.storage import photometry as photometry_db
 from ese_assets.storage import statistics as statistics_db
-from ese_assets.storage.engine import ensure_schema, make_engine
+from ese_assets.storage.engine import open_existing
 
 if TYPE_CHECKING:  # matplotlib is imported when a plot is made, not with the API
     from matplotlib.figure import Figure
@@ -52,11 +56,11 @@ CANDIDATE_FIELDS = SEED_CANDIDATE_FIELDS
 
 
 def _engine(products_db: str | Path | Engine) -> Engine:
+    """The engine of an existing products database: a missing one raises FileNotFoundError
+    naming it (an empty database would make "no candidates" look like a real answer)."""
     if isinstance(products_db, Engine):
         return products_db
-    engine = make_engine(str(products_db))
-    ensure_schema(engine)
-    return engine
+    return open_existing(str(products_db))
 
 
 def update_variability_stats_for_source(
@@ -125,7 +129,7 @@ def detect_ese_candidates(
             exclude_flags=exclude_flags,
             bin_nights=bin_nights,
         )
-    summary = pipeline.detect_candidates(engine, settings, source_ids=ids)
+    summary = pipeline.detect_candidates(engine, settings, source_ids=ids, run_id=new_run_id("api"))
     return seed_candidate_records(
         engine, summary.flagged, use_composite_scoring=use_composite_scoring
     )

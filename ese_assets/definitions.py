@@ -9,6 +9,7 @@ from ese_assets.orchestration.detection_job import build_detection_job
 from ese_assets.orchestration.jobs import build_job
 from ese_assets.orchestration.partitions import build_partitions
 from ese_assets.orchestration.resources import resources_from_settings
+from ese_assets.orchestration.runs import products_db_tags
 from ese_assets.orchestration.schedules import build_schedule
 from ese_assets.orchestration.sensors import build_sensor
 from ese_assets.settings import Settings
@@ -22,7 +23,8 @@ def build_definitions(settings: Settings | None = None, *, bind_env: bool = True
     settings = settings or Settings.from_env()
     partitions = build_partitions(settings)
     assets = build_assets(partitions, settings.retry_delay_s)
-    job = build_job(assets)
+    # every run names its products database, so runs of several databases in one instance differ
+    job = build_job(assets, tags=products_db_tags(settings.products_db))
     return dg.Definitions(
         assets=assets,
         jobs=[job, build_detection_job()],

@@ -326,7 +326,11 @@ def build_assets(
         with failures_for_dagster():
             source_ids = photometry_db.sources_measured_in_nights(engine, nights)
             summary = pipeline.detect_candidates(
-                engine, detection.settings(), source_ids=source_ids, night=nights[-1]
+                engine,
+                detection.settings(),
+                source_ids=source_ids,
+                night=nights[-1],
+                run_id=context.run.run_id,  # the history names the Dagster run
             )
         open_now = candidates_db.candidates(engine, status=OPEN_STATUSES)
         problems = candidates_db.candidate_problems(engine)
