@@ -122,31 +122,6 @@ from ese_assets.core.sums import night_partial_sums as night_partial_sums
 #: Scale from the median absolute deviation to a Gaussian standard deviation (1 / Phi^-1(3/4)).
 MAD_TO_SIGMA = 1.4826
 
-#: Output columns, in order.
-METRIC_COLUMNS = (
-    "source_id",
-    "n_obs",
-    "mean_flux_mjy",
-    "std_flux_mjy",
-    "min_flux_mjy",
-    "max_flux_mjy",
-    "weighted_mean_flux_mjy",
-    "chi2_nu",
-    "eta_metric",
-    "v_index",
-    "sigma_deviation",
-    "median_flux_mjy",
-    "robust_std_mjy",
-    "first_mjd",
-    "last_mjd",
-    "dip_significance",
-    "dip_start_mjd",
-    "dip_end_mjd",
-    "dip_n_epochs",
-    "dip_depth_frac",
-    "two_epoch_vs",
-    "two_epoch_m",
-)
 
 #: Columns of :func:`variability_metrics` that need the epochs themselves (order statistics, the
 #: time-ordered dip scan, the two-epoch pairs), so they cannot come from sums.
@@ -162,6 +137,10 @@ WINDOW_COLUMNS = (
     "two_epoch_vs",
     "two_epoch_m",
 )
+
+#: Output columns of :func:`variability_metrics`, in order: the moments (which also come from the
+#: additive sums) then the window columns.
+METRIC_COLUMNS = (*MOMENT_COLUMNS, *WINDOW_COLUMNS[1:])
 
 #: |Vs| a pair of epochs needs to count as a significant two-epoch change (Mooley et al. 2016).
 DEFAULT_VS_MIN = 4.3
@@ -509,10 +488,10 @@ def variability_metrics(
             "eta_metric": eta,
             "v_index": v_index,
             "sigma_deviation": sigma_dev,
-            "median_flux_mjy": median,
-            "robust_std_mjy": robust_std,
             "first_mjd": t_first[starts],
             "last_mjd": t_last[starts + counts - 1],
+            "median_flux_mjy": median,
+            "robust_std_mjy": robust_std,
             "dip_significance": dip_sig,
             "dip_start_mjd": dip_start,
             "dip_end_mjd": dip_end,
