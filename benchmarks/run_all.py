@@ -22,6 +22,7 @@ SCRIPTS = (
     "bench_incremental",
     "bench_nightly_bins",
     "bench_ingest_end_to_end",
+    "bench_recompute",
 )
 
 
