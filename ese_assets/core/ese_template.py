@@ -1,0 +1,932 @@
+"""ESE template detection on nightly-binned lightcurves, with false-alarm rates by simulation.
+
+Why: an Extreme Scattering Event (Fiedler et al. 1987, Nature 326, 675; Fiedler et al. 1994, ApJ
+430, 581) is a weeks-to-months dip, often bracketed by brief enhancements (caustics), that a
+plasma lens drifting across the line of sight makes in an otherwise steady source. Metrics of the
+most extreme epoch (the seed's ``sigma_deviation``) fire on one bad image; metrics of scatter
+(eta, V, chi2) fire on every ordinary variable. This module asks the question that is about
+ESEs: is the lightcurve better explained by a lens event on a steady source than by (a) a
+constant source and (b) an ordinary stochastic variable?
+
+Input: nightly bins (one inverse-variance weighted mean per source and night,
+:func:`ese_assets.core.binning.bin_measurements`) arranged as a source x night matrix
+(:func:`lightcurve_matrix`; missing nights have weight 0).
+
+**Noise.** Each source's quoted bin errors e_j are scaled by ``r = max(1, 1.4826 median |z|)``
+with ``z = (f_{j+1} - f_j) / sqrt(e_j^2 + e_{j+1}^2)`` over consecutive nights (the robust scatter
+of successive differences: a slow event or slow variability barely changes it, night-to-night
+noise the errors miss raises it). ``sigma_j = r e_j``, ``w_j = 1 / sigma_j^2``.
+
+**Template.** The 1-D Gaussian plasma lens (Clegg, Fey & Lazio 1998, ApJ 496, 253;
+:mod:`ese_assets.core.lens`): gain ``G(u')`` with ``u' = (t - t0) / (D / 4)`` (an event of
+duration D spans |u'| < 2). For a lens class k (on-axis point-source depth ``d_k``, source size
+0.05 lens widths) the unit-depth shape is ``h_k(u') = (G_k(u') - 1) / (1 - G_k(0))``
+(``h_k(0) = -1``; flux-conserving side enhancements, caustic peaks for ``d_k > 0.69``,
+alpha > 1.4966). A plain Gaussian dip ``h(u') = -exp(-u'^2)`` (no enhancements) is scanned too, to
+tell lens-shaped events from other dips. The model of source i is linear in two numbers,
+
+    f_j = F0 + A h_k((t_j - t0) / (D / 4)),        depth = A / F0,
+
+so for each template (k, D, t0) the best (F0, A) and the chi^2 improvement over the constant
+source are closed-form weighted least squares (a matched filter):
+
+    Sw = sum w + w_c, Swf = sum w f + w_c c, Swh = sum w h, Swhh = sum w h^2, Swfh = sum w f h,
+    A = (Swfh - Swf Swh / Sw) / (Swhh - Swh^2 / Sw),
+    F0 = (Swf - A Swh) / Sw,
+    dchi2 = (Swfh - Swf Swh / Sw)^2 / (Swhh - Swh^2 / Sw).
+
+``c`` is the catalog flux (when given) with weight ``w_c = 1 / (catalog_frac_err c)^2``: a prior
+on the baseline F0 (a pseudo-epoch outside the event), as in the constant model. The baseline F0
+is thus set by the catalog and by the epochs outside the fitted event (h ~ 0 there), never by a
+global median, so it holds when the event covers most of the data. The sums over nights for all
+sources and one block of templates are three matrix products (W @ H.T, (W f) @ H.T,
+W @ (H^2).T), so the whole bank runs in BLAS. Bank: durations 7-365 d on a sqrt(2) ladder,
+centres every D/6, over the data span +- D/4.
+
+**One night never makes a candidate.** For every source whose best dchi2 reaches a pre-threshold
+(:data:`PRE_THRESHOLD`), the night contributing most to the improvement,
+``delta_j = w_j [(f_j - Fc)^2 - (f_j - F0 - A h_j)^2]``, is given weight 0 and the bank is
+scanned again: ``dchi2_const`` is the significance *without its most influential night*. A
+single outlying night therefore contributes nothing; a source that passes only with it is
+named ``outlier`` and not flagged.
+
+**Stochastic-variable null.** A damped random walk (Ornstein-Uhlenbeck process; Kelly, Bechtold
+& Siemiginowski 2009, ApJ 698, 895) of rms s and timescale tau about an unknown mean mu, plus the
+white noise sigma_j: its exact Gaussian likelihood is computed by a Kalman filter over the nights
+(O(N) per source, vectorized over sources and a grid of (s / F, tau): :data:`DRW_FRAC_RMS`,
+:data:`DRW_TAU_DAYS`), with mu profiled out by filtering the data and the constant regressor
+together (innovations e_y, e_1, variances S_j):
+``chi2(mu) = sum (e_y - mu e_1)^2 / S``, ``-2 ln L = min_mu chi2 + sum ln S_j``. With
+``dchi2_drw = 2 (ln L_drw - ln L_const)`` maximised over the grid, and the same for the DRW
+about the mean plus the fitted template (``dchi2_drw_template``; the template as a third
+regressor), the ESE statistic against the better of the two nulls is
+
+    ese_stat = max(dchi2_const, dchi2_drw_template) - max(0, dchi2_drw)
+
+(2 ln of the likelihood ratio of template + (white or DRW) noise against the better of constant
+and DRW). Allowing the DRW under the template keeps a real event whose shape departs from the
+Gaussian lens (or sits on a mildly variable source) from being handed to the stochastic null at
+high S/N, while a red-noise variable gains little from one template on top of its DRW.
+
+**Coarse to fine.** The bank above is the coarse grid (two lens classes and the Gaussian dip,
+first pass in float32). For the sources that reach the pre-threshold the best template is
+refined locally (:func:`_refine`: nine lens strengths, duration x 2^(+-k/8), centre +- k D/24,
+two passes with halved steps), so depth, centre and duration are estimated well beyond the
+bank's resolution and the fit's residuals do not masquerade as variability.
+
+**Classes** (thresholds x_c, x_e from the calibration below):
+
+* ``ese``: ``ese_stat >= x_e``, a dip (A > 0) and the lens shape at least as good as the plain
+  Gaussian dip (within ``DIP_SHAPE_MARGIN`` in chi^2); ``dip``: the same but the plain dip fits
+  better by more than that; ``spike``: ``ese_stat >= x_e`` with A < 0 (a brightening);
+* ``variable``: ``dchi2_const >= x_c`` but ``ese_stat < x_e`` (the stochastic model explains it);
+* ``outlier``: the first scan reaches x_c but not without its most influential night (not
+  flagged); empty: nothing significant.
+
+``flag`` is True for ese, dip, spike and variable.
+
+**False-alarm calibration.** Thresholds depend on the cadence (the number of effectively
+independent templates grows with the span and the number of nights), so they are calibrated on
+the survey itself (:func:`calibrate_false_alarms`): null lightcurves are simulated on the epochs
+(weights pattern) and errors (times each source's noise scale r) of randomly chosen sources of the
+input, at their own baseline flux, and run through the same detector. The constant null gives the
+distribution of ``dchi2_const``; the population null adds, for the fraction of the population
+that prefers a DRW (``dchi2_drw >= DRW_VARIABLE_DCHI2``), DRW variability with the (s, tau) of
+randomly chosen such sources, and gives the distribution of ``ese_stat``. The false-alarm
+probability of a value x is the simulated exceedance fraction where at least
+:data:`TAIL_ANCHOR_COUNT` simulations exceed it, and beyond that anchor (x_a, p_a) the
+exponential tail of a chi^2 with two degrees of freedom, ``p_a exp(-(x - x_a) / 2)`` (the
+asymptotic tail of the maximum of a smooth chi^2 field over many correlated templates decays at
+least this fast for one free amplitude). The thresholds are the values of false-alarm probability
+``fap_per_source`` (default 1e-5 per source and run) and at least :data:`MIN_THRESHOLD`; each run
+reports the expected number of false candidates ``n_sources x (FAP(x_c) + FAP(x_e))``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ese_assets.core.lens import ALPHA2_CAUSTIC, gaussian_lens_gain
+
+#: Event durations scanned (days): 7 to 365 on a sqrt(2) ladder (ESEs last weeks to months,
+#: Fiedler et al. 1994).
+DURATIONS_DAYS = (*tuple(float(7.0 * 2 ** (k / 2)) for k in range(12)), 365.0)
+#: Lens classes of the bank: on-axis point-source depths (0.8 has caustics: alpha^2 = 4 > 2.24).
+LENS_DEPTH_CLASSES = (0.15, 0.8)
+#: Source size (lens widths) of the bank's lens templates: caps the caustic spikes.
+LENS_SOURCE_SIZE = 0.05
+#: Shape names: the lens classes then the plain Gaussian dip.
+SHAPES = (*tuple(f"lens{d:g}" for d in LENS_DEPTH_CLASSES), "gauss")
+#: Shapes of the local refinement (finer lens strengths: the shape changes with depth).
+REFINE_SHAPES = (*tuple(f"lens{d:g}" for d in (0.05, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9)), "gauss")
+#: Coarse-to-fine passes of the local refinement.
+REFINE_PASSES = 2
+#: Centre step of the bank as a fraction of the duration.
+CENTRE_STEP_FRAC = 1.0 / 6.0
+#: chi^2 by which the plain Gaussian dip must beat the lens for a dip to be called ``dip``.
+DIP_SHAPE_MARGIN = 9.0
+#: Best first-scan dchi2 from which the most influential night is removed and the bank rescanned,
+#: and the DRW null evaluated (below it no threshold can be reached: MIN_THRESHOLD > it).
+PRE_THRESHOLD = 12.0
+#: Thresholds are never below this dchi2 (a margin for non-Gaussian tails the simulation lacks).
+MIN_THRESHOLD = 30.0
+#: Default false-alarm probability per source and run of each threshold.
+DEFAULT_FAP_PER_SOURCE = 1e-5
+#: Default number of null simulations of the calibration.
+DEFAULT_N_SIMULATIONS = 20_000
+#: Exceedances needed for the empirical FAP; beyond, the exponential tail from there.
+TAIL_ANCHOR_COUNT = 20
+#: Grid of the DRW null: rms as a fraction of the baseline flux, and timescale (days).
+DRW_FRAC_RMS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
+DRW_TAU_DAYS = (10.0, 30.0, 100.0, 300.0, 1000.0)
+#: dchi2_drw above which a source counts as a population variable (its DRW enters the null).
+DRW_VARIABLE_DCHI2 = 25.0
+#: Default fractional uncertainty of a catalog flux used as the baseline prior (different
+#: survey, frequency and epoch: loose).
+DEFAULT_CATALOG_FRAC_ERR = 0.1
+#: Nights a source needs before it is scored.
+MIN_NIGHTS = 5
+#: |h| above which a night counts as inside the fitted event (``n_event_nights``).
+EVENT_CORE_H = 0.5
+#: flag_type names.
+FLAG_ESE, FLAG_DIP, FLAG_SPIKE, FLAG_VARIABLE, FLAG_OUTLIER = (
+    "ese",
+    "dip",
+    "spike",
+    "variable",
+    "outlier",
+)
+FLAGGED_TYPES = (FLAG_ESE, FLAG_DIP, FLAG_SPIKE, FLAG_VARIABLE)
+#: Columns of :func:`score_lightcurves`, in order.
+SCORE_COLUMNS = (
+    "source_id",
+    "n_nights",
+    "noise_scale",
+    "baseline_flux_mjy",
+    "dchi2_first",
+    "dchi2_const",
+    "dchi2_drw",
+    "dchi2_drw_template",
+    "ese_stat",
+    "event_t0_mjd",
+    "event_duration_days",
+    "event_depth_frac",
+    "event_shape",
+    "event_caustic",
+    "n_event_nights",
+    "dropped_night_mjd",
+    "lens_minus_gauss",
+)
+
+_REFINE_CHUNK = 16  # sources per refinement array (16 x 9 x 25 x nights floats)
+_BLOCK = 256  # templates per matrix product (memory: n_sources x _BLOCK floats per array)
+_U_MAX = 6.0  # templates are zero beyond |u'| = 6 (G - 1 < 1e-13 there for these lenses)
+_U_STEP = 0.01
+
+
+@functools.cache
+def _shape_table(shape: str) -> tuple[np.ndarray, np.ndarray]:
+    """(u grid, unit-depth shape h on it) for one shape name (module docstring)."""
+    u = np.arange(-_U_MAX, _U_MAX + _U_STEP / 2, _U_STEP)
+    if shape == "gauss":
+        return u, -np.exp(-u * u)
+    depth = float(shape.removeprefix("lens"))
+    alpha = math.sqrt(depth / (1.0 - depth))
+    g = gaussian_lens_gain(u, alpha, LENS_SOURCE_SIZE)
+    g0 = float(gaussian_lens_gain(np.array([0.0]), alpha, LENS_SOURCE_SIZE)[0])
+    return u, (g - 1.0) / (1.0 - g0)
+
+
+def template_shape(shape: str, u_prime) -> np.ndarray:
+    """Unit-depth template ``h(u')`` (``h(0) = -1``) of a bank shape, 0 beyond |u'| = 6."""
+    u, h = _shape_table(shape)
+    return np.interp(np.asarray(u_prime, dtype=float), u, h, left=0.0, right=0.0)
+
+
+def shape_has_caustics(shape: str) -> bool:
+    """Whether a lens shape's alpha^2 = d / (1 - d) exceeds e^{3/2}/2 (caustic peaks)."""
+    if not shape.startswith("lens"):
+        return False
+    d = float(shape.removeprefix("lens"))
+    return d / (1.0 - d) > ALPHA2_CAUSTIC
+
+
+# --------------------------------------------------------------------------------------------
+# Lightcurve matrix
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LightcurveMatrix:
+    """Nightly bins as arrays: ``flux``/``err`` are (sources x nights), NaN where a source has no
+    bin; ``t_mjd`` the nights' times (median bin time of the column); ``catalog_flux_mjy`` per
+    source (NaN: none)."""
+
+    source_ids: np.ndarray
+    t_mjd: np.ndarray
+    flux: np.ndarray
+    err: np.ndarray
+    catalog_flux_mjy: np.ndarray
+
+    @property
+    def present(self) -> np.ndarray:
+        return np.isfinite(self.flux) & np.isfinite(self.err) & (self.err > 0)
+
+
+def lightcurve_matrix(
+    bins: pd.DataFrame, catalog_flux_mjy: pd.Series | dict | None = None
+) -> LightcurveMatrix:
+    """Arrange nightly bins (``source_id, mjd, flux_mjy, flux_err_mjy[, night]``) as a matrix.
+
+    Columns are the distinct nights (``night`` labels when given, else ``floor(mjd)``), sorted by
+    time. ``catalog_flux_mjy``: a mapping source_id -> catalog flux (mJy), optional.
+    """
+    table = bins[["source_id", "mjd", "flux_mjy", "flux_err_mjy"]].copy()
+    if "night" in bins.columns and bins["night"].notna().all():
+        key = bins["night"].astype(str).to_numpy()
+    else:
+        key = np.floor(table["mjd"].to_numpy(dtype=float)).astype(np.int64).astype(str)
+    table["key"] = key
+    col_t = table.groupby("key")["mjd"].median().sort_values()
+    col_index = pd.Series(np.arange(len(col_t)), index=col_t.index)
+    src, src_codes = np.unique(table["source_id"].to_numpy(dtype=object), return_inverse=True)
+    cols = col_index.loc[table["key"]].to_numpy()
+    flux = np.full((len(src), len(col_t)), np.nan)
+    err = np.full((len(src), len(col_t)), np.nan)
+    flux[src_codes, cols] = table["flux_mjy"].to_numpy(dtype=float)
+    err[src_codes, cols] = table["flux_err_mjy"].to_numpy(dtype=float)
+    cat = np.full(len(src), np.nan)
+    if catalog_flux_mjy is not None:
+        mapping = pd.Series(catalog_flux_mjy, dtype=float)
+        cat = mapping.reindex(src).to_numpy(dtype=float)
+    return LightcurveMatrix(src, col_t.to_numpy(dtype=float), flux, err, cat)
+
+
+# --------------------------------------------------------------------------------------------
+# Scan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TemplateBank:
+    """Templates (shape, duration, centre) for a set of night times; ``h`` rows are built per
+    block on demand."""
+
+    shape_index: np.ndarray
+    duration_days: np.ndarray
+    t0_mjd: np.ndarray
+
+    @classmethod
+    def for_times(cls, t_mjd: np.ndarray) -> TemplateBank:
+        t_lo, t_hi = float(np.min(t_mjd)), float(np.max(t_mjd))
+        span = max(t_hi - t_lo, 1.0)
+        shapes, durations, centres = [], [], []
+        for k in range(len(SHAPES)):  # shape-major: every block holds one shape
+            for d in DURATIONS_DAYS:
+                if d > 2.0 * span + 7.0:
+                    continue  # an event twice the span is a trend, not a dip in this data
+                step = max(d * CENTRE_STEP_FRAC, 0.5)
+                t0 = np.arange(t_lo - d / 4.0, t_hi + d / 4.0 + step / 2, step)
+                shapes.append(np.full(t0.size, k))
+                durations.append(np.full(t0.size, d))
+                centres.append(t0)
+        return cls(np.concatenate(shapes), np.concatenate(durations), np.concatenate(centres))
+
+    def __len__(self) -> int:
+        return int(self.t0_mjd.size)
+
+    def blocks(self):
+        """(start, stop) of consecutive runs of at most ``_BLOCK`` templates of one shape."""
+        edges = np.flatnonzero(np.diff(self.shape_index)) + 1
+        bounds = np.r_[0, edges, len(self)]
+        for lo, hi in itertools.pairwise(bounds):
+            for start in range(int(lo), int(hi), _BLOCK):
+                yield start, min(start + _BLOCK, int(hi))
+
+    def rows(self, t_mjd: np.ndarray, sel) -> np.ndarray:
+        """Template values h (len(sel) x nights) of templates ``sel`` at times ``t_mjd``."""
+        sel = np.atleast_1d(np.arange(len(self))[sel])
+        u = (t_mjd[None, :] - self.t0_mjd[sel, None]) / (self.duration_days[sel, None] / 4.0)
+        out = np.empty_like(u)
+        kinds = self.shape_index[sel]
+        for k in np.unique(kinds):
+            rows = kinds == k
+            out[rows] = template_shape(SHAPES[k], u[rows])
+        return out
+
+
+def _scan(
+    fc: np.ndarray,
+    w: np.ndarray,
+    w_c: np.ndarray,
+    c_c: np.ndarray,
+    bank: TemplateBank,
+    t_mjd: np.ndarray,
+    *,
+    precise: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best dchi2 per source over the bank, its template index, and the best dchi2 of a
+    lens-shaped dip minus that of a plain Gaussian dip (for ``dip`` vs ``ese``; NaN unless
+    ``precise``): ``(best, index, lens_minus_gauss)``.
+
+    ``fc``: centred fluxes (0 where missing), ``w``: weights (0 where missing), ``w_c``/``c_c``:
+    the catalog prior's weight and centred value per source. ``precise=False`` works in float32
+    on fluxes in units of each source's typical error (the first pass over every source only
+    chooses which sources are scanned again in float64; dchi2 keeps ~1e-5 relative precision).
+    """
+    n = fc.shape[0]
+    if precise:
+        dtype, unit = np.float64, np.ones(n)
+    else:
+        dtype = np.float32
+        with np.errstate(divide="ignore"):
+            wmax = w.max(axis=1) if w.shape[1] else np.zeros(n)
+        unit = np.where(wmax > 0, 1.0 / np.sqrt(np.where(wmax > 0, wmax, 1.0)), 1.0)
+    # In units u of the error: f' = f / u, w' = w u^2 (dchi2 unchanged).
+    fs = (fc / unit[:, None]).astype(dtype)
+    ws = (w * unit[:, None] ** 2).astype(dtype)
+    wcs = w_c * unit**2
+    ccs = c_c / unit
+    sw = ws.sum(axis=1, dtype=np.float64) + wcs
+    swf = (ws * fs).sum(axis=1, dtype=np.float64) + wcs * ccs
+    wf = ws * fs
+    best = np.zeros(n)
+    index = np.zeros(n, dtype=np.int64)
+    best_lens_dip = np.zeros(n)
+    best_gauss_dip = np.zeros(n)
+    gauss = SHAPES.index("gauss")
+    rows = np.arange(n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(sw > 0, swf / sw, 0.0)[:, None].astype(dtype)
+        inv_sw = np.where(sw > 0, 1.0 / sw, 0.0)[:, None].astype(dtype)
+        for start, stop in bank.blocks():
+            h = bank.rows(t_mjd, slice(start, stop)).astype(dtype)
+            swh = ws @ h.T
+            swfh = wf @ h.T
+            swhh = ws @ (h * h).T
+            num = swfh - ratio * swh
+            den = swhh - swh * swh * inv_sw
+            # A template no night sees has den = 0 = num; rounding can leave den ~ -eps.
+            np.maximum(den, 1e-6 * swhh + np.finfo(dtype).tiny, out=den)
+            dchi = num * num / den
+            j = np.argmax(dchi, axis=1)
+            top = dchi[rows, j].astype(np.float64)
+            better = top > best
+            best[better] = top[better]
+            index[better] = j[better] + start
+            if precise:
+                dip = np.where(num > 0, dchi, 0.0).max(axis=1)  # A > 0: a dip (h(0) = -1)
+                if bank.shape_index[start] == gauss:
+                    best_gauss_dip = np.maximum(best_gauss_dip, dip)
+                else:
+                    best_lens_dip = np.maximum(best_lens_dip, dip)
+    lens_minus_gauss = best_lens_dip - best_gauss_dip if precise else np.full(n, np.nan)
+    return best, index, lens_minus_gauss
+
+
+def _template_rows(shape_names, duration_days, t0_mjd, t_mjd) -> np.ndarray:
+    """h (sources x nights) of one template per source (shape name, duration, centre)."""
+    u = (t_mjd[None, :] - np.asarray(t0_mjd, float)[:, None]) / (
+        np.asarray(duration_days, float)[:, None] / 4.0
+    )
+    out = np.empty_like(u)
+    names = np.asarray(shape_names, dtype=object)
+    for name in set(names.tolist()):
+        rows = names == name
+        out[rows] = template_shape(name, u[rows])
+    return out
+
+
+def _fit_one_template(fc, w, w_c, c_c, h):
+    """(F0, A, Fc) per source for one template row each (``h``: sources x nights), centred."""
+    sw = w.sum(axis=1) + w_c
+    swf = (w * fc).sum(axis=1) + w_c * c_c
+    swh = (w * h).sum(axis=1)
+    swhh = (w * h * h).sum(axis=1)
+    swfh = (w * fc * h).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        den = swhh - swh * swh / sw
+        a = np.where(den > 0, (swfh - swf * swh / sw) / den, 0.0)
+        f0 = (swf - a * swh) / sw
+        fconst = swf / sw
+    return f0, a, fconst
+
+
+def noise_scale(matrix_flux: np.ndarray, matrix_err: np.ndarray) -> np.ndarray:
+    """r = max(1, 1.4826 median |z|) per source, z the pulls of successive-night differences."""
+    n = matrix_flux.shape[0]
+    present = np.isfinite(matrix_flux) & np.isfinite(matrix_err) & (matrix_err > 0)
+    # Compress each row's present nights to the left, keeping time order.
+    order = np.argsort(~present, axis=1, kind="stable")
+    f = np.take_along_axis(matrix_flux, order, axis=1)
+    e = np.take_along_axis(matrix_err, order, axis=1)
+    count = present.sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        z = np.abs(np.diff(f, axis=1)) / np.sqrt(e[:, 1:] ** 2 + e[:, :-1] ** 2)
+    valid = np.arange(z.shape[1])[None, :] < (count - 1)[:, None]
+    z = np.where(valid, z, np.nan)
+    with np.errstate(invalid="ignore"), np.testing.suppress_warnings() as sup:
+        sup.filter(RuntimeWarning)
+        med = np.nanmedian(z, axis=1) if z.shape[1] else np.full(n, np.nan)
+    r = 1.4826 * med
+    return np.where(np.isfinite(r), np.maximum(r, 1.0), 1.0)
+
+
+def _refine(fc, w, w_c, c_c, t_mjd, shape0, duration0, t00, *, passes=REFINE_PASSES):
+    """Coarse-to-fine local fit around each source's best bank template (module docstring).
+
+    Per pass, every (shape in :data:`REFINE_SHAPES`) x (duration x 2^(k/8), k = -2..2) x
+    (centre + j D / 24, j = -2..2) around the current best is fitted in closed form; the next
+    pass halves the steps. Returns ``(dchi2, shape_name, duration, t0, dchi2_lens - dchi2_gauss)``
+    of the best, the last from the final pass' best lens dip and best Gaussian dip.
+    """
+    n, _m = fc.shape
+    shapes = np.array(REFINE_SHAPES, dtype=object)
+    n_sh = len(shapes)
+    dur = duration0.astype(float).copy()
+    t0 = t00.astype(float).copy()
+    best = np.zeros(n)
+    best_shape = np.array(shape0, dtype=object)
+    lens_minus_gauss = np.zeros(n)
+    steps = np.arange(-2, 3)
+    gauss = shapes == "gauss"
+    sw = w.sum(axis=1) + w_c
+    swf = (w * fc).sum(axis=1) + w_c * c_c
+    for p in range(passes):
+        scale = 0.5**p
+        d_grid = dur[:, None] * 2.0 ** (steps[None, :] * scale / 8.0)  # (n, 5)
+        t_grid = t0[:, None] + steps[None, :] * scale / 24.0 * dur[:, None]  # (n, 5)
+        dd = np.repeat(d_grid, 5, axis=1)  # (n, 25)
+        tt = np.tile(t_grid, (1, 5))
+        for lo in range(0, n, _REFINE_CHUNK):
+            sl = slice(lo, min(lo + _REFINE_CHUNK, n))
+            u = (t_mjd[None, None, :] - tt[sl, :, None]) / (dd[sl, :, None] / 4.0)  # (c, 25, m)
+            h = np.stack([template_shape(name, u) for name in shapes], axis=1)  # (c, S, 25, m)
+            wk = w[sl][:, None, None, :]
+            fk = fc[sl][:, None, None, :]
+            swh = (wk * h).sum(axis=-1)
+            swhh = (wk * h * h).sum(axis=-1)
+            swfh = (wk * fk * h).sum(axis=-1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                num = swfh - (swf[sl] / sw[sl])[:, None, None] * swh
+                den = swhh - swh * swh / sw[sl][:, None, None]
+                dchi = np.where(den > 1e-12 * swhh, num * num / den, 0.0)
+            flat = dchi.reshape(dchi.shape[0], -1)
+            j = np.argmax(flat, axis=1)
+            k_sh, k_pt = np.unravel_index(j, (n_sh, 25))
+            rows = np.arange(dchi.shape[0])
+            top = flat[rows, j]
+            idx = np.arange(sl.start, sl.stop)
+            better = top > best[idx]
+            upd = idx[better]
+            best[upd] = top[better]
+            best_shape[upd] = shapes[k_sh[better]]
+            dur[upd] = dd[upd, k_pt[better]]
+            t0[upd] = tt[upd, k_pt[better]]
+            dip = np.where(num > 0, dchi, 0.0).max(axis=2)  # (c, S)
+            lens_minus_gauss[idx] = dip[:, ~gauss].max(axis=1) - dip[:, gauss].max(axis=1)
+    return best, best_shape, dur, t0, lens_minus_gauss
+
+
+# --------------------------------------------------------------------------------------------
+# DRW null (Kalman filter)
+# --------------------------------------------------------------------------------------------
+
+
+def drw_delta_chi2(
+    fc: np.ndarray,
+    w: np.ndarray,
+    w_c: np.ndarray,
+    c_c: np.ndarray,
+    t_mjd: np.ndarray,
+    scale_mjy: np.ndarray,
+    template: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """DRW null and DRW + template alternative against the constant source, per source.
+
+    Returns ``(dchi2_drw, rms_mjy, tau_days, dchi2_drw_template)``: ``2 (ln L - ln L_const)`` of
+    the DRW about a constant mean, maximised over the (rms, tau) grid with its best rms (mJy) and
+    tau (days), and of the DRW about the mean plus ``A template`` (NaN without ``template``,
+    sources x nights). Exact Gaussian likelihoods by a Kalman filter run on the data and on each
+    regressor (1, template) together: with innovations e and their variances S,
+    ``chi2 = min over the regressors' coefficients of sum (e_y - X b)^2 / S`` (+ the catalog
+    prior on the mean), ``-2 ln L = chi2 + sum ln S``. ``scale_mjy``: the baseline flux the grid's
+    fractional rms refer to.
+    """
+    n, m = fc.shape
+    frac, tau = np.meshgrid(np.asarray(DRW_FRAC_RMS), np.asarray(DRW_TAU_DAYS), indexing="ij")
+    frac, tau = frac.ravel(), tau.ravel()
+    s2 = (np.abs(scale_mjy)[:, None] * frac[None, :]) ** 2  # (n, G)
+    with np.errstate(divide="ignore"):
+        var_obs = np.where(w > 0, 1.0 / w, np.inf)
+    series = [fc, np.ones_like(fc)] + ([template] if template is not None else [])
+    k_ser = len(series)
+    state = [np.zeros_like(s2) for _ in range(k_ser)]
+    # Cross sums a[i][j] = sum e_i e_j / S over the nights.
+    cross = {(i, j): np.zeros_like(s2) for i in range(k_ser) for j in range(i, k_ser)}
+    p = s2.copy()
+    logdet = np.zeros_like(s2)
+    t_prev = None
+    for j in range(m):
+        if t_prev is not None:
+            a = np.exp(-(t_mjd[j] - t_prev) / tau)[None, :]
+            for x in state:
+                x *= a
+            p = a * a * p + s2 * (1.0 - a * a)
+        t_prev = t_mjd[j]
+        obs = w[:, j] > 0
+        if not obs.any():
+            continue
+        v = var_obs[:, j : j + 1]
+        s = p + v
+        with np.errstate(invalid="ignore", divide="ignore"):
+            inv_s = np.where(obs[:, None], 1.0 / s, 0.0)
+            logdet += np.where(obs[:, None], np.log(s / v), 0.0)
+        gain = p * inv_s
+        innov = [ser[:, j : j + 1] - x for ser, x in zip(series, state, strict=True)]
+        for (i1, i2), acc in cross.items():
+            acc += innov[i1] * innov[i2] * inv_s
+        for x, e in zip(state, innov, strict=True):
+            x += gain * e
+        p = p - gain * p
+    wc = w_c[:, None]
+    cc = c_c[:, None]
+    ayy = cross[(0, 0)] + wc * cc * cc
+    ay1 = cross[(0, 1)] + wc * cc
+    a11 = cross[(1, 1)] + wc
+    with np.errstate(invalid="ignore", divide="ignore"):
+        chi2_drw = ayy - ay1 * ay1 / a11
+        if template is not None:
+            ayh, a1h, ahh = cross[(0, 2)], cross[(1, 2)], cross[(2, 2)]
+            det = a11 * ahh - a1h * a1h
+            quad = (ahh * ay1 * ay1 - 2.0 * a1h * ay1 * ayh + a11 * ayh * ayh) / det
+            chi2_tmpl = np.where(det > 1e-12 * a11 * ahh, ayy - quad, chi2_drw)
+    sw = w.sum(axis=1) + w_c
+    swf = (w * fc).sum(axis=1) + w_c * c_c
+    swff = (w * fc * fc).sum(axis=1) + w_c * c_c * c_c
+    with np.errstate(invalid="ignore", divide="ignore"):
+        chi2_const = (swff - swf * swf / sw)[:, None]
+
+    def best(chi2):
+        delta = chi2_const - chi2 - logdet
+        return np.where(np.isfinite(delta), delta, -np.inf)
+
+    delta = best(chi2_drw)
+    g = np.argmax(delta, axis=1)
+    rows = np.arange(n)
+    with_template = best(chi2_tmpl).max(axis=1) if template is not None else np.full(n, np.nan)
+    return delta[rows, g], np.sqrt(s2[rows, g]), tau[g], with_template
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare(matrix: LightcurveMatrix, catalog_frac_err: float):
+    present = matrix.present
+    r = noise_scale(matrix.flux, matrix.err)
+    sigma = matrix.err * r[:, None]
+    w = np.where(present, 1.0 / np.where(present, sigma, 1.0) ** 2, 0.0)
+    f = np.where(present, matrix.flux, 0.0)
+    # Centre on a robust reference (weighted median is overkill: the median of the nights) so the
+    # matched-filter sums do not cancel; the constant is in every model, so nothing changes.
+    with np.testing.suppress_warnings() as sup:
+        sup.filter(RuntimeWarning)
+        ref = np.nanmedian(np.where(present, matrix.flux, np.nan), axis=1)
+    ref = np.where(np.isfinite(ref), ref, 0.0)
+    fc = np.where(present, f - ref[:, None], 0.0)
+    cat = matrix.catalog_flux_mjy
+    has_cat = np.isfinite(cat) & (cat > 0) & (catalog_frac_err > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w_c = np.where(has_cat, 1.0 / (catalog_frac_err * np.where(has_cat, cat, 1.0)) ** 2, 0.0)
+    c_c = np.where(has_cat, cat - ref, 0.0)
+    return fc, w, w_c, c_c, ref, r
+
+
+def score_lightcurves(
+    matrix: LightcurveMatrix, *, catalog_frac_err: float = DEFAULT_CATALOG_FRAC_ERR
+) -> pd.DataFrame:
+    """Template fit of every source of ``matrix``: :data:`SCORE_COLUMNS` (module docstring).
+
+    ``dchi2_first``: best dchi2 over the bank; ``dchi2_const``: the same without the most
+    influential night (equal to dchi2_first below :data:`PRE_THRESHOLD`); ``dchi2_drw``: the DRW
+    null's improvement over the constant (NaN below the pre-threshold, where it is not needed);
+    ``ese_stat = dchi2_const - max(0, dchi2_drw)``; the event columns are the best template's.
+    Sources with fewer than :data:`MIN_NIGHTS` nights get NaN statistics.
+    """
+    fc, w, w_c, c_c, ref, r = _prepare(matrix, catalog_frac_err)
+    t = matrix.t_mjd
+    n = fc.shape[0]
+    n_nights = (w > 0).sum(axis=1)
+    enough = n_nights >= MIN_NIGHTS
+    w = np.where(enough[:, None], w, 0.0)
+    out = {
+        "source_id": matrix.source_ids,
+        "n_nights": n_nights,
+        "noise_scale": r,
+        "baseline_flux_mjy": np.full(n, np.nan),
+        "dchi2_first": np.full(n, np.nan),
+        "dchi2_const": np.full(n, np.nan),
+        "dchi2_drw": np.full(n, np.nan),
+        "dchi2_drw_template": np.full(n, np.nan),
+        "ese_stat": np.full(n, np.nan),
+        "event_t0_mjd": np.full(n, np.nan),
+        "event_duration_days": np.full(n, np.nan),
+        "event_depth_frac": np.full(n, np.nan),
+        "event_shape": np.full(n, None, dtype=object),
+        "event_caustic": np.zeros(n, dtype=bool),
+        "n_event_nights": np.zeros(n, dtype=np.int64),
+        "dropped_night_mjd": np.full(n, np.nan),
+        "lens_minus_gauss": np.full(n, np.nan),
+    }
+    if n == 0 or len(t) == 0 or not enough.any():
+        return pd.DataFrame(out)
+    bank = TemplateBank.for_times(t[(w > 0).any(axis=0)])
+    best, index, lens_gauss = _scan(fc, w, w_c, c_c, bank, t, precise=False)
+    out["dchi2_first"] = np.where(enough, best, np.nan)
+    final = best.copy()
+    shape_names = np.array(SHAPES, dtype=object)[bank.shape_index[index]]
+    refined_shape = shape_names.copy()
+    refined_dur = bank.duration_days[index].copy()
+    refined_t0 = bank.t0_mjd[index].copy()
+    # Leave the most influential night out, rescan the sources that could reach a threshold.
+    redo = np.flatnonzero(enough & (best >= PRE_THRESHOLD))
+    if redo.size:
+        h = bank.rows(t, index[redo])
+        f0, a, fconst = _fit_one_template(fc[redo], w[redo], w_c[redo], c_c[redo], h)
+        resid_c = fc[redo] - fconst[:, None]
+        resid_t = fc[redo] - f0[:, None] - a[:, None] * h
+        delta = w[redo] * (resid_c**2 - resid_t**2)
+        drop = np.argmax(delta, axis=1)
+        w2 = w[redo].copy()
+        w2[np.arange(redo.size), drop] = 0.0
+        out["dropped_night_mjd"][redo] = t[drop]
+        w[redo] = w2
+        best2, index2, _ = _scan(fc[redo], w2, w_c[redo], c_c[redo], bank, t)
+        shape0 = np.array(SHAPES, dtype=object)[bank.shape_index[index2]]
+        best3, shape3, dur3, t03, lg3 = _refine(
+            fc[redo],
+            w2,
+            w_c[redo],
+            c_c[redo],
+            t,
+            shape0,
+            bank.duration_days[index2],
+            bank.t0_mjd[index2],
+        )
+        final[redo] = np.maximum(best2, best3)
+        lens_gauss[redo] = lg3
+        refined_shape[redo] = shape3
+        refined_dur[redo] = dur3
+        refined_t0[redo] = t03
+        h2 = _template_rows(shape3, dur3, t03, t)
+        drw, _, _, drw_tmpl = drw_delta_chi2(
+            fc[redo], w2, w_c[redo], c_c[redo], t, ref[redo], template=h2
+        )
+        out["dchi2_drw"][redo] = drw
+        out["dchi2_drw_template"][redo] = drw_tmpl
+    out["dchi2_const"] = np.where(enough, final, np.nan)
+    # Template + (white or DRW noise) against the better of constant and DRW.
+    drw = out["dchi2_drw"]
+    null_best = np.where(np.isfinite(drw), np.maximum(drw, 0.0), 0.0)
+    alt_best = np.fmax(final, out["dchi2_drw_template"])
+    out["ese_stat"] = np.where(enough, alt_best - null_best, np.nan)
+    out["lens_minus_gauss"] = np.where(enough, lens_gauss, np.nan)
+    # Best template's parameters (all scored sources).
+    idx = np.flatnonzero(enough)
+    h = _template_rows(refined_shape[idx], refined_dur[idx], refined_t0[idx], t)
+    f0, a, _ = _fit_one_template(fc[idx], w[idx], w_c[idx], c_c[idx], h)
+    base = f0 + ref[idx]
+    out["baseline_flux_mjy"][idx] = base
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # h(0) = -1: the fitted dip at the centre is A, i.e. depth A / F0 (point-source lens
+        # depth d for an exact template, slightly less with the finite source).
+        out["event_depth_frac"][idx] = np.where(base > 0, a / base, np.nan)
+    out["event_t0_mjd"][idx] = refined_t0[idx]
+    out["event_duration_days"][idx] = refined_dur[idx]
+    out["event_shape"][idx] = refined_shape[idx]
+    out["event_caustic"][idx] = [shape_has_caustics(s) for s in refined_shape[idx]]
+    out["n_event_nights"][idx] = ((np.abs(h) >= EVENT_CORE_H) & (w[idx] > 0)).sum(axis=1)
+    return pd.DataFrame(out)
+
+
+# --------------------------------------------------------------------------------------------
+# False-alarm calibration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TailCalibration:
+    """Null exceedance curve of one statistic: sorted simulated values; FAP(x) empirical up to the
+    anchor, exponential (chi^2, 2 dof) beyond (module docstring)."""
+
+    values: np.ndarray  # sorted ascending
+    anchor_x: float
+    anchor_p: float
+
+    @classmethod
+    def from_samples(cls, samples: np.ndarray) -> TailCalibration:
+        v = np.sort(np.where(np.isfinite(samples), samples, -np.inf))
+        n = v.size
+        k = min(TAIL_ANCHOR_COUNT, n)
+        anchor_x = float(v[n - k]) if n else 0.0
+        anchor_p = float(np.sum(v >= anchor_x) / n) if n else 1.0
+        return cls(v, anchor_x, anchor_p)
+
+    def fap(self, x) -> np.ndarray:
+        """P(null statistic >= x)."""
+        x = np.asarray(x, dtype=float)
+        n = self.values.size
+        emp = (n - np.searchsorted(self.values, x, side="left")) / max(n, 1)
+        tail = self.anchor_p * np.exp(-(x - self.anchor_x) / 2.0)
+        out = np.where(x <= self.anchor_x, emp, np.minimum(tail, self.anchor_p))
+        return np.where(np.isfinite(x), out, np.where(x > 0, 0.0, 1.0))
+
+    def threshold(self, fap: float) -> float:
+        """Smallest x with FAP(x) <= fap (at least MIN_THRESHOLD)."""
+        if fap >= self.anchor_p:
+            n = self.values.size
+            k = math.floor(fap * n)
+            x = float(self.values[n - k]) if 0 < k <= n else self.anchor_x
+            x = np.nextafter(x, np.inf)  # strictly above: the fraction >= x is < fap
+        else:
+            x = self.anchor_x + 2.0 * math.log(self.anchor_p / fap)
+        return float(max(x, MIN_THRESHOLD))
+
+
+@dataclass(frozen=True)
+class FalseAlarmCalibration:
+    """Calibrated thresholds of one run: ``const`` (dchi2_const, constant null), ``ese``
+    (ese_stat, population null), the target FAP per source and the simulations' sizes."""
+
+    const: TailCalibration
+    ese: TailCalibration
+    fap_per_source: float
+    n_simulations: int
+    n_variable_simulations: int
+    threshold_const: float = field(init=False)
+    threshold_ese: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold_const", self.const.threshold(self.fap_per_source))
+        object.__setattr__(self, "threshold_ese", self.ese.threshold(self.fap_per_source))
+
+    def expected_false(self, n_sources: int) -> float:
+        """Expected false candidates among ``n_sources`` null sources: n (FAP(x_c) + FAP(x_e))."""
+        return float(
+            n_sources * (self.const.fap(self.threshold_const) + self.ese.fap(self.threshold_ese))
+        )
+
+
+def _simulate_drw(rng, t_mjd, rms, tau, present):
+    """DRW paths (n x nights) with stationary rms ``rms`` and timescale ``tau`` (exact OU
+    discretisation over each row's present nights)."""
+    n, m = present.shape
+    x = rms * rng.standard_normal(n)
+    out = np.zeros((n, m))
+    for j in range(m):
+        if j:
+            a = np.exp(-(t_mjd[j] - t_mjd[j - 1]) / tau)
+            x = a * x + rms * np.sqrt(1.0 - a * a) * rng.standard_normal(n)
+        out[:, j] = x
+    return out
+
+
+def simulate_null(
+    matrix: LightcurveMatrix,
+    scores: pd.DataFrame,
+    n_simulations: int,
+    rng: np.random.Generator,
+    *,
+    with_variables: bool,
+    catalog_frac_err: float = DEFAULT_CATALOG_FRAC_ERR,
+) -> tuple[LightcurveMatrix, int]:
+    """Null lightcurves on the survey's own nights and errors (module docstring): each simulation
+    copies the pattern of nights, errors x noise scale and baseline of a random source; with
+    ``with_variables`` a population-sized fraction of them gets the DRW (rms, tau) of a random
+    population variable. Returns the matrix and the number of DRW simulations."""
+    n_src = len(matrix.source_ids)
+    usable = np.flatnonzero(matrix.present.sum(axis=1) >= MIN_NIGHTS)
+    pick = rng.choice(usable, size=n_simulations) if usable.size else np.zeros(0, dtype=int)
+    present = matrix.present[pick]
+    r = scores["noise_scale"].to_numpy(dtype=float)[pick]
+    base = scores["baseline_flux_mjy"].to_numpy(dtype=float)[pick]
+    with np.testing.suppress_warnings() as sup:
+        sup.filter(RuntimeWarning)
+        med = np.nanmedian(np.where(matrix.present, matrix.flux, np.nan), axis=1)[pick]
+    base = np.where(np.isfinite(base), base, med)
+    sigma = np.where(present, matrix.err[pick] * r[:, None], np.nan)
+    flux = base[:, None] + sigma * rng.standard_normal(sigma.shape)
+    n_var = 0
+    if with_variables:
+        drw = scores["dchi2_drw"].to_numpy(dtype=float)
+        var_rows = np.flatnonzero(np.isfinite(drw) & (drw >= DRW_VARIABLE_DCHI2))
+        frac = var_rows.size / max(n_src, 1)
+        n_var = round(frac * n_simulations)
+        if n_var and var_rows.size:
+            fc, w, w_c, c_c, ref, _ = _prepare(matrix, catalog_frac_err)
+            sub = var_rows
+            _, rms, tau, _ = drw_delta_chi2(
+                fc[sub], w[sub], w_c[sub], c_c[sub], matrix.t_mjd, ref[sub]
+            )
+            choose = rng.integers(0, sub.size, n_var)
+            rel = rms[choose] / np.abs(ref[sub][choose])
+            rows = rng.choice(n_simulations, size=n_var, replace=False)
+            flux[rows] += _simulate_drw(
+                rng, matrix.t_mjd, rel * np.abs(base[rows]), tau[choose], present[rows]
+            )
+    flux = np.where(present, flux, np.nan)
+    cat = matrix.catalog_flux_mjy[pick]
+    cat = np.where(
+        np.isfinite(cat), base * (1.0 + catalog_frac_err * rng.standard_normal(base.size)), np.nan
+    )
+    ids = np.array([f"null{i}" for i in range(n_simulations)], dtype=object)
+    return LightcurveMatrix(ids, matrix.t_mjd, flux, sigma, cat), n_var
+
+
+def calibrate_false_alarms(
+    matrix: LightcurveMatrix,
+    scores: pd.DataFrame,
+    *,
+    n_simulations: int = DEFAULT_N_SIMULATIONS,
+    fap_per_source: float = DEFAULT_FAP_PER_SOURCE,
+    seed: int = 0,
+    catalog_frac_err: float = DEFAULT_CATALOG_FRAC_ERR,
+) -> FalseAlarmCalibration:
+    """Thresholds for this cadence by simulation (module docstring). ``scores`` is
+    :func:`score_lightcurves` of ``matrix`` (noise scales, baselines, the population's DRW)."""
+    rng = np.random.default_rng(seed)
+    null_c, _ = simulate_null(
+        matrix, scores, n_simulations, rng, with_variables=False, catalog_frac_err=catalog_frac_err
+    )
+    sc = score_lightcurves(null_c, catalog_frac_err=catalog_frac_err)
+    null_v, n_var = simulate_null(
+        matrix, scores, n_simulations, rng, with_variables=True, catalog_frac_err=catalog_frac_err
+    )
+    sv = score_lightcurves(null_v, catalog_frac_err=catalog_frac_err)
+    return FalseAlarmCalibration(
+        const=TailCalibration.from_samples(sc["dchi2_const"].to_numpy(dtype=float)),
+        ese=TailCalibration.from_samples(sv["ese_stat"].to_numpy(dtype=float)),
+        fap_per_source=fap_per_source,
+        n_simulations=n_simulations,
+        n_variable_simulations=n_var,
+    )
+
+
+def classify(scores: pd.DataFrame, calibration: FalseAlarmCalibration) -> pd.DataFrame:
+    """``scores`` plus ``flag, flag_type, significance, false_alarm_prob`` (module docstring).
+
+    ``significance`` is the statistic of the class's test (ese_stat for ese/dip/spike,
+    dchi2_const otherwise); ``false_alarm_prob`` its calibrated FAP per source.
+    """
+    first = scores["dchi2_first"].to_numpy(dtype=float)
+    const = scores["dchi2_const"].to_numpy(dtype=float)
+    ese = scores["ese_stat"].to_numpy(dtype=float)
+    depth = scores["event_depth_frac"].to_numpy(dtype=float)
+    lg = scores["lens_minus_gauss"].to_numpy(dtype=float)
+    xc, xe = calibration.threshold_const, calibration.threshold_ese
+    with np.errstate(invalid="ignore"):
+        is_event = ese >= xe
+        is_var = ~is_event & (const >= xc)
+        is_out = ~is_event & ~is_var & (first >= xc)
+        dip = depth > 0
+        kind = np.where(dip, np.where(lg >= -DIP_SHAPE_MARGIN, FLAG_ESE, FLAG_DIP), FLAG_SPIKE)
+    flag_type = np.where(
+        is_event, kind, np.where(is_var, FLAG_VARIABLE, np.where(is_out, FLAG_OUTLIER, ""))
+    )
+    significance = np.where(is_event, ese, const)
+    fap = np.where(is_event, calibration.ese.fap(ese), calibration.const.fap(const))
+    out = scores.copy()
+    out["flag"] = is_event | is_var
+    out["flag_type"] = flag_type.astype(object)
+    out["significance"] = significance
+    out["false_alarm_prob"] = np.where(np.isfinite(const), fap, np.nan)
+    return out
+
+
+def detect_ese_templates(
+    matrix: LightcurveMatrix,
+    *,
+    catalog_frac_err: float = DEFAULT_CATALOG_FRAC_ERR,
+    n_simulations: int = DEFAULT_N_SIMULATIONS,
+    fap_per_source: float = DEFAULT_FAP_PER_SOURCE,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, FalseAlarmCalibration]:
+    """Score, calibrate on this survey's cadence and classify: ``(rows, calibration)``."""
+    scores = score_lightcurves(matrix, catalog_frac_err=catalog_frac_err)
+    calibration = calibrate_false_alarms(
+        matrix,
+        scores,
+        n_simulations=n_simulations,
+        fap_per_source=fap_per_source,
+        seed=seed,
+        catalog_frac_err=catalog_frac_err,
+    )
+    return classify(scores, calibration), calibration
