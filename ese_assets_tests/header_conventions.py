@@ -57,6 +57,9 @@ class ImageSpec:
     date_obs: str = "2024-03-01T04:05:06.000"
     rms_jyb: float = 1e-3
     extra: dict = field(default_factory=dict)
+    # Width of the noise autocorrelation in beams (its covariance is noise_acf_scale^2 x the beam's;
+    # 0: white noise). The noise is white noise convolved with a Gaussian of half that covariance.
+    noise_acf_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -252,7 +255,7 @@ def write_field(
     noise_cov = _beam_cov_pix(
         wcs2d, wcs2d.pixel_to_world([centre_pix[0]], [centre_pix[1]]), spec.beam
     )[0]
-    sky += correlated_noise(shape_file, noise_cov, spec.rms_jyb, rng)
+    sky += correlated_noise(shape_file, noise_cov * spec.noise_acf_scale**2, spec.rms_jyb, rng)
     data = (sky * spec.unit_scale).astype(np.float32)
 
     header = fits.Header()

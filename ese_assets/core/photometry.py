@@ -60,6 +60,18 @@ minimum-variance estimator (the peak pixel alone has error = rms < 1.15 rms); it
 it is the standard estimator and is robust to small position errors, and (1) makes its error
 honest. Blanking some stamp pixels can therefore lower sigma_F slightly.
 
+Errors: the noise correlation measured on the image
+---------------------------------------------------
+Eq. (1) holds for noise correlated exactly like the beam; real noise is often not (noise made by
+convolving white noise with the beam is sqrt(2) wider, CLEAN and single-dish maps differ), and
+blank-sky flux/error then has a standard deviation of 0.6-1.4 instead of 1.
+``noise_correlation="measure"`` (the pipeline's default, ``ESE_NOISE_CORRELATION``) multiplies
+every error of the image (before the flux-scale term) by the factor c of
+:mod:`ese_assets.core.noise_correlation`: the scatter of this estimator at source-free positions
+of the same image in units of the beam-model error, ``Var(F) = sum_ij K_i K_j C(i-j) /
+(sum K^2)^2`` with the image's own noise autocovariance C. Images with too few source-free
+positions keep the beam model (factor 1); :attr:`ForcedPhotometry.noise` says which, and why.
+
 Flags and close pairs
 ---------------------
 Bits of ``quality_flag`` (defined in :mod:`ese_assets.core.quality`):
@@ -104,6 +116,11 @@ from ese_assets.core.kernels import (
     gaussian,
     inverse_2x2,
 )
+from ese_assets.core.noise_correlation import (
+    NoiseCorrelation,
+    beam_assumption,
+    measure_noise_correlation,
+)
 from ese_assets.core.quality import (
     FLAG_BLANK,
     FLAG_BLENDED,
@@ -142,6 +159,9 @@ BLEND_BEAMS = 1.5
 CHUNK_PIX = 2**17
 #: sigma_F / rms for beam-correlated noise in the well-sampled limit (see module docstring).
 WELL_SAMPLED_BEAM_FACTOR = 2.0 / math.sqrt(3.0)
+#: Error models of :func:`forced_photometry`: the analytic ones of core.kernels, and "measure"
+#: (the beam model times the image's measured noise-correlation factor).
+ERROR_MODELS = ("measure", *NOISE_MODELS)
 
 
 class _BeamLike(Protocol):
@@ -158,6 +178,8 @@ class ForcedPhotometry:
     when not measurable. ``peak_err_jyb``: 1-sigma error (noise model + flux-scale term).
     ``local_rms_jyb`` / ``background_jyb``: mesh values interpolated at the source.
     ``x_pix`` / ``y_pix``: 0-based pixel position. ``quality_flag``: OR of FLAG_* bits.
+    ``noise``: the image's noise-correlation factor applied to the errors
+    (``noise_correlation="measure"``), or the beam assumption (``"beam"``); None for ``"none"``.
     """
 
     peak_jyb: np.ndarray
@@ -167,6 +189,7 @@ class ForcedPhotometry:
     x_pix: np.ndarray
     y_pix: np.ndarray
     quality_flag: np.ndarray
+    noise: NoiseCorrelation | None = None
 
     def __len__(self) -> int:
         return int(self.peak_jyb.shape[0])
@@ -351,8 +374,10 @@ def forced_photometry(
     ``stamp_beams``: stamp width in beam majors (square stamp of 2h+1 pixels,
     h = ceil(stamp_beams * BMAJ_pix / 2), BMAJ_pix at the image centre).
     ``mesh_beams``: background/RMS box size in beam majors (:func:`background_and_rms`).
-    ``noise_correlation``: "beam" (noise autocorrelation = beam; sigma_F -> 2/sqrt(3) rms) or
-    "none" (white noise, sigma_F = rms / sqrt(sum K^2)). ``flux_scale_error``: fractional
+    ``noise_correlation``: "beam" (noise autocorrelation = beam; sigma_F -> 2/sqrt(3) rms),
+    "measure" (the beam model times the factor measured on this image's source-free positions,
+    :mod:`ese_assets.core.noise_correlation`; what the pipeline uses by default) or "none"
+    (white noise, sigma_F = rms / sqrt(sum K^2)). ``flux_scale_error``: fractional
     calibration error added in quadrature. ``mask_sources``: exclude the stamp (+-h pixels) of every
     input position from the background/RMS mesh, or +-1 BMAJ if the stamps would cover more than
     half of the image (why: the wings of the measured sources would otherwise raise the box
@@ -369,10 +394,12 @@ def forced_photometry(
     Returns a :class:`ForcedPhotometry` aligned with the input. See the module docstring for the
     estimator, the error model and the flags.
     """
-    if noise_correlation not in NOISE_MODELS:
+    if noise_correlation not in ERROR_MODELS:
         raise ValueError(
-            f"noise_correlation must be one of {NOISE_MODELS}, got {noise_correlation!r}"
+            f"noise_correlation must be one of {ERROR_MODELS}, got {noise_correlation!r}"
         )
+    # The analytic model behind the errors; "measure" scales the beam model's errors.
+    noise_model = "none" if noise_correlation == "none" else "beam"
     if not 0.0 <= max_blank_fraction < 1.0:
         raise ValueError(f"max_blank_fraction must be in [0, 1), got {max_blank_fraction}")
     data = np.asarray(data)
@@ -447,7 +474,7 @@ def forced_photometry(
             background,
             h,
             icov_centre,
-            noise_correlation,
+            noise_model,
             chunk_size,
             max_blank_fraction,
         )
@@ -455,7 +482,7 @@ def forced_photometry(
         err_unit[idx] = e
         flag[idx[has_nan]] |= FLAG_NAN
         flag[idx[blank]] |= FLAG_BLANK
-    if noise_correlation == "beam":
+    if noise_model == "beam":
         # Unblanked stamps: the per-image factor (see module docstring).
         image_factor = correlated_noise_factor(cov_centre, h, "beam")
         err_unit = np.where(np.isnan(err_unit), image_factor, err_unit)
@@ -494,11 +521,27 @@ def forced_photometry(
                     rms_fit,
                     h,
                     icov_centre,
-                    noise_correlation,
+                    noise_model,
                     chunk_pix=CHUNK_PIX,
                 )
                 peak[members] = amp
                 peak_err[members] = err
+
+    noise = None
+    if noise_correlation == "measure":
+        noise = measure_noise_correlation(
+            data,
+            icov_centre,
+            h,
+            background_mesh=bkg_grid,
+            rms_mesh=rms_grid,
+            box_pix=box_pix,
+            source_x_pix=x[finite],
+            source_y_pix=y[finite],
+        )
+        peak_err = peak_err * noise.factor
+    elif noise_correlation == "beam":
+        noise = beam_assumption("noise correlation assumed to be the beam's")
 
     # Stamps that leave the image or are blank are not measured, even in a joint fit.
     unmeasured = (flag & (FLAG_EDGE | FLAG_BLANK)) != 0
@@ -514,4 +557,5 @@ def forced_photometry(
         x_pix=x,
         y_pix=y,
         quality_flag=flag,
+        noise=noise,
     )
