@@ -5,6 +5,8 @@
 >>> Source("SIM J100012+300455", products_db="data/demo/products.sqlite3").measurements
 >>> Source("SIM J100012+300455", products_db="data/demo/products.sqlite3").plot_lightcurve(
 ...     save=True, outfile="lightcurve.png")
+>>> PhotometryManager(products_db_path=None).measure_for_fits(
+...     "image.fits", config=PhotometryConfig(min_flux_mjy=10.0)).measurements
 
 Plots are drawn by :mod:`ese_assets.plots` (the seed's ``visualization`` module: its
 ``plot_lightcurve``, ``FigureConfig`` and ``PlotStyle``); matplotlib is imported only when a plot
@@ -36,6 +38,7 @@ from ese_assets.core.detection import (
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
 from ese_assets.core.values import py_scalar
 from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS, DEFAULT_FLUX_SCALE_ERROR
+from ese_assets.photometry import PhotometryConfig, PhotometryManager, PhotometryResult
 from ese_assets.pipeline.candidates import (
     SEED_CANDIDATE_FIELDS,
     new_run_id,
@@ -53,6 +56,20 @@ if TYPE_CHECKING:  # matplotlib is imported when a plot is made, not with the AP
 
 #: Fields of one candidate in ``detect_ese_candidates`` output (the seed's JSON fields).
 CANDIDATE_FIELDS = SEED_CANDIDATE_FIELDS
+
+#: The seed's forced photometry (``photometry.manager``), re-exported with the rest of the API.
+__all__ = [
+    "CANDIDATE_FIELDS",
+    "PhotometryConfig",
+    "PhotometryManager",
+    "PhotometryResult",
+    "Source",
+    "auto_detect_ese_for_new_measurements",
+    "detect_ese_candidates",
+    "plot_eta_v",
+    "plot_lightcurve",
+    "update_variability_stats_for_source",
+]
 
 
 def _engine(products_db: str | Path | Engine) -> Engine:

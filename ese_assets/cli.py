@@ -1,7 +1,7 @@
 """``ese``: command line interface.
 
 Subcommands: ``simulate``, ``ingest``, ``detect``, ``export``, ``candidates``, ``mark``, ``plot``,
-``demo``.
+``photometry``, ``demo``.
 Options default to the environment (``PIPELINE_PRODUCTS_DB``, ``ESE_CATALOG``...); see README.
 """
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ese_assets import cli_candidates
+from ese_assets import cli_candidates, cli_export, cli_photometry
 from ese_assets.cli_candidates import open_products_db
 from ese_assets.core.detection import (
     DEFAULT_ETA_V_SIGMA,
@@ -253,44 +253,6 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from ese_assets.api import Source
-
-    lc = Source(args.source_id, open_products_db(_settings(args).products_db)).measurements
-    if lc.empty:
-        print(f"ese export: no measurements for source {args.source_id!r}", file=sys.stderr)
-        return 1
-    cols = [
-        "source_id",
-        "mjd",
-        "flux_mjy",
-        "flux_err_mjy",
-        "peak_jyb",
-        "peak_err_jyb",
-        "quality_flag",
-        "image_path",
-    ]
-    lc = lc[cols]
-    text = (
-        lc.to_csv(index=False)
-        if args.format == "csv"
-        else json.dumps(
-            {
-                "source_id": args.source_id,
-                "n_obs": len(lc),
-                "measurements": json.loads(lc.to_json(orient="records")),
-            },
-            indent=2,
-        )
-    )
-    if args.output:
-        Path(args.output).write_text(text)
-        print(f"wrote {len(lc)} measurements of {args.source_id} to {args.output}")
-    else:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    return 0
-
-
 def cmd_plot(args: argparse.Namespace) -> int:
     """``ese plot SOURCE_ID`` (a lightcurve) or ``ese plot --eta-v`` (the population)."""
     from ese_assets import api, plots
@@ -403,14 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(p)
     p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("export", help="export a source's lightcurve as CSV or JSON")
-    p.add_argument("--source-id", required=True)
-    p.add_argument("--format", choices=["csv", "json"], default="csv")
-    p.add_argument("--output", help="file to write (default: standard output)")
-    _add_db(p)
-    p.set_defaults(func=cmd_export)
-
+    cli_export.add_parser(sub)
     cli_candidates.add_parsers(sub)
+    cli_photometry.add_parsers(sub)
 
     p = sub.add_parser(
         "plot",

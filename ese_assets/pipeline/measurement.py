@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 from sqlalchemy import Engine
 
-from ese_assets.core.catalog import Catalog
-from ese_assets.core.fits_image import ImageError, load_image
+from ese_assets.core.catalog import Catalog, unit_vectors
+from ese_assets.core.fits_image import FitsImage, ImageError, load_image
 from ese_assets.core.photometry import forced_photometry
 from ese_assets.pipeline.progress import Progress, silent
 from ese_assets.storage import images as images_db
@@ -25,6 +25,53 @@ from ese_assets.storage import photometry as photometry_db
 from ese_assets.storage.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
+
+
+def photometry_rows(
+    image: FitsImage,
+    catalog: Catalog,
+    *,
+    min_flux_mjy: float = 0.0,
+    radius_deg: float | None = None,
+    now: float,
+) -> pd.DataFrame:
+    """Forced photometry of the catalog sources inside one image: ``photometry`` table rows.
+
+    Sources are those of ``catalog`` inside the image footprint, at least ``min_flux_mjy`` bright
+    and, when ``radius_deg`` is given, within that angle of the image centre (ICRS). Sources that
+    cannot be measured (off the data, blank: no finite flux or error) are left out, as the
+    ``photometry`` table never holds them. The pipeline (:func:`measure_image`), ``ese photometry``
+    and ``PhotometryManager`` all measure through this function.
+    """
+    info = image.info
+    # Catalog positions are ICRS; the image's WCS may be FK4, Galactic...: measure in its frame.
+    idx, lon_deg, lat_deg = catalog.footprint_positions(
+        info.wcs, info.shape, min_flux_mjy=min_flux_mjy
+    )
+    if radius_deg is not None:
+        centre = unit_vectors(np.array([info.center_ra_deg]), np.array([info.center_dec_deg]))[0]
+        near = unit_vectors(catalog.ra_deg[idx], catalog.dec_deg[idx]) @ centre >= np.cos(
+            np.radians(radius_deg)
+        )
+        idx, lon_deg, lat_deg = idx[near], lon_deg[near], lat_deg[near]
+    phot = forced_photometry(image.data, info.wcs, info.beam, lon_deg, lat_deg)
+    good = np.isfinite(phot.peak_jyb) & np.isfinite(phot.peak_err_jyb) & (phot.peak_err_jyb > 0)
+    return pd.DataFrame(
+        {
+            "image_path": info.path,
+            "ra_deg": catalog.ra_deg[idx][good],
+            "dec_deg": catalog.dec_deg[idx][good],
+            "nvss_flux_mjy": catalog.flux_mjy[idx][good],
+            "peak_jyb": phot.peak_jyb[good],
+            "peak_err_jyb": phot.peak_err_jyb[good],
+            "measured_at": now,
+            "source_id": catalog.source_id[idx][good],
+            "mjd": info.mjd,
+            "local_rms_jyb": phot.local_rms_jyb[good],
+            "background_jyb": phot.background_jyb[good],
+            "quality_flag": phot.quality_flag[good].astype(int),
+        }
+    )
 
 
 @dataclass
@@ -43,6 +90,7 @@ def measure_image(
     path: str,
     *,
     min_flux_mjy: float = 0.0,
+    radius_deg: float | None = None,
     now: float | None = None,
 ) -> ImageResult:
     """Forced photometry of every catalog source in one image, stored in one transaction.
@@ -63,47 +111,27 @@ def measure_image(
         images_db.mark_image_failed(engine, path, reason)
         return ImageResult(path, "failed", reason=reason)
 
-    info = image.info
-    # Catalog positions are ICRS; the image's WCS may be FK4, Galactic...: measure in its frame.
-    idx, lon_deg, lat_deg = catalog.footprint_positions(
-        info.wcs, info.shape, min_flux_mjy=min_flux_mjy
+    rows = photometry_rows(
+        image, catalog, min_flux_mjy=min_flux_mjy, radius_deg=radius_deg, now=now
     )
-    phot = forced_photometry(image.data, info.wcs, info.beam, lon_deg, lat_deg)
-    good = np.isfinite(phot.peak_jyb) & np.isfinite(phot.peak_err_jyb) & (phot.peak_err_jyb > 0)
-    rows = pd.DataFrame(
-        {
-            "image_path": path,
-            "ra_deg": catalog.ra_deg[idx][good],
-            "dec_deg": catalog.dec_deg[idx][good],
-            "nvss_flux_mjy": catalog.flux_mjy[idx][good],
-            "peak_jyb": phot.peak_jyb[good],
-            "peak_err_jyb": phot.peak_err_jyb[good],
-            "measured_at": now,
-            "source_id": catalog.source_id[idx][good],
-            "mjd": info.mjd,
-            "local_rms_jyb": phot.local_rms_jyb[good],
-            "background_jyb": phot.background_jyb[good],
-            "quality_flag": phot.quality_flag[good].astype(int),
-        }
-    )
-    rms = phot.local_rms_jyb[good]
+    rms = rows["local_rms_jyb"].to_numpy()
     median_rms = float(np.median(rms)) if rms.size else None
     photometry_db.replace_image_photometry(
         engine,
         path,
         rows,
         {
-            "mjd": info.mjd,
+            "mjd": image.info.mjd,
             "median_rms_jyb": median_rms,
-            "n_sources": int(good.sum()),
+            "n_sources": len(rows),
         },
     )
     return ImageResult(
         path,
         "measured",
-        n_sources=int(good.sum()),
+        n_sources=len(rows),
         median_rms_jyb=median_rms,
-        n_flagged=int((phot.quality_flag[good] != 0).sum()),
+        n_flagged=int((rows["quality_flag"] != 0).sum()),
     )
 
 

@@ -18,6 +18,7 @@ from ese_assets.core.candidates import NEW_STATUS
 from ese_assets.storage import candidates as candidates_db
 from ese_assets.web import formats, queries
 from ese_assets.web.config import WebConfig
+from ese_assets.web.export import lightcurve_document
 from ese_assets.web.jobs import BATCH_TYPE, SINGLE_TYPE, JobLauncher
 from ese_assets.web.models import (
     BatchDetectJobRequest,
@@ -104,40 +105,21 @@ def get_lightcurve(
 ) -> Any:
     """Every measurement of the source in time order (flagged ones too, with ``used`` false
     when the statistics leave them out)."""
-    engine = engine_of(request)
-    lc = queries.lightcurve(
-        engine,
+    doc = lightcurve_document(
+        engine_of(request),
         source_id,
+        format,
         exclude_flags=request.app.state.exclude_flags,
         start_mjd=_mjd(start_date, "start_date"),
         end_mjd=_mjd(end_date, "end_date"),
     )
-    stats = queries.variability(engine, source_id)
-    if lc.empty and stats is None:
+    if doc is None:
         raise _not_found(f"source {source_id!r} has no measurements")
-    fields = queries.lightcurve_fields(lc)
-    first = queries.records(lc.head(1))[0] if len(lc) else {}
-    position = {
-        k: (stats or {}).get(k, first.get(k)) for k in ("ra_deg", "dec_deg", "nvss_flux_mjy")
-    }
-    if format == "csv":
-        return Response(
-            formats.lightcurve_csv(lc, source_id, fields),
-            media_type=formats.CSV_MEDIA_TYPE,
-            headers=_attachment(source_id, "csv"),
-        )
-    if format == "votable":
-        return Response(
-            formats.lightcurve_votable(lc, source_id, fields, {"source_id": source_id, **position}),
-            media_type=formats.VOTABLE_MEDIA_TYPE,
-            headers=_attachment(source_id, "vot"),
-        )
-    return {
-        "source_id": source_id,
-        **position,
-        "n_points": len(lc),
-        "data_points": queries.records(lc, fields),
-    }
+    if format == "json":
+        return doc.body
+    return Response(
+        doc.body, media_type=doc.media_type, headers=_attachment(source_id, doc.extension)
+    )
 
 
 @router.get(
