@@ -40,7 +40,6 @@ import sqlalchemy as sa
 from _common import (
     add_common_arguments,
     close_products_db,
-    epochs,
     fmt_ratio,
     fmt_seconds,
     night_of,
@@ -88,7 +87,11 @@ def _image_chunks(
     mean_mjy = rng.uniform(5.0, 200.0, n_sources)
     n_images = max(1, n_rows // n_sources)
     n_nights = -(-n_images // epochs_per_night)
-    mjds = epochs(60000.0, n_nights, epochs_per_night)[:n_images]
+    # DSA-110 images the sky as it drifts past: epochs spread over 0.8 day, one night per day.
+    step = 0.8 / epochs_per_night
+    mjds = (
+        60000.0 + np.arange(n_nights)[:, None] + step * np.arange(epochs_per_night)[None, :]
+    ).ravel()[:n_images]
     for night_start in range(0, n_images, epochs_per_night):
         night_mjds = mjds[night_start : night_start + epochs_per_night]
         image_rows, phot_rows = [], []
