@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -45,6 +45,25 @@ DEFAULT_RETRY_DELAY_S = 30.0
 #: Run requests per image before the sensor gives up on it (the nightly run and `ese ingest`
 #: still retry it).
 DEFAULT_MAX_ATTEMPTS = 5
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and ``taskset`` narrow),
+    at least 1: the default number of photometry worker processes."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+#: Dagster executors of the pipeline job (ESE_EXECUTOR): steps in the run's own process, or as
+#: Celery tasks on workers (dagster-celery, the ``distributed`` extra) that may run on other hosts.
+EXECUTORS = ("in_process", "celery")
+DEFAULT_EXECUTOR = "in_process"
+#: Broker of the Celery executor and its workers; the RabbitMQ server of a single-host install.
+DEFAULT_CELERY_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
+#: Where Celery workers send task results back (dagster-celery's default: replies over the broker).
+DEFAULT_CELERY_BACKEND = "rpc://"
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -139,6 +158,18 @@ def _validate(settings: Settings) -> None:
         ),
         ("ESE_RETRY_DELAY_S", settings.retry_delay_s, settings.retry_delay_s >= 0, ">= 0"),
         ("ESE_MAX_ATTEMPTS", settings.max_attempts, settings.max_attempts >= 1, ">= 1"),
+        (
+            "ESE_PHOTOMETRY_WORKERS",
+            settings.photometry_workers,
+            settings.photometry_workers >= 1,
+            ">= 1 (1 measures the images one by one in the run's process)",
+        ),
+        (
+            "ESE_EXECUTOR",
+            settings.executor,
+            settings.executor in EXECUTORS,
+            f"one of {', '.join(EXECUTORS)}",
+        ),
     )
     for name, value, ok, rule in checks:
         if not ok:
@@ -179,6 +210,12 @@ class Settings:
     # the seed's sigma_deviation rule: ESE_USE_SIGMA_RULE, else on when ESE_PRESET/ESE_MIN_SIGMA
     # are set (core.detection.sigma_rule_requested), else off
     use_sigma_rule: bool = DEFAULT_USE_SIGMA_RULE
+    # worker processes measuring a run's images in parallel (pipeline.parallel); 1 = serial
+    photometry_workers: int = field(default_factory=usable_cores)
+    # Dagster executor of the pipeline job, and the Celery broker/backend when it is "celery"
+    executor: str = DEFAULT_EXECUTOR
+    celery_broker: str = DEFAULT_CELERY_BROKER
+    celery_backend: str = DEFAULT_CELERY_BACKEND
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -219,6 +256,10 @@ class Settings:
             use_sigma_rule=sigma_rule_requested(
                 _env("ESE_PRESET"), min_sigma_env, _use_sigma_rule("ESE_USE_SIGMA_RULE")
             ),
+            photometry_workers=_int("ESE_PHOTOMETRY_WORKERS", usable_cores()),
+            executor=_env("ESE_EXECUTOR", DEFAULT_EXECUTOR),
+            celery_broker=_env("ESE_CELERY_BROKER", DEFAULT_CELERY_BROKER),
+            celery_backend=_env("ESE_CELERY_BACKEND", DEFAULT_CELERY_BACKEND),
         )
 
     def detection(self) -> DetectionSettings:

@@ -28,6 +28,7 @@ from ese_assets.orchestration.partitions import nights_backfill_policy
 from ese_assets.orchestration.resources import (
     DetectionResource,
     IncomingDirectory,
+    MeasurementResource,
     ProductsDatabase,
     SourceCatalogResource,
 )
@@ -187,11 +188,14 @@ def build_assets(
         products_db: ProductsDatabase,
         catalog: SourceCatalogResource,
         incoming: IncomingDirectory,
+        measurement: MeasurementResource,
     ) -> dg.MaterializeResult:
         """Forced photometry of every catalog source in every image of the night.
 
         Each image is read once and measured in one transaction that replaces its earlier rows, so
         re-running a night (or a run killed half-way) never duplicates or half-writes measurements.
+        Up to ``ESE_PHOTOMETRY_WORKERS`` images are read and measured at once by worker processes;
+        this step's process writes them.
         """
         nights = list(context.partition_keys)
         if context.run.tags.get(PID_TAG) != process_tags()[PID_TAG]:
@@ -203,7 +207,12 @@ def build_assets(
             paths = _images_to_measure(engine, nights, config, incoming, context.log)
             context.log.info(f"measuring {len(paths)} images of {nights[0]}..{nights[-1]}")
             results = pipeline.measure_images(
-                engine, sources, paths, min_flux_mjy=catalog.min_flux_mjy, progress=context.log.info
+                engine,
+                sources,
+                paths,
+                min_flux_mjy=catalog.min_flux_mjy,
+                workers=measurement.workers,
+                progress=context.log.info,
             )
 
         measured = [r for r in results if r.status == "measured"]

@@ -69,6 +69,13 @@ class IncomingDirectory(dg.ConfigurableResource):
     partition_start: str = DEFAULT_PARTITION_START  # files observed before are rejected
 
 
+class MeasurementResource(dg.ConfigurableResource):
+    """How a run measures its images (``ESE_PHOTOMETRY_WORKERS``)."""
+
+    # processes reading and measuring images at once (pipeline.parallel); 1: in the run's process
+    workers: int
+
+
 class DetectionResource(dg.ConfigurableResource):
     """Variability and detection settings (``ESE_PRESET``, ``ESE_MIN_SIGMA``, ...)."""
 
@@ -116,6 +123,7 @@ def resources_from_settings(settings: Settings, *, bind_env: bool = True) -> dic
             timezone=settings.timezone,
             partition_start=settings.partition_start,
         ),
+        "measurement": MeasurementResource(workers=settings.photometry_workers),
         "detection": DetectionResource(
             preset=settings.preset,
             min_sigma=settings.min_sigma,

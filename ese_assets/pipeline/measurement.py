@@ -6,9 +6,10 @@ run killed half-way leaves whole images only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from sqlalchemy import Engine
 from ese_assets.core.catalog import Catalog, unit_vectors
 from ese_assets.core.fits_image import FitsImage, ImageError, load_image
 from ese_assets.core.photometry import forced_photometry
+from ese_assets.pipeline import parallel
 from ese_assets.pipeline.progress import Progress, silent
 from ese_assets.storage import images as images_db
 from ese_assets.storage import photometry as photometry_db
@@ -84,36 +86,61 @@ class ImageResult:
     n_flagged: int = 0
 
 
-def measure_image(
-    engine: Engine,
+@dataclass
+class Measurement:
+    """One image read and measured, nothing stored yet (what a photometry worker returns).
+
+    ``status`` is ``measured`` (``rows`` and ``mjd`` set), ``rejected`` (unusable data) or
+    ``failed`` (the file could not be read), with the ``reason``.
+    """
+
+    path: str
+    status: str
+    rows: pd.DataFrame | None = None
+    mjd: float | None = None
+    reason: str | None = None
+
+
+def read_and_measure(
     catalog: Catalog,
     path: str,
     *,
     min_flux_mjy: float = 0.0,
     radius_deg: float | None = None,
     now: float | None = None,
-) -> ImageResult:
-    """Forced photometry of every catalog source in one image, stored in one transaction.
+) -> Measurement:
+    """Read one image and measure every catalog source in it; no database involved.
 
     The file is read once. Unusable data (e.g. an all-NaN image, a file that became corrupt after
-    registration) marks the image ``rejected``; a file that cannot be read marks it ``failed``
-    (retried later, see :mod:`ese_assets.pipeline.recovery`). A database that is busy or
-    unreachable raises :class:`DatabaseUnavailable`: nothing is recorded, the caller retries.
+    registration) gives ``rejected``; a file that cannot be read gives ``failed``.
     """
     now = time.time() if now is None else now
     try:
         image = load_image(path)
     except ImageError as exc:
-        images_db.set_image_status(engine, [path], "rejected", reason=exc.reason)
-        return ImageResult(path, "rejected", reason=exc.reason)
+        return Measurement(path, "rejected", reason=exc.reason)
     except OSError as exc:
-        reason = f"cannot read file ({exc.strerror or exc})"
-        images_db.mark_image_failed(engine, path, reason)
-        return ImageResult(path, "failed", reason=reason)
-
+        return Measurement(path, "failed", reason=f"cannot read file ({exc.strerror or exc})")
     rows = photometry_rows(
         image, catalog, min_flux_mjy=min_flux_mjy, radius_deg=radius_deg, now=now
     )
+    return Measurement(path, "measured", rows=rows, mjd=image.info.mjd)
+
+
+def record_measurement(engine: Engine, measurement: Measurement) -> ImageResult:
+    """Store one :class:`Measurement` in one transaction: the image's photometry rows replaced
+    and its ``images`` row marked ``measured``; or the image marked ``rejected``/``failed`` with
+    the reason (a failed image is retried later, see :mod:`ese_assets.pipeline.recovery`). A
+    database that is busy or unreachable raises :class:`DatabaseUnavailable`: nothing is
+    recorded, the caller retries."""
+    path, reason = measurement.path, measurement.reason
+    if measurement.status == "rejected":
+        images_db.set_image_status(engine, [path], "rejected", reason=reason)
+        return ImageResult(path, "rejected", reason=reason)
+    if measurement.status == "failed":
+        images_db.mark_image_failed(engine, path, reason)
+        return ImageResult(path, "failed", reason=reason)
+    rows = measurement.rows
     rms = rows["local_rms_jyb"].to_numpy()
     median_rms = float(np.median(rms)) if rms.size else None
     photometry_db.replace_image_photometry(
@@ -121,7 +148,7 @@ def measure_image(
         path,
         rows,
         {
-            "mjd": image.info.mjd,
+            "mjd": measurement.mjd,
             "median_rms_jyb": median_rms,
             "n_sources": len(rows),
         },
@@ -135,32 +162,92 @@ def measure_image(
     )
 
 
+def measure_image(
+    engine: Engine,
+    catalog: Catalog,
+    path: str,
+    *,
+    min_flux_mjy: float = 0.0,
+    radius_deg: float | None = None,
+    now: float | None = None,
+) -> ImageResult:
+    """Forced photometry of every catalog source in one image, stored in one transaction
+    (:func:`read_and_measure`, then :func:`record_measurement`)."""
+    measurement = read_and_measure(
+        catalog, path, min_flux_mjy=min_flux_mjy, radius_deg=radius_deg, now=now
+    )
+    return record_measurement(engine, measurement)
+
+
+# A photometry worker process keeps the catalog it was started with (sent once, not per image).
+_worker_state: dict = {}
+
+
+def _start_photometry_worker(catalog: Catalog, min_flux_mjy: float) -> None:
+    _worker_state.update(catalog=catalog, min_flux_mjy=min_flux_mjy)
+
+
+def _measure_in_worker(path: str) -> Measurement:
+    return read_and_measure(
+        _worker_state["catalog"], path, min_flux_mjy=_worker_state["min_flux_mjy"]
+    )
+
+
+def _measure_here(
+    catalog: Catalog, paths: Sequence[str], min_flux_mjy: float
+) -> Iterator[tuple[str, Measurement | Exception]]:
+    """The serial path: each image is measured only when the previous one has been stored."""
+    for path in paths:
+        try:
+            yield path, read_and_measure(catalog, path, min_flux_mjy=min_flux_mjy)
+        except Exception as exc:  # handled by the caller's per-image error boundary
+            yield path, exc
+
+
 def measure_images(
     engine: Engine,
     catalog: Catalog,
     paths: Sequence[str],
     *,
     min_flux_mjy: float = 0.0,
+    workers: int = 1,
     progress: Progress = silent,
 ) -> list[ImageResult]:
     """:func:`measure_image` for each path; one bad image never stops the others.
 
-    The error boundary is per image, except for :class:`DatabaseUnavailable`: a busy or lost
-    database is not the image's fault, so it propagates (the Dagster step retries with backoff;
-    the images not yet measured stay queued and are requested again if the retries run out).
+    ``workers`` > 1 reads and measures up to that many images at once in worker processes
+    (:mod:`ese_assets.pipeline.parallel`) while this process stores them, one transaction per
+    image in the order of ``paths``, so the tables are those of the serial path. The error
+    boundary is per image, except for :class:`DatabaseUnavailable`: a busy or lost database is
+    not the image's fault, so it propagates (the Dagster step retries with backoff; the images
+    not yet measured stay queued and are requested again if the retries run out).
     """
+    workers = min(workers, len(paths))
+    if workers > 1:
+        measured = parallel.ordered_map(
+            _measure_in_worker,
+            paths,
+            workers=workers,
+            initializer=_start_photometry_worker,
+            initargs=(catalog, min_flux_mjy),
+        )
+    else:
+        measured = contextlib.nullcontext(_measure_here(catalog, paths, min_flux_mjy))
     results = []
-    for i, path in enumerate(paths, start=1):
-        try:
-            res = measure_image(engine, catalog, path, min_flux_mjy=min_flux_mjy)
-        except DatabaseUnavailable:
-            raise
-        except Exception as exc:  # recorded, and the night goes on
-            log.exception("measuring %s failed", path)
-            reason = f"{type(exc).__name__}: {exc}"
-            images_db.mark_image_failed(engine, path, reason)
-            res = ImageResult(path, "failed", reason=reason)
-        results.append(res)
-        detail = f"{res.n_sources} sources" if res.status == "measured" else res.reason
-        progress(f"[{i}/{len(paths)}] {Path(path).name}: {res.status} ({detail})")
+    with measured as outcomes:
+        for i, (path, outcome) in enumerate(outcomes, start=1):
+            try:
+                if isinstance(outcome, Exception):
+                    raise outcome
+                res = record_measurement(engine, outcome)
+            except DatabaseUnavailable:
+                raise
+            except Exception as exc:  # recorded, and the night goes on
+                log.exception("measuring %s failed", path)
+                reason = f"{type(exc).__name__}: {exc}"
+                images_db.mark_image_failed(engine, path, reason)
+                res = ImageResult(path, "failed", reason=reason)
+            results.append(res)
+            detail = f"{res.n_sources} sources" if res.status == "measured" else res.reason
+            progress(f"[{i}/{len(paths)}] {Path(path).name}: {res.status} ({detail})")
     return results
