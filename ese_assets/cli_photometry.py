@@ -90,7 +90,7 @@ def image_files(directory: Path, recursive: bool) -> list[Path]:
     from ese_assets.pipeline.registration import is_fits_file
 
     found = directory.rglob("*") if recursive else directory.iterdir()
-    return sorted(p for p in found if p.is_file() and is_fits_file(p))
+    return sorted(p.absolute() for p in found if p.is_file() and is_fits_file(p))
 
 
 def cmd_batch(args: argparse.Namespace) -> int:

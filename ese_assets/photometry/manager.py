@@ -27,6 +27,7 @@ from ese_assets.pipeline.candidates import new_run_id, seed_candidate_records
 from ese_assets.pipeline.measurement import photometry_rows
 from ese_assets.settings import Settings
 from ese_assets.storage.engine import ensure_schema, make_engine
+from ese_assets.storage.schema import images as images_table
 from ese_assets.storage.schema import photometry as photometry_table
 
 #: The seed's catalog names; each means the catalog configured by ESE_CATALOG (or
@@ -144,7 +145,15 @@ class PhotometryManager:
             engine, [path], timezone=settings.timezone, first_night=settings.partition_start
         )
         if scan.rejected:
-            raise ValueError(scan.rejected[0][1])
+            raise ValueError(f"{path}: rejected: {scan.rejected[0][1]}")
+        with engine.connect() as conn:  # registered before: a rejected image stays rejected
+            known = conn.execute(
+                sa.select(images_table.c.status, images_table.c.reason).where(
+                    images_table.c.path == path
+                )
+            ).one()
+        if known.status == "rejected":
+            raise ValueError(f"{path}: rejected: {known.reason}")
         result = pipeline.measure_image(
             engine,
             catalog,
