@@ -5,12 +5,14 @@ pipeline run stores it. Real simulated FITS images, real SQL."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from astropy.io.votable import parse_single_table
 
 from ese_assets import cli, pipeline
 from ese_assets.api import PhotometryConfig, PhotometryManager
@@ -173,3 +175,48 @@ def test_ese_photometry_nvss_prints_and_writes_csv(settings, tmp_path, capsys, m
     # a missing image is one line, exit 2
     assert cli.main(["photometry", "nvss", "--fits", str(tmp_path / "nope.fits")]) == 2
     assert "nope.fits" in capsys.readouterr().err
+
+
+def test_export_of_every_candidate_as_json_and_votable(settings, tmp_path, capsys):
+    manager = PhotometryManager(products_db_path=settings.products_db, settings=settings)
+    for path in _images(settings):
+        manager.measure_for_fits(path, config=PhotometryConfig(detect_ese=True))
+    engine = make_engine(settings.products_db)
+    with engine.connect() as conn:
+        open_ids = set(
+            conn.execute(
+                sa.text("SELECT source_id FROM ese_candidates WHERE status IN (:a, :i)"),
+                {"a": "active", "i": "investigated"},
+            ).scalars()
+        )
+        counts = dict(
+            conn.execute(
+                sa.text("SELECT source_id, COUNT(*) FROM photometry GROUP BY source_id")
+            ).all()
+        )
+    assert open_ids
+    db = ["--products-db", settings.products_db]
+    for fmt, ext in (("json", "json"), ("votable", "vot")):
+        out_dir = tmp_path / fmt
+        assert (
+            cli.main(["export", "--candidates", "--format", fmt, "--output", str(out_dir), *db])
+            == 0
+        )
+        files = sorted(out_dir.iterdir())
+        assert [f.name for f in files] == sorted(f"{s}_lightcurve.{ext}" for s in open_ids)
+        for f in files:
+            source_id = f.name.removesuffix(f"_lightcurve.{ext}")
+            if fmt == "json":
+                doc = json.loads(f.read_text())
+                assert doc["source_id"] == source_id
+                assert doc["n_points"] == len(doc["data_points"]) == counts[source_id]
+            else:
+                table = parse_single_table(f).to_table()
+                assert len(table) == counts[source_id]
+                assert str(table["mjd"].unit) == "d"
+    assert f"wrote the lightcurves of {len(open_ids)} open candidates" in capsys.readouterr().out
+    # one source to standard output; neither or both of --source-id/--candidates is refused
+    assert cli.main(["export", "--source-id", sorted(open_ids)[0], "--format", "json", *db]) == 0
+    assert json.loads(capsys.readouterr().out)["source_id"] == sorted(open_ids)[0]
+    assert cli.main(["export", *db]) == 2
+    assert cli.main(["export", "--candidates", "--status", "dismissed", "--output", "x", *db]) == 1

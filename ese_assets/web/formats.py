@@ -65,7 +65,8 @@ def lightcurve_votable(
         unit, _ = COLUMN_META.get(name, (None, None))
         if unit is not None:
             table[name].unit = unit
-    table.meta["name"] = source_id
+    # The TABLE is named below: a name in the table's meta would make astropy invent an ID from
+    # it (W03: '+' is not allowed in an XML ID).
     votable = from_table(table, table_id="lightcurve")
     resource_table = votable.get_first_table()
     resource_table.name = f"lightcurve {source_id}"
