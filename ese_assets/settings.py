@@ -23,6 +23,7 @@ from ese_assets.core.detection import (
     resolve_min_sigma,
     sigma_rule_requested,
 )
+from ese_assets.core.noise_correlation import DEFAULT_NOISE_CORRELATION, NOISE_CORRELATION_MODES
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS, validate_exclude_flags
 from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS, DEFAULT_FLUX_SCALE_ERROR
 
@@ -159,6 +160,12 @@ def _validate(settings: Settings) -> None:
         ("ESE_RETRY_DELAY_S", settings.retry_delay_s, settings.retry_delay_s >= 0, ">= 0"),
         ("ESE_MAX_ATTEMPTS", settings.max_attempts, settings.max_attempts >= 1, ">= 1"),
         (
+            "ESE_NOISE_CORRELATION",
+            settings.noise_correlation,
+            settings.noise_correlation in NOISE_CORRELATION_MODES,
+            f"one of {', '.join(NOISE_CORRELATION_MODES)}",
+        ),
+        (
             "ESE_PHOTOMETRY_WORKERS",
             settings.photometry_workers,
             settings.photometry_workers >= 1,
@@ -210,6 +217,9 @@ class Settings:
     # the seed's sigma_deviation rule: ESE_USE_SIGMA_RULE, else on when ESE_PRESET/ESE_MIN_SIGMA
     # are set (core.detection.sigma_rule_requested), else off
     use_sigma_rule: bool = DEFAULT_USE_SIGMA_RULE
+    # errors of the photometry: "measure" each image's noise correlation, or assume the "beam"
+    # (core.noise_correlation)
+    noise_correlation: str = DEFAULT_NOISE_CORRELATION
     # worker processes measuring a run's images in parallel (pipeline.parallel); 1 = serial
     photometry_workers: int = field(default_factory=usable_cores)
     # Dagster executor of the pipeline job, and the Celery broker/backend when it is "celery"
@@ -252,6 +262,7 @@ class Settings:
             exclude_flags=_exclude_flags("ESE_EXCLUDE_FLAGS"),
             retry_delay_s=_env_float("ESE_RETRY_DELAY_S", DEFAULT_RETRY_DELAY_S),
             max_attempts=_int("ESE_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS),
+            noise_correlation=_env("ESE_NOISE_CORRELATION", DEFAULT_NOISE_CORRELATION),
             bin_nights=_bin_nights("ESE_BIN_NIGHTS"),
             use_sigma_rule=sigma_rule_requested(
                 _env("ESE_PRESET"), min_sigma_env, _use_sigma_rule("ESE_USE_SIGMA_RULE")

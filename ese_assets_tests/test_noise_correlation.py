@@ -16,24 +16,37 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import dagster as dg
 import numpy as np
+import pandas as pd
 import pytest
+import sqlalchemy as sa
 from astropy.io import fits
 from astropy.wcs import WCS
 
 from ese_assets.core.background import background_and_rms
 from ese_assets.core.beam import FWHM_PER_SIGMA, Beam
-from ese_assets.core.catalog import Catalog
+from ese_assets.core.catalog import Catalog, load_catalog_cached
 from ese_assets.core.fits_image import load_image
+from ese_assets.core.kernels import correlated_noise_factor
 from ese_assets.core.noise_correlation import (
     MIN_POSITIONS,
     NOISE_CORRELATION_MODES,
     measure_noise_correlation,
     validate_noise_correlation,
 )
-from ese_assets.core.photometry import forced_photometry
+from ese_assets.core.photometry import beam_covariance_pixels, forced_photometry
 from ese_assets.core.sim_image import correlated_noise, make_sin_wcs
+from ese_assets.definitions import build_definitions
+from ese_assets.pipeline import measurement, registration
+from ese_assets.settings import Settings
+from ese_assets.storage import engine as engine_mod
+from ese_assets.storage.engine import ensure_schema, make_engine
 from ese_assets_tests.header_conventions import ImageSpec, _beam_cov_pix, write_field
+from ese_assets_tests.survey import NIGHTS, make_workspace
+
+#: The ``images`` columns of the error model (storage.schema).
+NOISE_COLUMNS = ("noise_corr_factor", "noise_corr_err", "noise_corr_positions", "noise_corr_reason")
 
 SHAPE = (1024, 1024)
 SOURCE_SPACING_PIX = 400.0  # 4-9 injected sources inside each image
@@ -335,3 +348,135 @@ def test_mode_validation_names_the_choices():
     assert validate_noise_correlation("beam") == "beam"
     with pytest.raises(ValueError, match="measure, beam"):
         validate_noise_correlation("Measure")
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline: the factor per image in `images`, the errors it scaled, the asset's metadata
+# --------------------------------------------------------------------------------------------
+def _image_rows(engine) -> pd.DataFrame:
+    with engine.connect() as conn:
+        return pd.read_sql(
+            sa.text(
+                "SELECT path, status, noise_corr_factor, noise_corr_err, noise_corr_positions, "
+                "noise_corr_reason FROM images ORDER BY path"
+            ),
+            conn,
+        )
+
+
+def _beam_model_errors(engine, path: str) -> pd.DataFrame:
+    """Unflagged rows of one image with the beam model's error computed independently of the
+    pipeline: local RMS x the stamp's correlated-noise factor (core.kernels, eq. 1)."""
+    with engine.connect() as conn:
+        rows = pd.read_sql(
+            sa.text(
+                "SELECT peak_err_jyb, local_rms_jyb FROM photometry "
+                "WHERE image_path = :p AND quality_flag = 0"
+            ),
+            conn,
+            params={"p": path},
+        )
+    info = load_image(path).info
+    ny, nx = info.shape
+    centre = info.wcs.pixel_to_world_values(0.5 * (nx - 1), 0.5 * (ny - 1))
+    cov = beam_covariance_pixels(info.wcs, info.beam, float(centre[0]), float(centre[1]))[0]
+    factor = correlated_noise_factor(cov, _stamp_half(cov), "beam")
+    return rows.assign(beam_err=rows["local_rms_jyb"] * factor)
+
+
+def _run_night(settings, night: str, instance):
+    job = build_definitions(settings, bind_env=False).resolve_job_def("ese_pipeline")
+    result = job.execute_in_process(partition_key=night, instance=instance)
+    assert result.success
+    return result
+
+
+@pytest.mark.parametrize("mode", NOISE_CORRELATION_MODES)
+def test_a_pipeline_run_stores_the_factor_per_image(tmp_path, small_survey, mode):
+    settings = dataclasses.replace(
+        make_workspace(tmp_path, small_survey), noise_correlation=mode, photometry_workers=2
+    )
+    with dg.instance_for_test() as instance:
+        result = _run_night(settings, NIGHTS[0], instance)
+    engine = make_engine(settings.products_db)
+    images = _image_rows(engine)
+    images = images[images["status"] == "measured"]
+    assert len(images) == 4
+    meta = next(
+        m.materialization.metadata
+        for m in result.get_asset_materialization_events()
+        if m.asset_key.to_user_string() == "photometry"
+    )
+    assert meta["noise_correlation"].value == mode
+    assert len(meta["noise_corr_images"].value.records) == 4
+    for row in images.itertuples():
+        stored = _beam_model_errors(engine, row.path)
+        assert len(stored) >= 20
+        # The stored errors are the beam model's times the image's stored factor.
+        np.testing.assert_allclose(
+            stored["peak_err_jyb"], stored["beam_err"] * row.noise_corr_factor, rtol=1e-6
+        )
+        if mode == "measure":
+            # 256^2 images of 40 sources: a few hundred source-free positions, ~6 % precision;
+            # the simulator's noise is correlated like the beam, so the factor is 1.
+            assert row.noise_corr_positions >= MIN_POSITIONS and pd.isna(row.noise_corr_reason)
+            assert 0.0 < row.noise_corr_err < 0.1
+            assert abs(row.noise_corr_factor - 1.0) < 3.5 * row.noise_corr_err
+        else:
+            assert row.noise_corr_factor == 1.0
+            assert pd.isna(row.noise_corr_err) and pd.isna(row.noise_corr_positions)
+            assert "beam" in row.noise_corr_reason
+    if mode == "measure":
+        factors = images["noise_corr_factor"]
+        assert meta["noise_corr_factor_median"].value == pytest.approx(float(factors.median()))
+        assert meta["images_beam_assumption"].value == 0
+    else:
+        assert meta["noise_corr_factor_median"].value is None
+        assert meta["images_beam_assumption"].value == 4
+
+
+def test_an_image_too_crowded_to_measure_keeps_the_beam_assumption_with_the_reason(tmp_path):
+    """A 140 x 160 image with a source every 22 pixels: no stamp-sized patch free of sources."""
+    field = write_field(tmp_path / "crowded.fits", ImageSpec(noise_acf_scale=math.sqrt(2.0)))
+    engine = make_engine(tmp_path / "products.sqlite3")
+    ensure_schema(engine)
+    path = str((tmp_path / "crowded.fits").resolve())
+    scan = registration.inspect_files(engine, [path], timezone="UTC", first_night="2020-01-01")
+    assert scan.registered == [path]
+    result = measurement.measure_image(engine, field.catalog, path)
+    assert result.status == "measured" and not result.noise.measured
+    row = _image_rows(engine).iloc[0]
+    assert row["noise_corr_factor"] == 1.0 and pd.isna(row["noise_corr_err"])
+    assert "source-free positions" in row["noise_corr_reason"]
+    stored = _beam_model_errors(engine, path)
+    np.testing.assert_allclose(stored["peak_err_jyb"], stored["beam_err"], rtol=1e-6)
+
+
+def test_an_older_database_gets_the_columns(tmp_path, small_survey):
+    """A products database made before the noise columns existed gets them by ALTER TABLE (NULL
+    in its rows); the next measurement fills them."""
+    engine = make_engine(tmp_path / "old.sqlite3")
+    ensure_schema(engine)
+    with engine.begin() as conn:
+        for col in NOISE_COLUMNS:
+            conn.execute(sa.text(f'ALTER TABLE images DROP COLUMN "{col}"'))
+    path = str(sorted((small_survey / "incoming").glob("*.fits"))[0])
+    registration.inspect_files(engine, [path], timezone="UTC", first_night="2020-01-01")
+    engine_mod._schema_checked.discard(engine)
+    engine_mod.ensure_schema(engine)
+    assert _image_rows(engine)[list(NOISE_COLUMNS)].isna().all().all()
+    catalog = load_catalog_cached(str(small_survey / "catalog.csv"))
+    measurement.measure_image(engine, catalog, path)
+    row = _image_rows(engine).iloc[0]
+    assert row["noise_corr_factor"] > 0 and row["noise_corr_positions"] >= MIN_POSITIONS
+
+
+def test_the_setting_is_validated_in_one_line(monkeypatch):
+    monkeypatch.setenv("ESE_NOISE_CORRELATION", "beam")
+    assert Settings.from_env().noise_correlation == "beam"
+    monkeypatch.delenv("ESE_NOISE_CORRELATION")
+    assert Settings.from_env().noise_correlation == "measure"
+    monkeypatch.setenv("ESE_NOISE_CORRELATION", "data")
+    with pytest.raises(ValueError) as err:
+        Settings.from_env()
+    assert str(err.value) == "ESE_NOISE_CORRELATION='data' must be one of measure, beam"

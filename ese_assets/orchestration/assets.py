@@ -80,6 +80,35 @@ class PhotometryConfig(dg.Config):
     )
 
 
+def _noise_metadata(measured: list, mode: str) -> dict:
+    """The error model of the images a photometry run measured (ESE_NOISE_CORRELATION): the
+    measured noise-correlation factors (images.noise_corr_*) and which images kept the beam
+    assumption, and why."""
+    noises = [(r.path, r.noise) for r in measured if r.noise is not None]
+    factors = [n.factor for _, n in noises if n.measured]
+    meta: dict = {
+        "noise_correlation": mode,
+        "noise_corr_factor_median": float(np.median(factors)) if factors else None,
+        "noise_corr_factor_min": float(np.min(factors)) if factors else None,
+        "noise_corr_factor_max": float(np.max(factors)) if factors else None,
+        "images_beam_assumption": sum(not n.measured for _, n in noises),
+    }
+    if noises:
+        meta["noise_corr_images"] = _table(
+            pd.DataFrame(
+                {
+                    "file": [Path(p).name for p, _ in noises],
+                    "factor": [n.factor for _, n in noises],
+                    "factor_err": [n.factor_err for _, n in noises],
+                    "positions": [str(n.n_positions) for _, n in noises],
+                    "reason": [n.reason or "" for _, n in noises],
+                }
+            ),
+            ["file", "factor", "factor_err", "positions", "reason"],
+        )
+    return meta
+
+
 def _table(df: pd.DataFrame, columns: list[str]) -> dg.TableMetadataValue:
     """A small table for the UI; floats rounded so it stays readable."""
     schema = dg.TableSchema(
@@ -212,6 +241,7 @@ def build_assets(
                 paths,
                 min_flux_mjy=catalog.min_flux_mjy,
                 workers=measurement.workers,
+                noise_correlation=measurement.noise_correlation,
                 progress=context.log.info,
             )
 
@@ -231,6 +261,7 @@ def build_assets(
             "median_rms_mjy": float(np.median(rms) * 1e3) if rms else None,
             "rows_in_nights": summary["n_rows"],
         }
+        metadata.update(_noise_metadata(measured, measurement.noise_correlation))
         if len(rejected):
             metadata["rejected_files"] = _table(
                 rejected.assign(file=rejected["path"].map(lambda p: Path(p).name)),

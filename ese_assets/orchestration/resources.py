@@ -21,6 +21,7 @@ from ese_assets.core.detection import (
     DEFAULT_USE_SIGMA_RULE,
     DetectionSettings,
 )
+from ese_assets.core.noise_correlation import DEFAULT_NOISE_CORRELATION
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
 from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS, DEFAULT_FLUX_SCALE_ERROR
 from ese_assets.settings import (
@@ -74,6 +75,8 @@ class MeasurementResource(dg.ConfigurableResource):
 
     # processes reading and measuring images at once (pipeline.parallel); 1: in the run's process
     workers: int
+    # errors: "measure" each image's noise correlation or assume the "beam" (ESE_NOISE_CORRELATION)
+    noise_correlation: str = DEFAULT_NOISE_CORRELATION
 
 
 class DetectionResource(dg.ConfigurableResource):
@@ -123,7 +126,9 @@ def resources_from_settings(settings: Settings, *, bind_env: bool = True) -> dic
             timezone=settings.timezone,
             partition_start=settings.partition_start,
         ),
-        "measurement": MeasurementResource(workers=settings.photometry_workers),
+        "measurement": MeasurementResource(
+            workers=settings.photometry_workers, noise_correlation=settings.noise_correlation
+        ),
         "detection": DetectionResource(
             preset=settings.preset,
             min_sigma=settings.min_sigma,

@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 
 from ese_assets.core.catalog import Catalog, unit_vectors
 from ese_assets.core.fits_image import FitsImage, ImageError, load_image
+from ese_assets.core.noise_correlation import DEFAULT_NOISE_CORRELATION, NoiseCorrelation
 from ese_assets.core.photometry import forced_photometry
 from ese_assets.pipeline import parallel
 from ese_assets.pipeline.progress import Progress, silent
@@ -36,6 +37,7 @@ def photometry_rows(
     min_flux_mjy: float = 0.0,
     radius_deg: float | None = None,
     now: float,
+    noise_correlation: str = DEFAULT_NOISE_CORRELATION,
 ) -> pd.DataFrame:
     """Forced photometry of the catalog sources inside one image: ``photometry`` table rows.
 
@@ -43,8 +45,30 @@ def photometry_rows(
     and, when ``radius_deg`` is given, within that angle of the image centre (ICRS). Sources that
     cannot be measured (off the data, blank: no finite flux or error) are left out, as the
     ``photometry`` table never holds them. The pipeline (:func:`measure_image`), ``ese photometry``
-    and ``PhotometryManager`` all measure through this function.
+    and ``PhotometryManager`` all measure through this function (:func:`image_photometry`).
     """
+    return image_photometry(
+        image,
+        catalog,
+        min_flux_mjy=min_flux_mjy,
+        radius_deg=radius_deg,
+        now=now,
+        noise_correlation=noise_correlation,
+    )[0]
+
+
+def image_photometry(
+    image: FitsImage,
+    catalog: Catalog,
+    *,
+    min_flux_mjy: float = 0.0,
+    radius_deg: float | None = None,
+    now: float,
+    noise_correlation: str = DEFAULT_NOISE_CORRELATION,
+) -> tuple[pd.DataFrame, NoiseCorrelation | None]:
+    """:func:`photometry_rows` and the image's error model: ``noise_correlation`` "measure"
+    (``ESE_NOISE_CORRELATION``'s default) scales the errors by the noise-correlation factor
+    measured on the image (:mod:`ese_assets.core.noise_correlation`), "beam" assumes the beam."""
     info = image.info
     # Catalog positions are ICRS; the image's WCS may be FK4, Galactic...: measure in its frame.
     idx, lon_deg, lat_deg = catalog.footprint_positions(
@@ -56,9 +80,11 @@ def photometry_rows(
             np.radians(radius_deg)
         )
         idx, lon_deg, lat_deg = idx[near], lon_deg[near], lat_deg[near]
-    phot = forced_photometry(image.data, info.wcs, info.beam, lon_deg, lat_deg)
+    phot = forced_photometry(
+        image.data, info.wcs, info.beam, lon_deg, lat_deg, noise_correlation=noise_correlation
+    )
     good = np.isfinite(phot.peak_jyb) & np.isfinite(phot.peak_err_jyb) & (phot.peak_err_jyb > 0)
-    return pd.DataFrame(
+    rows = pd.DataFrame(
         {
             "image_path": info.path,
             "ra_deg": catalog.ra_deg[idx][good],
@@ -74,6 +100,20 @@ def photometry_rows(
             "quality_flag": phot.quality_flag[good].astype(int),
         }
     )
+    return rows, phot.noise
+
+
+def noise_columns(noise: NoiseCorrelation | None) -> dict:
+    """The ``images`` columns of an image's error model: the factor its errors were multiplied
+    by (1: beam assumption), its uncertainty and positions (NULL unless measured), the reason."""
+    if noise is None:
+        return {}
+    return {
+        "noise_corr_factor": noise.factor,
+        "noise_corr_err": noise.factor_err if noise.measured else None,
+        "noise_corr_positions": noise.n_positions if noise.measured else None,
+        "noise_corr_reason": noise.reason,
+    }
 
 
 @dataclass
@@ -84,6 +124,7 @@ class ImageResult:
     median_rms_jyb: float | None = None
     reason: str | None = None
     n_flagged: int = 0
+    noise: NoiseCorrelation | None = None  # the image's error model (measured images)
 
 
 @dataclass
@@ -99,6 +140,7 @@ class Measurement:
     rows: pd.DataFrame | None = None
     mjd: float | None = None
     reason: str | None = None
+    noise: NoiseCorrelation | None = None
 
 
 def read_and_measure(
@@ -108,11 +150,13 @@ def read_and_measure(
     min_flux_mjy: float = 0.0,
     radius_deg: float | None = None,
     now: float | None = None,
+    noise_correlation: str = DEFAULT_NOISE_CORRELATION,
 ) -> Measurement:
     """Read one image and measure every catalog source in it; no database involved.
 
     The file is read once. Unusable data (e.g. an all-NaN image, a file that became corrupt after
     registration) gives ``rejected``; a file that cannot be read gives ``failed``.
+    ``noise_correlation``: the error model (:func:`image_photometry`).
     """
     now = time.time() if now is None else now
     try:
@@ -121,10 +165,15 @@ def read_and_measure(
         return Measurement(path, "rejected", reason=exc.reason)
     except OSError as exc:
         return Measurement(path, "failed", reason=f"cannot read file ({exc.strerror or exc})")
-    rows = photometry_rows(
-        image, catalog, min_flux_mjy=min_flux_mjy, radius_deg=radius_deg, now=now
+    rows, noise = image_photometry(
+        image,
+        catalog,
+        min_flux_mjy=min_flux_mjy,
+        radius_deg=radius_deg,
+        now=now,
+        noise_correlation=noise_correlation,
     )
-    return Measurement(path, "measured", rows=rows, mjd=image.info.mjd)
+    return Measurement(path, "measured", rows=rows, mjd=image.info.mjd, noise=noise)
 
 
 def record_measurement(engine: Engine, measurement: Measurement) -> ImageResult:
@@ -151,6 +200,7 @@ def record_measurement(engine: Engine, measurement: Measurement) -> ImageResult:
             "mjd": measurement.mjd,
             "median_rms_jyb": median_rms,
             "n_sources": len(rows),
+            **noise_columns(measurement.noise),
         },
     )
     return ImageResult(
@@ -159,6 +209,7 @@ def record_measurement(engine: Engine, measurement: Measurement) -> ImageResult:
         n_sources=len(rows),
         median_rms_jyb=median_rms,
         n_flagged=int((rows["quality_flag"] != 0).sum()),
+        noise=measurement.noise,
     )
 
 
@@ -170,11 +221,17 @@ def measure_image(
     min_flux_mjy: float = 0.0,
     radius_deg: float | None = None,
     now: float | None = None,
+    noise_correlation: str = DEFAULT_NOISE_CORRELATION,
 ) -> ImageResult:
     """Forced photometry of every catalog source in one image, stored in one transaction
     (:func:`read_and_measure`, then :func:`record_measurement`)."""
     measurement = read_and_measure(
-        catalog, path, min_flux_mjy=min_flux_mjy, radius_deg=radius_deg, now=now
+        catalog,
+        path,
+        min_flux_mjy=min_flux_mjy,
+        radius_deg=radius_deg,
+        now=now,
+        noise_correlation=noise_correlation,
     )
     return record_measurement(engine, measurement)
 
@@ -183,23 +240,38 @@ def measure_image(
 _worker_state: dict = {}
 
 
-def _start_photometry_worker(catalog: Catalog, min_flux_mjy: float) -> None:
-    _worker_state.update(catalog=catalog, min_flux_mjy=min_flux_mjy)
+def _start_photometry_worker(
+    catalog: Catalog, min_flux_mjy: float, noise_correlation: str = DEFAULT_NOISE_CORRELATION
+) -> None:
+    _worker_state.update(
+        catalog=catalog, min_flux_mjy=min_flux_mjy, noise_correlation=noise_correlation
+    )
 
 
 def _measure_in_worker(path: str) -> Measurement:
     return read_and_measure(
-        _worker_state["catalog"], path, min_flux_mjy=_worker_state["min_flux_mjy"]
+        _worker_state["catalog"],
+        path,
+        min_flux_mjy=_worker_state["min_flux_mjy"],
+        noise_correlation=_worker_state["noise_correlation"],
     )
 
 
 def _measure_here(
-    catalog: Catalog, paths: Sequence[str], min_flux_mjy: float
+    catalog: Catalog,
+    paths: Sequence[str],
+    min_flux_mjy: float,
+    noise_correlation: str = DEFAULT_NOISE_CORRELATION,
 ) -> Iterator[tuple[str, Measurement | Exception]]:
     """The serial path: each image is measured only when the previous one has been stored."""
     for path in paths:
         try:
-            yield path, read_and_measure(catalog, path, min_flux_mjy=min_flux_mjy)
+            yield (
+                path,
+                read_and_measure(
+                    catalog, path, min_flux_mjy=min_flux_mjy, noise_correlation=noise_correlation
+                ),
+            )
         except Exception as exc:  # handled by the caller's per-image error boundary
             yield path, exc
 
@@ -211,6 +283,7 @@ def measure_images(
     *,
     min_flux_mjy: float = 0.0,
     workers: int = 1,
+    noise_correlation: str = DEFAULT_NOISE_CORRELATION,
     progress: Progress = silent,
 ) -> list[ImageResult]:
     """:func:`measure_image` for each path; one bad image never stops the others.
@@ -221,6 +294,8 @@ def measure_images(
     boundary is per image, except for :class:`DatabaseUnavailable`: a busy or lost database is
     not the image's fault, so it propagates (the Dagster step retries with backoff; the images
     not yet measured stay queued and are requested again if the retries run out).
+    ``noise_correlation``: the error model (``ESE_NOISE_CORRELATION``, :func:`image_photometry`);
+    each image's is stored with it (``images.noise_corr_*``) and returned in its result.
     """
     workers = min(workers, len(paths))
     if workers > 1:
@@ -229,10 +304,12 @@ def measure_images(
             paths,
             workers=workers,
             initializer=_start_photometry_worker,
-            initargs=(catalog, min_flux_mjy),
+            initargs=(catalog, min_flux_mjy, noise_correlation),
         )
     else:
-        measured = contextlib.nullcontext(_measure_here(catalog, paths, min_flux_mjy))
+        measured = contextlib.nullcontext(
+            _measure_here(catalog, paths, min_flux_mjy, noise_correlation)
+        )
     results = []
     with measured as outcomes:
         for i, (path, outcome) in enumerate(outcomes, start=1):

@@ -58,6 +58,13 @@ images = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("queued_at", sa.Float, nullable=True),
     sa.Column("next_attempt_at", sa.Float, nullable=True),
+    # Error model of the image's measurements (added; core.noise_correlation): the factor its
+    # errors were multiplied by (1: the beam assumption), the factor's uncertainty and the
+    # source-free positions it was measured at (NULL when not measured), and why it was not.
+    sa.Column("noise_corr_factor", sa.Float, nullable=True),
+    sa.Column("noise_corr_err", sa.Float, nullable=True),
+    sa.Column("noise_corr_positions", sa.Integer, nullable=True),
+    sa.Column("noise_corr_reason", sa.Text, nullable=True),
     sa.CheckConstraint(sa.column("status").in_(IMAGE_STATUSES), name="ck_images_status"),
 )
 sa.Index("ix_images_night_status", images.c.night, images.c.status)
