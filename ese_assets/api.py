@@ -38,6 +38,9 @@ from ese_assets.core.detection import (
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
 from ese_assets.core.values import py_scalar
 from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS, DEFAULT_FLUX_SCALE_ERROR
+
+# ESE detection on any pipeline's measurement table (calibration, bins, template fit, FAPs).
+from ese_assets.lightcurves import detect_in_lightcurves as detect_in_lightcurves
 from ese_assets.photometry import PhotometryConfig, PhotometryManager, PhotometryResult
 from ese_assets.pipeline.candidates import (
     SEED_CANDIDATE_FIELDS,

@@ -117,16 +117,31 @@ from ese_assets.core.lens import ALPHA2_CAUSTIC, gaussian_lens_gain
 #: Event durations scanned (days): 7 to 365 on a sqrt(2) ladder (ESEs last weeks to months,
 #: Fiedler et al. 1994).
 DURATIONS_DAYS = (*tuple(float(7.0 * 2 ** (k / 2)) for k in range(12)), 365.0)
-#: Lens classes of the bank: on-axis point-source depths (0.8 has caustics: alpha^2 = 4 > 2.24).
-LENS_DEPTH_CLASSES = (0.15, 0.8)
-#: Source size (lens widths) of the bank's lens templates: caps the caustic spikes.
+#: Source size (lens widths) of the lens templates: caps the caustic spikes.
 LENS_SOURCE_SIZE = 0.05
-#: Shape names: the lens classes then the plain Gaussian dip.
-SHAPES = (*tuple(f"lens{d:g}" for d in LENS_DEPTH_CLASSES), "gauss")
-#: Shapes of the local refinement (finer lens strengths: the shape changes with depth).
-REFINE_SHAPES = (*tuple(f"lens{d:g}" for d in (0.05, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9)), "gauss")
-#: Coarse-to-fine passes of the local refinement.
-REFINE_PASSES = 2
+#: Source size of the smooth variants of deep lenses (``lens<depth>s``): caustic spikes that the
+#: nights sample unevenly make a rough fit surface; the smooth variant finds the event and stays
+#: a candidate model when the spikes are not resolved.
+SMOOTH_SOURCE_SIZE = 0.15
+#: Shapes of the bank: a weak lens, a deep lens with caustics (alpha^2 = 4 > 2.24; smooth
+#: variant), and the plain Gaussian dip.
+SHAPES = ("lens0.15", "lens0.8s", "gauss")
+#: Depths of the refinement's lenses with caustics (the caustics' place in time depends on both
+#: depth and duration, so the depth steps are fine).
+CAUSTIC_DEPTHS = (0.72, 0.76, 0.8, 0.85, 0.9)
+#: Shapes of the local refinement's first pass (finer lens strengths: the shape changes with
+#: depth). Lenses with caustics enter it only smooth (a smooth fit surface); their sharp twins
+#: (:data:`TWIN_SHAPES`) are tried from the second pass on, next to the smooth best.
+REFINE_SHAPES = (
+    *tuple(f"lens{d:g}" for d in (0.05, 0.15, 0.3, 0.45, 0.6)),
+    *tuple(f"lens{d:g}s" for d in CAUSTIC_DEPTHS),
+    "gauss",
+)
+#: Sharp (source size 0.05) twins of the smooth caustic lenses.
+TWIN_SHAPES = tuple(f"lens{d:g}" for d in CAUSTIC_DEPTHS)
+#: Coarse-to-fine passes of the local refinement; the sharp twins join from SHARPEN_FROM_PASS.
+REFINE_PASSES = 6
+SHARPEN_FROM_PASS = 2
 #: Centre step of the bank as a fraction of the duration.
 CENTRE_STEP_FRAC = 1.0 / 6.0
 #: chi^2 by which the plain Gaussian dip must beat the lens for a dip to be called ``dip``.
@@ -134,6 +149,10 @@ DIP_SHAPE_MARGIN = 9.0
 #: Best first-scan dchi2 from which the most influential night is removed and the bank rescanned,
 #: and the DRW null evaluated (below it no threshold can be reached: MIN_THRESHOLD > it).
 PRE_THRESHOLD = 12.0
+#: Nights the refined template misses by more than this many sigma are left out of every model
+#: of the source (unresolved caustic spikes, bad nights), at most MAX_CLIPPED of them.
+CLIP_PULL = 8.0
+MAX_CLIPPED = 3
 #: Thresholds are never below this dchi2 (a margin for non-Gaussian tails the simulation lacks).
 MIN_THRESHOLD = 30.0
 #: Default false-alarm probability per source and run of each threshold.
@@ -181,6 +200,7 @@ SCORE_COLUMNS = (
     "event_caustic",
     "n_event_nights",
     "dropped_night_mjd",
+    "n_clipped_nights",
     "lens_minus_gauss",
 )
 
@@ -188,6 +208,7 @@ _REFINE_CHUNK = 16  # sources per refinement array (16 x 9 x 25 x nights floats)
 _BLOCK = 256  # templates per matrix product (memory: n_sources x _BLOCK floats per array)
 _U_MAX = 6.0  # templates are zero beyond |u'| = 6 (G - 1 < 1e-13 there for these lenses)
 _U_STEP = 0.01
+_LOOKUP_STEP = 0.0025  # grid of the template lookup (linear interpolation of the 0.01 table)
 
 
 @functools.cache
@@ -196,24 +217,86 @@ def _shape_table(shape: str) -> tuple[np.ndarray, np.ndarray]:
     u = np.arange(-_U_MAX, _U_MAX + _U_STEP / 2, _U_STEP)
     if shape == "gauss":
         return u, -np.exp(-u * u)
-    depth = float(shape.removeprefix("lens"))
+    depth, size = _lens_parameters(shape)
     alpha = math.sqrt(depth / (1.0 - depth))
-    g = gaussian_lens_gain(u, alpha, LENS_SOURCE_SIZE)
-    g0 = float(gaussian_lens_gain(np.array([0.0]), alpha, LENS_SOURCE_SIZE)[0])
+    g = gaussian_lens_gain(u, alpha, size)
+    g0 = float(gaussian_lens_gain(np.array([0.0]), alpha, size)[0])
     return u, (g - 1.0) / (1.0 - g0)
 
 
+def _lens_parameters(shape: str) -> tuple[float, float]:
+    """(point-source depth, source size) of a lens shape name: ``lens<depth>`` has the source
+    size :data:`LENS_SOURCE_SIZE`, ``lens<depth>s`` the smoother :data:`SMOOTH_SOURCE_SIZE`."""
+    smooth = shape.endswith("s")
+    depth = float(shape.removeprefix("lens").removesuffix("s"))
+    return depth, SMOOTH_SOURCE_SIZE if smooth else LENS_SOURCE_SIZE
+
+
+#: Every shape the module evaluates, in the row order of :func:`_shape_matrix`.
+ALL_SHAPES = tuple(dict.fromkeys((*SHAPES, *REFINE_SHAPES, *TWIN_SHAPES)))
+
+
+@functools.cache
+def _shape_matrix() -> np.ndarray:
+    """Rows: :data:`ALL_SHAPES` on a grid :data:`_LOOKUP_REFINE` times finer than
+    :func:`_shape_table`'s (linear interpolation, once), 0 at the ends, float32."""
+    u = np.arange(-_U_MAX, _U_MAX + _U_STEP / 2, _U_STEP)
+    fine = np.arange(-_U_MAX, _U_MAX + _LOOKUP_STEP / 2, _LOOKUP_STEP)
+    table = np.stack([np.interp(fine, u, _shape_table(name)[1]) for name in ALL_SHAPES])
+    table[:, 0] = table[:, -1] = 0.0
+    return table.astype(np.float32)
+
+
+def _lookup(shape_rows, u_prime) -> np.ndarray:
+    """Tabulated shapes, row ``shape_rows`` (broadcast with u') at ``u_prime``, nearest node of
+    a 0.0025-step grid (one gather instead of np.interp's binary search; the error, <= 0.00125
+    in u', is far below the spikes' width 0.05); 0 beyond |u'| = 6. float32."""
+    table = _shape_matrix()
+    n = table.shape[1]
+    k = (np.asarray(u_prime, dtype=np.float32) + np.float32(_U_MAX)) * np.float32(
+        1.0 / _LOOKUP_STEP
+    ) + np.float32(0.5)
+    np.clip(k, 0, n - 1, out=k)
+    flat = np.asarray(shape_rows, dtype=np.int64) * n + k.astype(np.int64)
+    return table.ravel()[flat]
+
+
+@functools.cache
+def _neighbour_rows() -> np.ndarray:
+    """(shapes x 4) rows of :data:`ALL_SHAPES` tried next to each shape in the refinement's later
+    passes: itself, the next shallower and deeper lens of the same spike width, and its twin of
+    the other spike width (``lens<d>s`` <-> ``lens<d>``); the shape itself where none exists."""
+    names = list(ALL_SHAPES)
+    out = np.tile(np.arange(len(names))[:, None], (1, 4))
+    lens = [n for n in names if n.startswith("lens")]
+    for i, name in enumerate(names):
+        if not name.startswith("lens"):
+            continue
+        smooth = name.endswith("s")
+        family = sorted(
+            (n for n in lens if n.endswith("s") == smooth), key=lambda n: _lens_parameters(n)[0]
+        )
+        k = family.index(name)
+        if k > 0:
+            out[i, 1] = names.index(family[k - 1])
+        if k + 1 < len(family):
+            out[i, 2] = names.index(family[k + 1])
+        twin = name.removesuffix("s") if smooth else name + "s"
+        if twin in names:
+            out[i, 3] = names.index(twin)
+    return out
+
+
 def template_shape(shape: str, u_prime) -> np.ndarray:
-    """Unit-depth template ``h(u')`` (``h(0) = -1``) of a bank shape, 0 beyond |u'| = 6."""
-    u, h = _shape_table(shape)
-    return np.interp(np.asarray(u_prime, dtype=float), u, h, left=0.0, right=0.0)
+    """Unit-depth template ``h(u')`` (``h(0) = -1``) of a shape name, 0 beyond |u'| = 6."""
+    return _lookup(ALL_SHAPES.index(shape), u_prime).astype(np.float64)
 
 
 def shape_has_caustics(shape: str) -> bool:
     """Whether a lens shape's alpha^2 = d / (1 - d) exceeds e^{3/2}/2 (caustic peaks)."""
     if not shape.startswith("lens"):
         return False
-    d = float(shape.removeprefix("lens"))
+    d, _ = _lens_parameters(shape)
     return d / (1.0 - d) > ALPHA2_CAUSTIC
 
 
@@ -328,26 +411,19 @@ def _scan(
     c_c: np.ndarray,
     bank: TemplateBank,
     t_mjd: np.ndarray,
-    *,
-    precise: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Best dchi2 per source over the bank, its template index, and the best dchi2 of a
-    lens-shaped dip minus that of a plain Gaussian dip (for ``dip`` vs ``ese``; NaN unless
-    ``precise``): ``(best, index, lens_minus_gauss)``.
+    """Best dchi2 per source over the bank, its template index, and the index of the best
+    template of each bank shape (sources x len(SHAPES), the refinement's seeds).
 
     ``fc``: centred fluxes (0 where missing), ``w``: weights (0 where missing), ``w_c``/``c_c``:
-    the catalog prior's weight and centred value per source. ``precise=False`` works in float32
-    on fluxes in units of each source's typical error (the first pass over every source only
-    chooses which sources are scanned again in float64; dchi2 keeps ~1e-5 relative precision).
+    the catalog prior's weight and centred value per source. Works in float32 on fluxes in units
+    of each source's smallest error (dchi2 is unit-free; ~1e-5 relative precision is plenty to
+    rank templates, and the refinement recomputes the best ones in float64).
     """
     n = fc.shape[0]
-    if precise:
-        dtype, unit = np.float64, np.ones(n)
-    else:
-        dtype = np.float32
-        with np.errstate(divide="ignore"):
-            wmax = w.max(axis=1) if w.shape[1] else np.zeros(n)
-        unit = np.where(wmax > 0, 1.0 / np.sqrt(np.where(wmax > 0, wmax, 1.0)), 1.0)
+    dtype = np.float32
+    wmax = w.max(axis=1) if w.shape[1] else np.zeros(n)
+    unit = np.where(wmax > 0, 1.0 / np.sqrt(np.where(wmax > 0, wmax, 1.0)), 1.0)
     # In units u of the error: f' = f / u, w' = w u^2 (dchi2 unchanged).
     fs = (fc / unit[:, None]).astype(dtype)
     ws = (w * unit[:, None] ** 2).astype(dtype)
@@ -358,9 +434,8 @@ def _scan(
     wf = ws * fs
     best = np.zeros(n)
     index = np.zeros(n, dtype=np.int64)
-    best_lens_dip = np.zeros(n)
-    best_gauss_dip = np.zeros(n)
-    gauss = SHAPES.index("gauss")
+    shape_best = np.full((n, len(SHAPES)), -1.0)
+    shape_index = np.zeros((n, len(SHAPES)), dtype=np.int64)
     rows = np.arange(n)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(sw > 0, swf / sw, 0.0)[:, None].astype(dtype)
@@ -380,14 +455,11 @@ def _scan(
             better = top > best
             best[better] = top[better]
             index[better] = j[better] + start
-            if precise:
-                dip = np.where(num > 0, dchi, 0.0).max(axis=1)  # A > 0: a dip (h(0) = -1)
-                if bank.shape_index[start] == gauss:
-                    best_gauss_dip = np.maximum(best_gauss_dip, dip)
-                else:
-                    best_lens_dip = np.maximum(best_lens_dip, dip)
-    lens_minus_gauss = best_lens_dip - best_gauss_dip if precise else np.full(n, np.nan)
-    return best, index, lens_minus_gauss
+            k = bank.shape_index[start]
+            better = top > shape_best[:, k]
+            shape_best[better, k] = top[better]
+            shape_index[better, k] = j[better] + start
+    return best, index, shape_index
 
 
 def _template_rows(shape_names, duration_days, t0_mjd, t_mjd) -> np.ndarray:
@@ -438,60 +510,120 @@ def noise_scale(matrix_flux: np.ndarray, matrix_err: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(r), np.maximum(r, 1.0), 1.0)
 
 
-def _refine(fc, w, w_c, c_c, t_mjd, shape0, duration0, t00, *, passes=REFINE_PASSES):
-    """Coarse-to-fine local fit around each source's best bank template (module docstring).
+def _shape_group(name: str) -> int:
+    """Refinement group of a shape: 0 lenses without caustics, 1 with, 2 the Gaussian dip."""
+    if name == "gauss":
+        return 2
+    return 1 if shape_has_caustics(name) else 0
 
-    Per pass, every (shape in :data:`REFINE_SHAPES`) x (duration x 2^(k/8), k = -2..2) x
-    (centre + j D / 24, j = -2..2) around the current best is fitted in closed form; the next
-    pass halves the steps. Returns ``(dchi2, shape_name, duration, t0, dchi2_lens - dchi2_gauss)``
-    of the best, the last from the final pass' best lens dip and best Gaussian dip.
+
+def _refine(fc, w, w_c, c_c, t_mjd, seeds, *, all_shapes: bool = True):
+    """Coarse-to-fine local fit around seed templates (module docstring).
+
+    ``seeds``: list of ``(shape_names, duration_days, t0_mjd)`` arrays (one template per source
+    each, e.g. the bank's best of each shape). Pass 0 fits, around every seed, each shape of
+    :data:`REFINE_SHAPES` (only the seed's shape unless ``all_shapes``) at duration x 2^(k/4)
+    and centre + j D/12 (k, j = -2..2) in closed form, and keeps the best of each group of
+    shapes (lenses without caustics, with caustics, Gaussian dip: the fit surface of caustic
+    spikes is rough, so one group's optimum must not hide another's). Passes 1 to
+    :data:`REFINE_PASSES` - 1 continue from each group's best with its shape and the neighbouring
+    lens strengths, from pass :data:`SHARPEN_FROM_PASS` on also its twin of the other spike width
+    (``lens<d>`` / ``lens<d>s``), both steps halved each pass (the centre ends within D/400:
+    caustic spikes are narrow). Returns ``(dchi2, shape_name, duration, t0, lens_minus_gauss)``
+    of the best over the groups, the last the best lens dip's dchi2 minus the best Gaussian dip's
+    of pass 0.
     """
-    n, _m = fc.shape
-    shapes = np.array(REFINE_SHAPES, dtype=object)
-    n_sh = len(shapes)
-    dur = duration0.astype(float).copy()
-    t0 = t00.astype(float).copy()
-    best = np.zeros(n)
-    best_shape = np.array(shape0, dtype=object)
-    lens_minus_gauss = np.zeros(n)
+    n = fc.shape[0]
+    ref_rows = np.array([ALL_SHAPES.index(s) for s in REFINE_SHAPES])
+    is_gauss = np.array([s == "gauss" for s in REFINE_SHAPES])
+    group_of_row = np.array([_shape_group(s) for s in ALL_SHAPES])
+    n_groups = 3
+    best = np.full((n, n_groups), -np.inf)
+    row = np.zeros((n, n_groups), dtype=np.int64)
+    dur = np.ones((n, n_groups))
+    t0 = np.zeros((n, n_groups))
+    lens_dip = np.zeros(n)
+    gauss_dip = np.zeros(n)
     steps = np.arange(-2, 3)
-    gauss = shapes == "gauss"
     sw = w.sum(axis=1) + w_c
     swf = (w * fc).sum(axis=1) + w_c * c_c
-    for p in range(passes):
-        scale = 0.5**p
-        d_grid = dur[:, None] * 2.0 ** (steps[None, :] * scale / 8.0)  # (n, 5)
-        t_grid = t0[:, None] + steps[None, :] * scale / 24.0 * dur[:, None]  # (n, 5)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(sw > 0, swf / sw, 0.0)
+        inv_sw = np.where(sw > 0, 1.0 / sw, 0.0)
+
+    def one_pass(p, rows_of, dur_c, t0_c):
+        """Fit the (shape, duration, centre) grid of pass ``p`` around (dur_c, t0_c); keep each
+        group's best."""
+        d_grid = dur_c[:, None] * 2.0 ** (steps[None, :] / (4.0 * 2**p))
+        t_grid = t0_c[:, None] + steps[None, :] / (12.0 * 2**p) * dur_c[:, None]
         dd = np.repeat(d_grid, 5, axis=1)  # (n, 25)
         tt = np.tile(t_grid, (1, 5))
+        # Sources in centre order, so that a chunk's templates cover a short span of nights:
+        # only the nights within |u'| < 6 of some template of the chunk are summed over.
+        order = np.argsort(t0_c, kind="stable")
         for lo in range(0, n, _REFINE_CHUNK):
-            sl = slice(lo, min(lo + _REFINE_CHUNK, n))
-            u = (t_mjd[None, None, :] - tt[sl, :, None]) / (dd[sl, :, None] / 4.0)  # (c, 25, m)
-            h = np.stack([template_shape(name, u) for name in shapes], axis=1)  # (c, S, 25, m)
-            wk = w[sl][:, None, None, :]
-            fk = fc[sl][:, None, None, :]
-            swh = (wk * h).sum(axis=-1)
-            swhh = (wk * h * h).sum(axis=-1)
-            swfh = (wk * fk * h).sum(axis=-1)
+            idx = order[lo : lo + _REFINE_CHUNK]
+            rows_idx = np.asarray(rows_of(idx))  # (c, S)
+            reach = 1.5 * dd[idx].max()  # |u'| = 6 is 1.5 durations from the centre
+            a, b = np.searchsorted(t_mjd, [tt[idx].min() - reach, tt[idx].max() + reach])
+            tw = t_mjd[a:b]
+            u = (tw[None, None, :] - tt[idx, :, None]) / (dd[idx, :, None] / 4.0)
+            h = _lookup(rows_idx[:, :, None, None], u[:, None, :, :])  # (c, S, 25, m)
+            wh = w[idx, a:b][:, None, None, :].astype(np.float32) * h
+            swh = wh.sum(axis=-1, dtype=np.float64)
+            swhh = (wh * h).sum(axis=-1, dtype=np.float64)
+            swfh = np.einsum("csgm,cm->csg", wh, fc[idx, a:b].astype(np.float32)).astype(np.float64)
+            num = swfh - ratio[idx][:, None, None] * swh
+            den = swhh - swh * swh * inv_sw[idx][:, None, None]
             with np.errstate(divide="ignore", invalid="ignore"):
-                num = swfh - (swf[sl] / sw[sl])[:, None, None] * swh
-                den = swhh - swh * swh / sw[sl][:, None, None]
                 dchi = np.where(den > 1e-12 * swhh, num * num / den, 0.0)
-            flat = dchi.reshape(dchi.shape[0], -1)
-            j = np.argmax(flat, axis=1)
-            k_sh, k_pt = np.unravel_index(j, (n_sh, 25))
-            rows = np.arange(dchi.shape[0])
-            top = flat[rows, j]
-            idx = np.arange(sl.start, sl.stop)
-            better = top > best[idx]
-            upd = idx[better]
-            best[upd] = top[better]
-            best_shape[upd] = shapes[k_sh[better]]
-            dur[upd] = dd[upd, k_pt[better]]
-            t0[upd] = tt[upd, k_pt[better]]
-            dip = np.where(num > 0, dchi, 0.0).max(axis=2)  # (c, S)
-            lens_minus_gauss[idx] = dip[:, ~gauss].max(axis=1) - dip[:, gauss].max(axis=1)
-    return best, best_shape, dur, t0, lens_minus_gauss
+            if p == 0 and rows_idx.shape[1] == ref_rows.size:
+                dips = np.where(num > 0, dchi, 0.0).max(axis=2)  # (c, S)
+                lens_dip[idx] = np.maximum(lens_dip[idx], dips[:, ~is_gauss].max(axis=1))
+                gauss_dip[idx] = np.maximum(gauss_dip[idx], dips[:, is_gauss].max(axis=1))
+            top_pt = np.argmax(dchi, axis=2)  # (c, S): best grid point of each shape
+            top = np.take_along_axis(dchi, top_pt[:, :, None], axis=2)[:, :, 0]
+            groups = group_of_row[rows_idx]
+            for g in range(n_groups):
+                cand = np.where(groups == g, top, -np.inf)
+                k = np.argmax(cand, axis=1)
+                val = cand[np.arange(k.size), k]
+                better = val > best[idx, g]
+                upd = idx[better]
+                pt = top_pt[better, k[better]]
+                best[upd, g] = val[better]
+                row[upd, g] = rows_idx[better, k[better]]
+                dur[upd, g] = dd[upd, pt]
+                t0[upd, g] = tt[upd, pt]
+
+    for shape0, dur0, t00 in seeds:
+        seed_row = np.array([ALL_SHAPES.index(s) for s in shape0], dtype=np.int64)
+        if all_shapes:
+            rows_of = lambda ix: np.broadcast_to(ref_rows, (ix.size, ref_rows.size))  # noqa: E731
+        else:
+            rows_of = lambda ix, r=seed_row: r[ix, None]  # noqa: E731
+        one_pass(0, rows_of, np.asarray(dur0, float), np.asarray(t00, float))
+    neighbours = _neighbour_rows()
+    for g in range(n_groups):
+        live = np.isfinite(best[:, g])
+        if not live.any():
+            continue
+        for p in range(1, REFINE_PASSES):
+            # Smooth first (its fit surface is smooth), then with the sharp twin as well.
+            pair = neighbours[row[:, g]]
+            if p < SHARPEN_FROM_PASS:
+                pair = pair[:, :3]
+            one_pass(p, lambda ix, pair=pair: pair[ix], dur[:, g].copy(), t0[:, g].copy())
+    g_best = np.argmax(best, axis=1)
+    pick = np.arange(n)
+    names = np.array(ALL_SHAPES, dtype=object)[row[pick, g_best]]
+    return (
+        np.maximum(best[pick, g_best], 0.0),
+        names,
+        dur[pick, g_best],
+        t0[pick, g_best],
+        lens_dip - gauss_dip,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -644,12 +776,14 @@ def score_lightcurves(
         "event_caustic": np.zeros(n, dtype=bool),
         "n_event_nights": np.zeros(n, dtype=np.int64),
         "dropped_night_mjd": np.full(n, np.nan),
+        "n_clipped_nights": np.zeros(n, dtype=np.int64),
         "lens_minus_gauss": np.full(n, np.nan),
     }
     if n == 0 or len(t) == 0 or not enough.any():
         return pd.DataFrame(out)
     bank = TemplateBank.for_times(t[(w > 0).any(axis=0)])
-    best, index, lens_gauss = _scan(fc, w, w_c, c_c, bank, t, precise=False)
+    best, index, _ = _scan(fc, w, w_c, c_c, bank, t)
+    lens_gauss = np.full(n, np.nan)
     out["dchi2_first"] = np.where(enough, best, np.nan)
     final = best.copy()
     shape_names = np.array(SHAPES, dtype=object)[bank.shape_index[index]]
@@ -669,19 +803,37 @@ def score_lightcurves(
         w2[np.arange(redo.size), drop] = 0.0
         out["dropped_night_mjd"][redo] = t[drop]
         w[redo] = w2
-        best2, index2, _ = _scan(fc[redo], w2, w_c[redo], c_c[redo], bank, t)
-        shape0 = np.array(SHAPES, dtype=object)[bank.shape_index[index2]]
-        best3, shape3, dur3, t03, lg3 = _refine(
-            fc[redo],
-            w2,
-            w_c[redo],
-            c_c[redo],
-            t,
-            shape0,
-            bank.duration_days[index2],
-            bank.t0_mjd[index2],
-        )
-        final[redo] = np.maximum(best2, best3)
+        _, _, seeds_index = _scan(fc[redo], w2, w_c[redo], c_c[redo], bank, t)
+        shape_names = np.array(SHAPES, dtype=object)
+        seeds = [
+            (
+                shape_names[bank.shape_index[seeds_index[:, k]]],
+                bank.duration_days[seeds_index[:, k]],
+                bank.t0_mjd[seeds_index[:, k]],
+            )
+            for k in range(len(SHAPES))
+        ]
+        best3, shape3, dur3, t03, lg3 = _refine(fc[redo], w2, w_c[redo], c_c[redo], t, seeds)
+        # Nights the refined template misses by > CLIP_PULL sigma (at most MAX_CLIPPED, worst
+        # first: unresolved caustic spikes, bad nights) leave every model of the source, then
+        # the fit is refined again from where it stands.
+        h3 = _template_rows(shape3, dur3, t03, t)
+        f0, a, _ = _fit_one_template(fc[redo], w2, w_c[redo], c_c[redo], h3)
+        pull = np.sqrt(w2) * np.abs(fc[redo] - f0[:, None] - a[:, None] * h3)
+        worst = np.argsort(-pull, axis=1)[:, :MAX_CLIPPED]
+        clip = np.take_along_axis(pull, worst, axis=1) > CLIP_PULL
+        out["n_clipped_nights"][redo] = clip.sum(axis=1)
+        again = np.flatnonzero(clip.any(axis=1))
+        if again.size:
+            rows_a = np.repeat(again, MAX_CLIPPED)[clip[again].ravel()]
+            w2[rows_a, worst[again][clip[again]]] = 0.0
+            w[redo] = w2
+            sub = [(sh[again], d[again], t0_[again]) for sh, d, t0_ in seeds]
+            best4, shape4, dur4, t04, _ = _refine(
+                fc[redo[again]], w2[again], w_c[redo[again]], c_c[redo[again]], t, sub
+            )
+            best3[again], shape3[again], dur3[again], t03[again] = best4, shape4, dur4, t04
+        final[redo] = best3  # >= best2: the refinement starts from the bank's best templates
         lens_gauss[redo] = lg3
         refined_shape[redo] = shape3
         refined_dur[redo] = dur3
@@ -724,38 +876,53 @@ def score_lightcurves(
 
 @dataclass(frozen=True)
 class TailCalibration:
-    """Null exceedance curve of one statistic: sorted simulated values; FAP(x) empirical up to the
-    anchor, exponential (chi^2, 2 dof) beyond (module docstring)."""
+    """Null exceedance curve of one statistic from weighted simulations: FAP(x) = the weight of
+    the simulations at or above x, up to the anchor (the value exceeded by
+    :data:`TAIL_ANCHOR_COUNT` simulations), exponential (chi^2, 2 dof) beyond it (module
+    docstring)."""
 
     values: np.ndarray  # sorted ascending
+    tail_weight: np.ndarray  # tail_weight[i] = total weight of values[i:]
     anchor_x: float
     anchor_p: float
 
     @classmethod
-    def from_samples(cls, samples: np.ndarray) -> TailCalibration:
-        v = np.sort(np.where(np.isfinite(samples), samples, -np.inf))
+    def from_samples(cls, samples: np.ndarray, weights: np.ndarray | None = None):
+        samples = np.asarray(samples, dtype=float)
+        weights = np.full(samples.size, 1.0) if weights is None else np.asarray(weights, float)
+        weights = weights / max(weights.sum(), 1e-300)
+        order = np.argsort(np.where(np.isfinite(samples), samples, -np.inf), kind="stable")
+        v = np.where(np.isfinite(samples), samples, -np.inf)[order]
+        tail = np.cumsum(weights[order][::-1])[::-1]
         n = v.size
         k = min(TAIL_ANCHOR_COUNT, n)
         anchor_x = float(v[n - k]) if n else 0.0
-        anchor_p = float(np.sum(v >= anchor_x) / n) if n else 1.0
-        return cls(v, anchor_x, anchor_p)
+        first = int(np.searchsorted(v, anchor_x, side="left")) if n else 0
+        anchor_p = float(tail[first]) if n else 1.0
+        return cls(v, tail, anchor_x, anchor_p)
 
     def fap(self, x) -> np.ndarray:
         """P(null statistic >= x)."""
         x = np.asarray(x, dtype=float)
         n = self.values.size
-        emp = (n - np.searchsorted(self.values, x, side="left")) / max(n, 1)
-        tail = self.anchor_p * np.exp(-(x - self.anchor_x) / 2.0)
+        pos = np.searchsorted(self.values, np.where(np.isfinite(x), x, 0.0), side="left")
+        emp = np.where(pos < n, self.tail_weight[np.minimum(pos, n - 1)], 0.0)
+        with np.errstate(over="ignore"):
+            tail = self.anchor_p * np.exp(-(x - self.anchor_x) / 2.0)
         out = np.where(x <= self.anchor_x, emp, np.minimum(tail, self.anchor_p))
         return np.where(np.isfinite(x), out, np.where(x > 0, 0.0, 1.0))
 
     def threshold(self, fap: float) -> float:
         """Smallest x with FAP(x) <= fap (at least MIN_THRESHOLD)."""
         if fap >= self.anchor_p:
-            n = self.values.size
-            k = math.floor(fap * n)
-            x = float(self.values[n - k]) if 0 < k <= n else self.anchor_x
-            x = np.nextafter(x, np.inf)  # strictly above: the fraction >= x is < fap
+            above = np.flatnonzero(self.tail_weight <= fap)  # tail_weight decreases
+            x = float(self.values[above[0]]) if above.size else self.anchor_x
+            # Just below the first value whose tail weight is <= fap: FAP(x) <= fap there.
+            x = (
+                float(np.nextafter(self.values[above[0] - 1], np.inf))
+                if above.size and above[0]
+                else x
+            )
         else:
             x = self.anchor_x + 2.0 * math.log(self.anchor_p / fap)
         return float(max(x, MIN_THRESHOLD))
@@ -806,6 +973,7 @@ def simulate_null(
     rng: np.random.Generator,
     *,
     with_variables: bool,
+    variable_fraction: float | None = None,
     catalog_frac_err: float = DEFAULT_CATALOG_FRAC_ERR,
 ) -> tuple[LightcurveMatrix, int]:
     """Null lightcurves on the survey's own nights and errors (module docstring): each simulation
@@ -828,7 +996,7 @@ def simulate_null(
     if with_variables:
         drw = scores["dchi2_drw"].to_numpy(dtype=float)
         var_rows = np.flatnonzero(np.isfinite(drw) & (drw >= DRW_VARIABLE_DCHI2))
-        frac = var_rows.size / max(n_src, 1)
+        frac = var_rows.size / max(n_src, 1) if variable_fraction is None else variable_fraction
         n_var = round(frac * n_simulations)
         if n_var and var_rows.size:
             fc, w, w_c, c_c, ref, _ = _prepare(matrix, catalog_frac_err)
@@ -861,22 +1029,44 @@ def calibrate_false_alarms(
     catalog_frac_err: float = DEFAULT_CATALOG_FRAC_ERR,
 ) -> FalseAlarmCalibration:
     """Thresholds for this cadence by simulation (module docstring). ``scores`` is
-    :func:`score_lightcurves` of ``matrix`` (noise scales, baselines, the population's DRW)."""
+    :func:`score_lightcurves` of ``matrix`` (noise scales, baselines, the population's DRW).
+
+    ``n_simulations`` constant-source nulls give the constant null; the population null is their
+    mixture with DRW nulls in the population's proportion f of DRW-preferring sources:
+    ``FAP_pop(x) = (1 - f) P_const(x) + f P_drw(x)``, with P_drw from ``min(1, 4 f)
+    n_simulations`` DRW simulations (oversampled 4x so that its tail is resolved).
+    """
     rng = np.random.default_rng(seed)
     null_c, _ = simulate_null(
         matrix, scores, n_simulations, rng, with_variables=False, catalog_frac_err=catalog_frac_err
     )
-    sc = score_lightcurves(null_c, catalog_frac_err=catalog_frac_err)
-    null_v, n_var = simulate_null(
-        matrix, scores, n_simulations, rng, with_variables=True, catalog_frac_err=catalog_frac_err
-    )
-    sv = score_lightcurves(null_v, catalog_frac_err=catalog_frac_err)
+    const_scores = score_lightcurves(null_c, catalog_frac_err=catalog_frac_err)
+    sc = const_scores["ese_stat"]
+    drw = scores["dchi2_drw"].to_numpy(dtype=float)
+    n_pop = max(int(np.isfinite(scores["dchi2_const"].to_numpy(dtype=float)).sum()), 1)
+    frac = float(np.sum(np.isfinite(drw) & (drw >= DRW_VARIABLE_DCHI2))) / n_pop
+    n_drw = round(min(1.0, 4.0 * frac) * n_simulations) if frac > 0 else 0
+    values = [sc.to_numpy(dtype=float)]
+    weights = [np.full(len(sc), (1.0 - frac) / max(len(sc), 1))]
+    if n_drw:
+        null_v, n_drw = simulate_null(
+            matrix,
+            scores,
+            n_drw,
+            rng,
+            with_variables=True,
+            variable_fraction=1.0,
+            catalog_frac_err=catalog_frac_err,
+        )
+        sv = score_lightcurves(null_v, catalog_frac_err=catalog_frac_err)["ese_stat"]
+        values.append(sv.to_numpy(dtype=float))
+        weights.append(np.full(len(sv), frac / max(len(sv), 1)))
     return FalseAlarmCalibration(
-        const=TailCalibration.from_samples(sc["dchi2_const"].to_numpy(dtype=float)),
-        ese=TailCalibration.from_samples(sv["ese_stat"].to_numpy(dtype=float)),
+        const=TailCalibration.from_samples(const_scores["dchi2_const"].to_numpy(dtype=float)),
+        ese=TailCalibration.from_samples(np.concatenate(values), np.concatenate(weights)),
         fap_per_source=fap_per_source,
         n_simulations=n_simulations,
-        n_variable_simulations=n_var,
+        n_variable_simulations=n_drw,
     )
 
 
