@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ese_assets import cli_candidates, cli_export, cli_photometry
+from ese_assets import cli_candidates, cli_export, cli_lightcurves, cli_photometry
 from ese_assets.cli_candidates import open_products_db
 from ese_assets.core.detection import (
     DEFAULT_ETA_V_SIGMA,
@@ -367,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_export.add_parser(sub)
     cli_candidates.add_parsers(sub)
+    cli_lightcurves.add_parser(sub)
     cli_photometry.add_parsers(sub)
 
     p = sub.add_parser(

@@ -107,6 +107,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -503,8 +504,8 @@ def noise_scale(matrix_flux: np.ndarray, matrix_err: np.ndarray) -> np.ndarray:
         z = np.abs(np.diff(f, axis=1)) / np.sqrt(e[:, 1:] ** 2 + e[:, :-1] ** 2)
     valid = np.arange(z.shape[1])[None, :] < (count - 1)[:, None]
     z = np.where(valid, z, np.nan)
-    with np.errstate(invalid="ignore"), np.testing.suppress_warnings() as sup:
-        sup.filter(RuntimeWarning)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no pairs
         med = np.nanmedian(z, axis=1) if z.shape[1] else np.full(n, np.nan)
     r = 1.4826 * med
     return np.where(np.isfinite(r), np.maximum(r, 1.0), 1.0)
@@ -729,8 +730,8 @@ def _prepare(matrix: LightcurveMatrix, catalog_frac_err: float):
     f = np.where(present, matrix.flux, 0.0)
     # Centre on a robust reference (weighted median is overkill: the median of the nights) so the
     # matched-filter sums do not cancel; the constant is in every model, so nothing changes.
-    with np.testing.suppress_warnings() as sup:
-        sup.filter(RuntimeWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: sources without nights
         ref = np.nanmedian(np.where(present, matrix.flux, np.nan), axis=1)
     ref = np.where(np.isfinite(ref), ref, 0.0)
     fc = np.where(present, f - ref[:, None], 0.0)
@@ -986,8 +987,8 @@ def simulate_null(
     present = matrix.present[pick]
     r = scores["noise_scale"].to_numpy(dtype=float)[pick]
     base = scores["baseline_flux_mjy"].to_numpy(dtype=float)[pick]
-    with np.testing.suppress_warnings() as sup:
-        sup.filter(RuntimeWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: sources without nights
         med = np.nanmedian(np.where(matrix.present, matrix.flux, np.nan), axis=1)[pick]
     base = np.where(np.isfinite(base), base, med)
     sigma = np.where(present, matrix.err[pick] * r[:, None], np.nan)
