@@ -6,6 +6,7 @@ import dagster as dg
 
 from ese_assets.orchestration.assets import build_assets
 from ese_assets.orchestration.detection_job import build_detection_job
+from ese_assets.orchestration.executors import pipeline_executor
 from ese_assets.orchestration.jobs import build_job
 from ese_assets.orchestration.partitions import build_partitions
 from ese_assets.orchestration.resources import resources_from_settings
@@ -24,7 +25,11 @@ def build_definitions(settings: Settings | None = None, *, bind_env: bool = True
     partitions = build_partitions(settings)
     assets = build_assets(partitions, settings.retry_delay_s)
     # every run names its products database, so runs of several databases in one instance differ
-    job = build_job(assets, tags=products_db_tags(settings.products_db))
+    job = build_job(
+        assets,
+        tags=products_db_tags(settings.products_db),
+        executor_def=pipeline_executor(settings),
+    )
     return dg.Definitions(
         assets=assets,
         jobs=[job, build_detection_job()],

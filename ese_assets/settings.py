@@ -65,6 +65,8 @@ DEFAULT_EXECUTOR = "in_process"
 DEFAULT_CELERY_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 #: Where Celery workers send task results back (dagster-celery's default: replies over the broker).
 DEFAULT_CELERY_BACKEND = "rpc://"
+#: Broker queue of the pipeline's steps (dagster-celery's default); workers listen on it (-q).
+DEFAULT_CELERY_QUEUE = "dagster"
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -226,6 +228,7 @@ class Settings:
     executor: str = DEFAULT_EXECUTOR
     celery_broker: str = DEFAULT_CELERY_BROKER
     celery_backend: str = DEFAULT_CELERY_BACKEND
+    celery_queue: str = DEFAULT_CELERY_QUEUE
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -271,6 +274,7 @@ class Settings:
             executor=_env("ESE_EXECUTOR", DEFAULT_EXECUTOR),
             celery_broker=_env("ESE_CELERY_BROKER", DEFAULT_CELERY_BROKER),
             celery_backend=_env("ESE_CELERY_BACKEND", DEFAULT_CELERY_BACKEND),
+            celery_queue=_env("ESE_CELERY_QUEUE", DEFAULT_CELERY_QUEUE),
         )
 
     def detection(self) -> DetectionSettings:

@@ -278,6 +278,8 @@ TABLES = (
     "source_night_sums",
     "source_sums",
     "ese_candidates",
+    "image_gains",
+    "calibration_references",
 )
 #: Processing times and bookkeeping: differ between two runs of the same data by design.
 IGNORED_COLUMNS = (
@@ -287,6 +289,7 @@ IGNORED_COLUMNS = (
     "flagged_at",
     "registered_at",
     "last_measured_at",
+    "computed_at",
     "attempts",
     "batch_token",
     "queued_at",
@@ -301,6 +304,8 @@ SORT_KEYS = {
     "source_night_sums": ["source_id", "night"],
     "source_sums": ["source_id"],
     "ese_candidates": ["source_id", "night"],
+    "image_gains": ["image_path"],
+    "calibration_references": ["source_id", "night"],
 }
 #: Floats must agree to this relative precision (the incremental sums add nights in a different
 #: order after a recovery, which moves the last few bits); ATOL covers values that are ~0.

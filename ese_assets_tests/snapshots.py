@@ -14,7 +14,14 @@ from ese_assets.storage.schema import metadata
 
 #: Columns :func:`table_snapshot` leaves out by default: surrogate keys and processing times, which
 #: differ between two otherwise identical runs.
-SNAPSHOT_EXCLUDE = ("id", "measured_at", "updated_at", "flagged_at", "registered_at")
+SNAPSHOT_EXCLUDE = (
+    "id",
+    "measured_at",
+    "updated_at",
+    "flagged_at",
+    "registered_at",
+    "computed_at",
+)
 #: Columns of ``images`` that record how the work went (file versions, run requests), not what
 #: was measured: two runs that reach the same result may differ in them.
 IMAGE_BOOKKEEPING = (
@@ -34,6 +41,8 @@ SNAPSHOT_SORT_KEYS = {
     "ese_candidates": ("source_id",),
     "source_night_sums": ("source_id", "night"),
     "source_sums": ("source_id",),
+    "image_gains": ("image_path",),
+    "calibration_references": ("source_id", "night"),
 }
 
 

@@ -27,6 +27,7 @@ from ese_assets.core.detection import DetectionSettings
 from ese_assets.core.fits_image import Beam, load_image
 from ese_assets.core.quality import (
     DEFAULT_EXCLUDED_FLAGS,
+    FLAG_BAD_GAIN,
     FLAG_BLANK,
     FLAG_BLENDED,
     FLAG_EDGE,
@@ -469,7 +470,7 @@ def test_usable_measurement_rule():
             FLAG_BLANK | FLAG_BLENDED | FLAG_NAN,
         ]
     )
-    assert DEFAULT_EXCLUDED_FLAGS == FLAG_EDGE | FLAG_BLANK
+    assert DEFAULT_EXCLUDED_FLAGS == FLAG_EDGE | FLAG_BLANK | FLAG_BAD_GAIN
     np.testing.assert_array_equal(usable_measurement(flags), [1, 0, 1, 1, 0, 1, 0])
     np.testing.assert_array_equal(
         usable_measurement(flags, FLAG_BLANK | FLAG_BLENDED), [1, 1, 1, 0, 0, 0, 0]
@@ -477,7 +478,7 @@ def test_usable_measurement_rule():
     np.testing.assert_array_equal(usable_measurement(flags, 0), [1] * 7)
     assert usable_measurement(0) is True and usable_measurement(FLAG_BLANK) is False
     assert validate_exclude_flags(9) == 9
-    for bad in (-1, 16, 31):
+    for bad in (-1, 32, 63):
         with pytest.raises(ValueError, match="quality bits"):
             validate_exclude_flags(bad)
 
@@ -636,7 +637,7 @@ def test_exclude_flags_setting(monkeypatch):
     settings = Settings.from_env()
     assert settings.exclude_flags == 13
     assert resources_from_settings(settings, bind_env=False)["detection"].exclude_flags == 13
-    for bad in ("16", "-1", "2.5", "blank"):
+    for bad in ("32", "-1", "2.5", "blank"):
         monkeypatch.setenv("ESE_EXCLUDE_FLAGS", bad)
         with pytest.raises(ValueError, match="ESE_EXCLUDE_FLAGS"):
             Settings.from_env()

@@ -134,6 +134,18 @@ def test_gains_recovered_within_errors(survey):
     assert np.all(np.abs(z[bad]) < 5), z[bad]
 
 
+def test_median_estimator_recovers_gains_within_errors():
+    table, truth = simulate(seed=12, n_sources=300, n_nights=60)
+    _rows, images = calibrate_measurements(table, gain_estimator="median")
+    good = ~np.isin(np.arange(len(images)), truth["bad_images"])
+    c = np.median(truth["gains"][good] / images["gain"].to_numpy()[good])
+    z = (images["gain"].to_numpy() - truth["gains"] / c) / images["gain_err"].to_numpy()
+    assert 0.6 < np.std(z[good]) < 1.5, np.std(z[good])
+    assert set(truth["bad_images"]) <= set(np.flatnonzero(images["bad"].to_numpy()))
+    with pytest.raises(ValueError, match="gain_estimator"):
+        calibrate_measurements(table, gain_estimator="mode")
+
+
 def test_bad_images_flagged(survey):
     _table, truth, rows, images = survey
     flagged = np.flatnonzero(images["bad"].to_numpy())

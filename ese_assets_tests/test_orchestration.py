@@ -33,11 +33,14 @@ TABLES = (
     "ese_candidates",
     "source_night_sums",
     "source_sums",
+    "image_gains",
+    "calibration_references",
 )
 # Processing timestamps differ between runs by design; everything else must be identical.
 VOLATILE = (
     "id",
     "measured_at",
+    "computed_at",
     "updated_at",
     "flagged_at",
     "registered_at",
@@ -84,6 +87,7 @@ def test_definitions_load_and_automation_is_on():
     dg.Definitions.validate_loadable(defs)
     assert {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()} == {
         "photometry",
+        "image_calibration",
         "variability_stats",
         "ese_candidates",
     }

@@ -125,6 +125,8 @@ def test_make_engine_sqlite_path_creates_dirs_and_sets_pragmas(tmp_path, monkeyp
             "ese_candidate_history",
             "source_night_sums",
             "source_sums",
+            "image_gains",
+            "calibration_references",
         }
     finally:
         dispose_engine(str(path))

@@ -33,17 +33,24 @@ Steps (each a private function below; vectorized over all images at once, no loo
    error ``sigma_ij^2 = (e_ij / F_ij)^2 + s_b,i^2 + ref_floor^2`` (``s_b`` the baseline's own
    fractional uncertainty: ``catalog_frac_error`` for catalog baselines, ``sqrt(pi/2) s_i /
    sqrt(n_i)`` for a median of n_i epochs, the prior's ``baseline_err_frac``; ``ref_floor`` keeps
-   one very bright reference from carrying the image). Sigma-clipping, ``clip_iterations`` times:
-   ``z_ij = (r_ij - g_j) / sigma_ij``, keep ``|z_ij| <= clip_sigma * max(1, 1.4826 MAD_j(z))``,
-   ``g_j`` = the weighted median of the kept ratios (weights ``1/sigma^2``). Then ``n_ref`` = kept
-   references, ``ref_scatter = sqrt(sum w (r - g)^2 / sum w * n/(n-1))`` (the clipped weighted
-   fractional rms), ``expected_scatter = sqrt(sum w sigma^2 / sum w)`` (what the errors alone
-   predict) and ``gain_err`` the asymptotic error of a weighted median, ``var = sum w^2 /
-   (4 (sum w f_ij(0))^2)`` with ``f_ij(0) = 1 / (sqrt(2 pi) tau_ij)`` the density of a
-   reference's ratio at its centre, i.e. ``gain_err = sqrt(pi/2 * sum w^2) / sum(w / tau)``, with
-   ``tau_ij = s_j sqrt((e/F)^2 + s_b^2)`` the reference's scatter without the floor and ``s_j =
-   1.4826 MAD_j((r - g) / tau0)`` (>= 0.5) how far the errors are off in that image. For equal
-   errors this is the familiar ``1.2533 sigma / sqrt(n)`` (sqrt(pi/2) = 1.2533).
+   one very bright reference from carrying the image). Sigma-clipping about the weighted median
+   (weights ``w = 1/sigma^2``), ``clip_iterations`` times: ``z_ij = (r_ij - m_j) / sigma_ij``, keep
+   ``|z_ij| <= clip_sigma * max(1, 1.4826 MAD_j(z))``, ``m_j`` = the weighted median of the kept
+   ratios. ``n_ref`` = references kept. The gain (``gain_estimator``):
+
+   * ``mean`` (default), the clipped weighted mean ``g_j = sum w r / sum w`` with the sandwich
+     error ``gain_err = sqrt(sum w^2 (r - g)^2 * n/(n-1)) / sum w``, right whatever the weights
+     since it uses the observed residuals. Robust through the clip, and efficient: on the demo
+     survey (references at S/N 20-130) its error is 0.52 % against the median's 0.81 %.
+   * ``median``, the weighted median ``g_j = m_j`` with its asymptotic error ``var = sum w^2 /
+     (4 (sum w f_ij(0))^2)``, ``f_ij(0) = 1 / (sqrt(2 pi) tau_ij)`` the density of a reference's
+     ratio at its centre, i.e. ``gain_err = sqrt(pi/2 * sum w^2) / sum(w / tau)``, with ``tau_ij =
+     s_j sqrt((e/F)^2 + s_b^2)`` (``s_j = 1.4826 wMAD_j((r - g) / tau0)`` >= 0.5: how far the
+     errors are off); ``1.2533 sigma / sqrt(n)`` for equal errors. Better only with references
+     far brighter than the floor (0.03 % against 0.06 % on the lightcurve simulation of the tests).
+
+   ``ref_scatter = sqrt(sum w (r - g)^2 / sum w * n/(n-1))`` is the clipped weighted fractional
+   rms, ``expected_scatter = sqrt(sum w sigma^2 / sum w)`` what the errors alone predict.
    Images with fewer than ``min_refs`` references are not calibrated: gain 1, gain_err 0,
    ``calibrated`` False (their normalized fluxes equal the raw ones).
 5. **Bad images** (:func:`_flag_images`), among calibrated images:
@@ -97,17 +104,45 @@ IMAGE_GAIN_COLUMNS = (
     "reason",
 )
 
-#: Columns added to the measurement rows.
+#: Columns added to the measurement rows (``reference_candidate``: the source is bright and
+#: isolated enough to be a reference; ``reference``: it was one of its image's kept references).
 NORMALIZED_COLUMNS = (
     "normalized_flux_mjy",
     "normalized_flux_err_mjy",
     "gain",
     "bad_image",
+    "reference_candidate",
     "reference",
 )
 
+#: Flux scales statistics and detection can use (``ESE_FLUX_SCALE``): the gain-normalized fluxes
+#: (default) or the raw measured ones.
+FLUX_SCALES = ("normalized", "raw")
+DEFAULT_FLUX_SCALE = "normalized"
+
+#: Columns of a reference-history table (:func:`nightly_reference_values`,
+#: :func:`prior_baselines`): one robust value per reference candidate and night.
+REFERENCE_HISTORY_COLUMNS = ("source_id", "night", "flux_mjy", "flux_err_mjy", "n_images")
+
+#: Days of reference history behind a prior baseline: longer than most ESEs (30-90 days), so a
+#: reference in a dip does not drag its baseline down with it, half the statistics' year.
+DEFAULT_BASELINE_WINDOW_DAYS = 180.0
+
+
+def validate_flux_scale(value: str) -> str:
+    """The flux scale, lower-cased; ValueError naming the valid values otherwise."""
+    scale = str(value).strip().lower()
+    if scale not in FLUX_SCALES:
+        raise ValueError(f"flux scale {value!r} is not one of {', '.join(FLUX_SCALES)}")
+    return scale
+
+
 #: Values of :attr:`CalibrationOptions.baseline_source` per source.
 BASELINE_SOURCES = ("prior", "history", "catalog")
+
+
+#: Estimators of an image's gain from its clipped references (module docstring, step 4).
+GAIN_ESTIMATORS = ("mean", "median")
 
 
 @dataclass(frozen=True)
@@ -145,8 +180,15 @@ class CalibrationOptions:
     scatter_factor: float = 3.0
     #: Passes of baselines -> gains (2: iterate once on gain-corrected fluxes).
     iterations: int = 2
+    #: ``mean``: weighted mean of the clipped ratios; ``median``: their weighted median.
+    gain_estimator: str = "mean"
 
     def __post_init__(self) -> None:
+        if self.gain_estimator not in GAIN_ESTIMATORS:
+            raise ValueError(
+                f"calibration option gain_estimator={self.gain_estimator!r} is not one of "
+                f"{', '.join(GAIN_ESTIMATORS)}"
+            )
         positive = ("min_ref_snr", "clip_sigma", "gain_sigma", "scatter_factor", "variable_factor")
         for name in positive:
             if not getattr(self, name) > 0:
@@ -272,20 +314,27 @@ def _variable_sources(
     scatter = MAD_TO_SIGMA * _group_median(np.abs(resid - centre[codes]), codes, n_sources)
     noise = _group_median(frac_err[rows], codes, n_sources)
     scatter = np.where(n >= opts.min_history, scatter, np.nan)
+    return _too_variable(n, scatter, noise, opts), scatter, n
+
+
+def _too_variable(n: np.ndarray, scatter: np.ndarray, noise: np.ndarray, opts) -> np.ndarray:
+    """The variability screen (step 3): ``n >= min_history`` and the fractional scatter above
+    ``variable_factor * noise`` and above ``sqrt(noise^2 + max_ref_excess^2)``."""
     with np.errstate(invalid="ignore"):
-        variable = (scatter > opts.variable_factor * noise) & (
-            scatter > np.sqrt(noise**2 + opts.max_ref_excess**2)
+        return (
+            (n >= opts.min_history)
+            & (scatter > opts.variable_factor * noise)
+            & (scatter > np.sqrt(noise**2 + opts.max_ref_excess**2))
         )
-    return variable, scatter, n
 
 
 def _image_gains(
     ratio: np.ndarray, sigma0: np.ndarray, image_codes: np.ndarray, n_images: int, opts
 ) -> dict[str, np.ndarray]:
-    """Clipped weighted-median gain per image from its references' ratios ``ratio`` with their
-    fractional errors ``sigma0`` (without the floor; module docstring, step 4). Returns arrays per
-    image: gain, gain_err, n_ref, ref_scatter, expected_scatter, and the per-row mask ``kept`` of
-    the references kept."""
+    """Clipped weighted-mean (or -median) gain per image from its references' ratios ``ratio``
+    with their fractional errors ``sigma0`` (without the floor; module docstring, step 4).
+    Returns arrays per image: gain, gain_err, n_ref, ref_scatter, expected_scatter, and the
+    per-row mask ``kept`` of the references kept."""
     keep = np.isfinite(ratio) & np.isfinite(sigma0) & (sigma0 > 0)
     sigma = np.sqrt(sigma0**2 + opts.ref_floor**2)
     w = np.where(keep, 1.0 / np.where(keep, sigma, 1.0) ** 2, 0.0)
@@ -310,8 +359,14 @@ def _image_gains(
     tau = s[codes] * s0
     sum_w = per_image(wk)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ref_scatter = np.sqrt(per_image(wk * dev * dev) / sum_w * n_ref / (n_ref - 1.0))
-        gain_err = np.sqrt(0.5 * np.pi * per_image(wk * wk)) / per_image(wk / tau)
+        bessel = n_ref / (n_ref - 1.0)
+        if opts.gain_estimator == "mean":
+            gain = per_image(wk * ratio[kept]) / sum_w
+            dev = ratio[kept] - gain[codes]
+            gain_err = np.sqrt(per_image((wk * dev) ** 2) * bessel) / sum_w
+        else:
+            gain_err = np.sqrt(0.5 * np.pi * per_image(wk * wk)) / per_image(wk / tau)
+        ref_scatter = np.sqrt(per_image(wk * dev * dev) / sum_w * bessel)
         expected = np.sqrt(per_image(wk * sigma[kept] ** 2) / sum_w)
     return {
         "gain": gain,
@@ -491,6 +546,7 @@ def calibrate_measurements(
     )
     rows["gain"] = g_rows
     rows["bad_image"] = bad[img_codes]
+    rows["reference_candidate"] = candidate_rows
     rows["reference"] = fit["kept"] & calibrated[img_codes]
 
     reason = np.where(
@@ -516,3 +572,84 @@ def calibrate_measurements(
         }
     )
     return rows, images[list(IMAGE_GAIN_COLUMNS)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference history (what a pipeline keeps between nights)
+# --------------------------------------------------------------------------------------------------
+
+
+def nightly_reference_values(rows: pd.DataFrame, night_of_image: pd.Series) -> pd.DataFrame:
+    """One robust normalized flux per reference candidate and night: the history that later
+    nights' baselines come from (:func:`prior_baselines`).
+
+    ``rows``: the first output of :func:`calibrate_measurements`; ``night_of_image``: night per
+    ``image_id`` (index). Over the night's images that are not bad:
+    ``flux_mjy = median(Fn)``, ``flux_err_mjy = sqrt(pi/2) median(en) / sqrt(n)`` (the error of
+    a median of n values), ``n_images = n``. Candidates, not only kept references: a variable
+    source needs a history to be recognised as one. Returns :data:`REFERENCE_HISTORY_COLUMNS`,
+    sorted by source_id, night.
+    """
+    use = rows["reference_candidate"].to_numpy(bool) & ~rows["bad_image"].to_numpy(bool)
+    use &= np.isfinite(rows["normalized_flux_mjy"].to_numpy(float))
+    table = pd.DataFrame(
+        {
+            "source_id": rows["source_id"].to_numpy()[use],
+            "night": night_of_image.reindex(rows["image_id"].to_numpy()[use]).to_numpy(),
+            "flux": rows["normalized_flux_mjy"].to_numpy(float)[use],
+            "err": rows["normalized_flux_err_mjy"].to_numpy(float)[use],
+        }
+    )
+    if table.empty:
+        return pd.DataFrame({c: [] for c in REFERENCE_HISTORY_COLUMNS})
+    grouped = table.groupby(["source_id", "night"], sort=True)
+    out = grouped.agg(
+        flux_mjy=("flux", "median"), err=("err", "median"), n_images=("flux", "size")
+    ).reset_index()
+    out["flux_err_mjy"] = np.sqrt(0.5 * np.pi) * out["err"] / np.sqrt(out["n_images"])
+    out["n_images"] = out["n_images"].astype(np.int64)
+    return out[list(REFERENCE_HISTORY_COLUMNS)]
+
+
+def prior_baselines(
+    history: pd.DataFrame, options: CalibrationOptions | None = None
+) -> pd.DataFrame:
+    """Baselines of reference sources from their nightly history, for
+    :func:`calibrate_measurements` (``prior_baselines=``).
+
+    ``history``: :data:`REFERENCE_HISTORY_COLUMNS` rows (e.g. the trailing window of nights before
+    the one being calibrated). Per source, with v_k its nightly values and u_k their errors:
+    ``baseline_mjy = median(v)``, ``n_history`` = nights, ``s = 1.4826 MAD(v / baseline - 1)``,
+    ``baseline_err_frac = sqrt(pi/2) s / sqrt(n)``, and ``variable`` when
+    ``n >= min_history`` and s exceeds both ``variable_factor * median(u / v)`` and
+    ``sqrt(median(u / v)^2 + max_ref_excess^2)`` (the same screen as step 3). Index source_id.
+    """
+    opts = options or CalibrationOptions()
+    columns = ["baseline_mjy", "n_history", "baseline_err_frac", "variable"]
+    if history is None or len(history) == 0:
+        return pd.DataFrame(columns=columns, index=pd.Index([], name="source_id"))
+    codes, ids = pd.factorize(history["source_id"], sort=True)
+    n_src = len(ids)
+    v = history["flux_mjy"].to_numpy(float)
+    u = history["flux_err_mjy"].to_numpy(float)
+    ok = np.isfinite(v) & (v > 0)
+    codes, v, u = codes[ok], v[ok], u[ok]
+    n = np.bincount(codes, minlength=n_src)
+    baseline = _group_median(v, codes, n_src)
+    resid = v / baseline[codes] - 1.0
+    scatter = MAD_TO_SIGMA * _group_median(
+        np.abs(resid - _group_median(resid, codes, n_src)[codes]), codes, n_src
+    )
+    noise = _group_median(u / v, codes, n_src)
+    variable = _too_variable(n, scatter, noise, opts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        err_frac = np.sqrt(0.5 * np.pi) * scatter / np.sqrt(n)
+    return pd.DataFrame(
+        {
+            "baseline_mjy": baseline,
+            "n_history": n.astype(np.int64),
+            "baseline_err_frac": np.where(n > 1, err_frac, np.nan),
+            "variable": variable,
+        },
+        index=pd.Index(np.asarray(ids, dtype=object), name="source_id"),
+    )

@@ -13,12 +13,18 @@ bit   name             meaning
 8     ``FLAG_BLANK``   the source's own pixel is blank, or blank pixels carry more than
                        ``MAX_BLANK_FRACTION`` of the beam weight ``sum K^2`` of its stamp: the
                        image did not observe the source, so there is no flux (NaN)
+16    ``FLAG_BAD_GAIN`` the image's flux-scale calibration failed (``core.calibration``: its
+                       gain is an outlier, or its reference sources scatter far more than
+                       usual); set on every row of the image by the calibration step
 ====  ===============  ==========================================================================
 
 ``FLAG_EDGE`` and ``FLAG_BLANK`` mark positions that were not measured (no flux); ``FLAG_NAN`` and
 ``FLAG_BLENDED`` mark real measurements with honest errors. Statistics and detection use only the
 measurements for which :func:`usable_measurement` is true; the excluded bits are configurable
-(``ESE_EXCLUDE_FLAGS``), by default ``DEFAULT_EXCLUDED_FLAGS = FLAG_EDGE | FLAG_BLANK``. Blended
+(``ESE_EXCLUDE_FLAGS``), by default ``DEFAULT_EXCLUDED_FLAGS = FLAG_EDGE | FLAG_BLANK |
+FLAG_BAD_GAIN``. A bad image is excluded rather than down-weighted: its one gain does not describe
+it (that is what makes it bad), and any weight left would still move all its sources together,
+the dip in every source the calibration exists to prevent. Blended
 measurements are not excluded by default: a joint fit is the correct measurement of a close pair,
 and dropping them would silently remove every source with a neighbour.
 """
@@ -31,12 +37,13 @@ FLAG_EDGE = 1
 FLAG_NAN = 2
 FLAG_BLENDED = 4
 FLAG_BLANK = 8
+FLAG_BAD_GAIN = 16
 
 #: Every defined bit; a flag outside this mask is not a quality flag of this project.
-ALL_FLAGS = FLAG_EDGE | FLAG_NAN | FLAG_BLENDED | FLAG_BLANK
+ALL_FLAGS = FLAG_EDGE | FLAG_NAN | FLAG_BLENDED | FLAG_BLANK | FLAG_BAD_GAIN
 
 #: Measurements with any of these bits are left out of statistics and detection by default.
-DEFAULT_EXCLUDED_FLAGS = FLAG_EDGE | FLAG_BLANK
+DEFAULT_EXCLUDED_FLAGS = FLAG_EDGE | FLAG_BLANK | FLAG_BAD_GAIN
 
 #: A measurement is blank when blank pixels carry more than this fraction of the beam weight
 #: sum(K^2) of its stamp (or its own pixel is blank). At 0.5 the estimator's white-noise error has
@@ -64,6 +71,7 @@ def validate_exclude_flags(exclude_flags: int) -> int:
         raise ValueError(
             f"exclude flags must be a combination of the quality bits {FLAG_EDGE} (edge), "
             f"{FLAG_NAN} (blank pixels in the stamp), {FLAG_BLENDED} (blended), {FLAG_BLANK} "
-            f"(blank), i.e. 0..{ALL_FLAGS}; got {exclude_flags}"
+            f"(blank), {FLAG_BAD_GAIN} (image with a bad gain), i.e. 0..{ALL_FLAGS}; "
+            f"got {exclude_flags}"
         )
     return mask

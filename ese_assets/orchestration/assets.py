@@ -1,5 +1,5 @@
-"""The three night-partitioned assets: ``photometry`` -> ``variability_stats`` ->
-``ese_candidates``, built by :func:`build_assets` for the partitions of a :class:`Settings`.
+"""The night-partitioned assets: ``photometry`` -> ``image_calibration`` -> ``variability_stats``
+-> ``ese_candidates``, built by :func:`build_assets` for the partitions of a :class:`Settings`.
 
 Each asset writes to the products database itself and returns a ``MaterializeResult`` (nothing is
 pickled by an IO manager). Checks run inside the asset that owns the data, for the same nights.
@@ -33,6 +33,7 @@ from ese_assets.orchestration.resources import (
     SourceCatalogResource,
 )
 from ese_assets.orchestration.runs import PID_TAG, process_tags
+from ese_assets.storage import calibration as calibration_db
 from ese_assets.storage import candidates as candidates_db
 from ese_assets.storage import images as images_db
 from ese_assets.storage import photometry as photometry_db
@@ -41,6 +42,8 @@ from ese_assets.storage.errors import DatabaseUnavailable
 from ese_assets.storage.schema import UNFINISHED_STATUSES
 
 GROUP = "ese"
+#: Rows of a metadata table shown in the UI (a DSA-110 night has ~300 images).
+_MAX_TABLE_ROWS = 500
 #: Step retries after a busy or unreachable database (delays: retry_delay_s, x2, x4, x8).
 STEP_RETRIES = 4
 
@@ -179,7 +182,8 @@ def _images_to_measure(
 def build_assets(
     partitions: dg.PartitionsDefinition, retry_delay_s: float
 ) -> list[dg.AssetsDefinition]:
-    """``photometry``, ``variability_stats`` and ``ese_candidates`` over ``partitions``."""
+    """``photometry``, ``image_calibration``, ``variability_stats`` and ``ese_candidates`` over
+    ``partitions``."""
     policy = retry_policy(retry_delay_s)
 
     def night_asset(**kwargs):
@@ -288,6 +292,79 @@ def build_assets(
         deps=[photometry],
         check_specs=[
             check(
+                "no_bad_images",
+                "image_calibration",
+                "No image of the night has an outlying gain or a large reference scatter (bad "
+                "images are left out of the statistics; this check says there were some).",
+            )
+        ],
+    )
+    def image_calibration(
+        context: dg.AssetExecutionContext,
+        products_db: ProductsDatabase,
+        detection: DetectionResource,
+    ) -> dg.MaterializeResult:
+        """Flux-scale gain of every image of the night from its stable reference sources.
+
+        Writes ``image_gains``, the reference history of the night, each photometry row's
+        ``normalized_flux_jy`` and the bad-gain quality bit (core.calibration). Re-materializing a
+        night recomputes all of it from the night's photometry and the history of earlier nights.
+        """
+        nights = list(context.partition_keys)
+        engine = products_db.get_engine()
+        with failures_for_dagster():
+            pipeline.calibrate_nights(engine, nights, exclude_flags=detection.exclude_flags)
+            gains = calibration_db.gains(engine, nights)
+        bad = gains[gains["bad"].astype(bool)] if len(gains) else gains
+        metadata: dict = {
+            "images": len(gains),
+            "images_calibrated": int(gains["calibrated"].astype(bool).sum()) if len(gains) else 0,
+            "images_bad": len(bad),
+        }
+        if len(gains):
+            ok = gains[gains["calibrated"].astype(bool)]
+            if len(ok):
+                metadata.update(
+                    median_gain=float(ok["gain"].median()),
+                    gain_robust_rms=float(
+                        1.4826 * (ok["gain"] - ok["gain"].median()).abs().median()
+                    ),
+                    median_gain_err=float(ok["gain_err"].median()),
+                    median_n_ref=float(ok["n_ref"].median()),
+                    median_ref_scatter=float(ok["ref_scatter"].median()),
+                )
+            shown = gains.assign(file=gains["image_path"].map(lambda p: Path(p).name))
+            shown["bad"] = shown["bad"].map(lambda b: "BAD" if b else "")
+            metadata["image_gains"] = _table(
+                shown.head(_MAX_TABLE_ROWS),
+                ["file", "gain", "gain_err", "n_ref", "ref_scatter", "bad", "reason"],
+            )
+        return dg.MaterializeResult(
+            metadata=metadata,
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name="no_bad_images",
+                    passed=len(bad) == 0,
+                    severity=dg.AssetCheckSeverity.WARN,
+                    metadata={
+                        "bad_images": dg.MetadataValue.json(
+                            dict(
+                                zip(
+                                    bad["image_path"].map(lambda p: Path(p).name),
+                                    bad["reason"],
+                                    strict=True,
+                                )
+                            )
+                        )
+                    },
+                )
+            ],
+        )
+
+    @night_asset(
+        deps=[image_calibration],
+        check_specs=[
+            check(
                 "consistent_with_photometry",
                 "variability_stats",
                 "Each source's sums of the night count the night's photometry rows, and "
@@ -318,6 +395,7 @@ def build_assets(
                 dip_window_days=detection.dip_window_days,
                 exclude_flags=detection.exclude_flags,
                 bin_nights=detection.bin_nights,
+                flux_scale=detection.flux_scale,
             )
         # Bounded by the nights, like the stage itself (a whole-history COUNT would undo that).
         mismatched = statistics_db.night_stats_mismatches(
@@ -399,4 +477,4 @@ def build_assets(
             ],
         )
 
-    return [photometry, variability_stats, ese_candidates]
+    return [photometry, image_calibration, variability_stats, ese_candidates]

@@ -12,6 +12,7 @@ import dagster as dg
 from sqlalchemy import Engine
 
 from ese_assets.core.binning import DEFAULT_BIN_NIGHTS
+from ese_assets.core.calibration import DEFAULT_FLUX_SCALE
 from ese_assets.core.catalog import Catalog, load_catalog_cached
 from ese_assets.core.detection import (
     DEFAULT_MIN_DIP_SIGMA,
@@ -91,6 +92,7 @@ class DetectionResource(dg.ConfigurableResource):
     exclude_flags: int = DEFAULT_EXCLUDED_FLAGS  # quality bits left out of the statistics
     bin_nights: str = DEFAULT_BIN_NIGHTS  # window statistics on nightly bins: auto | on | off
     use_sigma_rule: bool = DEFAULT_USE_SIGMA_RULE  # the seed's rule (ESE_USE_SIGMA_RULE)
+    flux_scale: str = DEFAULT_FLUX_SCALE  # normalized | raw fluxes (ESE_FLUX_SCALE)
 
     def settings(self) -> DetectionSettings:
         return DetectionSettings(
@@ -139,5 +141,6 @@ def resources_from_settings(settings: Settings, *, bind_env: bool = True) -> dic
             exclude_flags=settings.exclude_flags,
             bin_nights=settings.bin_nights,
             use_sigma_rule=settings.use_sigma_rule,
+            flux_scale=settings.flux_scale,
         ),
     }

@@ -10,6 +10,9 @@ Units and their transactions:
 * :func:`measure_images` (:mod:`.measurement`) measures each image in one transaction (its
   photometry rows are replaced and its ``images`` row marked ``measured``), so a run killed
   half-way leaves whole images only.
+* :func:`calibrate_nights` (:mod:`.calibration`) computes each image's flux-scale gain from its
+  reference sources, one transaction per night: ``image_gains``, normalized fluxes and the
+  bad-image quality bit in ``photometry``.
 * :func:`update_variability` (:mod:`.statistics`) updates the statistics of every source measured
   in some nights in one transaction: additive per-night sums give the whole-history moments, a
   trailing window the dip statistic, so the cost does not grow with the history.
@@ -18,6 +21,7 @@ Units and their transactions:
   workflow (:mod:`ese_assets.core.candidates`).
 """
 
+from ese_assets.pipeline.calibration import calibrate_nights
 from ese_assets.pipeline.candidates import DetectionSummary, detect_candidates
 from ese_assets.pipeline.measurement import ImageResult, measure_image, measure_images
 from ese_assets.pipeline.progress import Progress
@@ -42,6 +46,7 @@ __all__ = [
     "ImageResult",
     "Progress",
     "ScanResult",
+    "calibrate_nights",
     "detect_candidates",
     "inspect_files",
     "measure_image",

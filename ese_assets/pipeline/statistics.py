@@ -34,6 +34,7 @@ from ese_assets.core.binning import (
     sources_to_bin,
     validate_bin_nights,
 )
+from ese_assets.core.calibration import DEFAULT_FLUX_SCALE, validate_flux_scale
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS, usable_measurement
 from ese_assets.core.sums import (
     COUNT_COLUMNS,
@@ -76,14 +77,27 @@ log = logging.getLogger(__name__)
 _STATS_EXTRA_COLUMNS = ("ra_deg", "dec_deg", "nvss_flux_mjy", "last_measured_at")
 
 
-def _flux_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """Photometry rows as the measurement table of core.variability (Jy/beam -> mJy)."""
+def _flux_table(rows: pd.DataFrame, flux_scale: str = DEFAULT_FLUX_SCALE) -> pd.DataFrame:
+    """Photometry rows as the measurement table of core.variability (Jy/beam -> mJy).
+
+    ``flux_scale="normalized"``: the gain-normalized flux and error (core.calibration); a row not
+    calibrated yet (NULL there: measured before calibration existed, or its night's calibration
+    has not run) counts with its raw values, i.e. gain 1. ``"raw"``: the measured peak fluxes.
+    """
+    flux = rows["peak_jyb"].to_numpy(float)
+    err = rows["peak_err_jyb"].to_numpy(float)
+    if validate_flux_scale(flux_scale) == "normalized" and "normalized_flux_jy" in rows.columns:
+        norm = rows["normalized_flux_jy"].to_numpy(float, na_value=np.nan)
+        norm_err = rows["normalized_flux_err_jy"].to_numpy(float, na_value=np.nan)
+        calibrated = np.isfinite(norm)
+        flux = np.where(calibrated, norm, flux)
+        err = np.where(calibrated, norm_err, err)
     out = pd.DataFrame(
         {
             "source_id": rows["source_id"].to_numpy(),
             "mjd": rows["mjd"].to_numpy(float),
-            "flux_mjy": rows["peak_jyb"].to_numpy(float) * 1e3,
-            "flux_err_mjy": rows["peak_err_jyb"].to_numpy(float) * 1e3,
+            "flux_mjy": flux * 1e3,
+            "flux_err_mjy": err * 1e3,
         }
     )
     if "night" in rows.columns:
@@ -117,10 +131,10 @@ def _catalog_shifts(rows: pd.DataFrame) -> pd.Series:
 
 
 def _night_sums_of_rows(
-    rows: pd.DataFrame, shifts: pd.Series, *, flux_scale_error: float
+    rows: pd.DataFrame, shifts: pd.Series, *, flux_scale_error: float, flux_scale: str
 ) -> pd.DataFrame:
     """``source_night_sums`` rows of photometry rows (each source shifted by ``shifts[source]``)."""
-    table = _flux_table(rows)
+    table = _flux_table(rows, flux_scale)
     table["shift_mjy"] = shifts.reindex(table["source_id"]).to_numpy(float)
     sums = night_partial_sums(table, flux_scale_error=flux_scale_error)
     measured = rows.groupby(["source_id", "night"], sort=True)["measured_at"].max()
@@ -132,7 +146,12 @@ def _night_sums_of_rows(
 
 
 def _rebuild_sums(
-    conn, source_ids: Sequence[str], *, flux_scale_error: float, exclude_flags: int
+    conn,
+    source_ids: Sequence[str],
+    *,
+    flux_scale_error: float,
+    exclude_flags: int,
+    flux_scale: str = DEFAULT_FLUX_SCALE,
 ) -> None:
     """Rebuild the night rows and the total of ``source_ids`` from their whole photometry history.
 
@@ -140,7 +159,9 @@ def _rebuild_sums(
     flux_scale_error, or a source with history older than its sums, e.g. after an upgrade).
     """
     rows = photometry_db.source_photometry(conn, source_ids, exclude_flags=exclude_flags)
-    nights = _night_sums_of_rows(rows, _catalog_shifts(rows), flux_scale_error=flux_scale_error)
+    nights = _night_sums_of_rows(
+        rows, _catalog_shifts(rows), flux_scale_error=flux_scale_error, flux_scale=flux_scale
+    )
     statistics_db.replace_night_sums(conn, nights, source_ids=source_ids)
     # Sources left without usable photometry have no sums.
     statistics_db.delete_source_sums(conn, source_ids)
@@ -177,13 +198,16 @@ def _apply_night_changes(
     stored: pd.DataFrame,
     *,
     flux_scale_error: float,
+    flux_scale: str = DEFAULT_FLUX_SCALE,
 ) -> None:
     """Steps (b)-(d) of :func:`update_variability`: new night sums, difference to the stored ones
     added to ``source_sums``, night rows replaced. The caller's transaction makes them atomic."""
     shifts = _catalog_shifts(rows)
     known = stored.set_index("source_id")["shift_mjy"]
     shifts.update(known)  # a source keeps its shift for ever: its sums must keep adding
-    new = _night_sums_of_rows(rows, shifts, flux_scale_error=flux_scale_error)
+    new = _night_sums_of_rows(
+        rows, shifts, flux_scale_error=flux_scale_error, flux_scale=flux_scale
+    )
 
     keys = ["source_id", "night"]
     both = new.merge(
@@ -231,6 +255,7 @@ def _window_stats(
     dip_window_days: float,
     exclude_flags: int,
     bin_nights: str,
+    flux_scale: str = DEFAULT_FLUX_SCALE,
 ) -> pd.DataFrame:
     """Median, robust std and dip statistic (WINDOW_COLUMNS) of ``source_ids`` over their trailing
     window: from the window's nightly bins for the sources ``bin_nights`` bins
@@ -251,7 +276,8 @@ def _window_stats(
         window = _flux_table(
             photometry_db.window_photometry(
                 conn, raw_ids, dip_window_days, exclude_flags=exclude_flags
-            )
+            ),
+            flux_scale,
         )
         parts.append(
             variability_metrics(window, flux_scale_error=flux_scale_error)[list(WINDOW_COLUMNS)]
@@ -268,6 +294,7 @@ def _store_stats(
     exclude_flags: int,
     bin_nights: str,
     now: float,
+    flux_scale: str = DEFAULT_FLUX_SCALE,
 ) -> pd.DataFrame:
     """Steps (e)-(g): variability_stats of ``source_ids`` from their sums and their window."""
     sums = statistics_db.source_sums(conn, source_ids)
@@ -281,6 +308,7 @@ def _store_stats(
         dip_window_days=dip_window_days,
         exclude_flags=exclude_flags,
         bin_nights=bin_nights,
+        flux_scale=flux_scale,
     )
     stats = moments.merge(robust, on="source_id", how="left").merge(
         sums[["source_id", *_STATS_EXTRA_COLUMNS]], on="source_id", how="left"
@@ -297,6 +325,7 @@ def stats_from_lightcurves(
     flux_scale_error: float,
     exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
     now: float | None = None,
+    flux_scale: str = DEFAULT_FLUX_SCALE,
 ) -> pd.DataFrame:
     """``variability_stats`` rows computed directly from whole photometry histories (Jy/beam rows).
 
@@ -312,7 +341,9 @@ def stats_from_lightcurves(
     lightcurves = lightcurves[usable]
     if lightcurves.empty:
         return pd.DataFrame()
-    stats = variability_metrics(_flux_table(lightcurves), flux_scale_error=flux_scale_error)
+    stats = variability_metrics(
+        _flux_table(lightcurves, flux_scale), flux_scale_error=flux_scale_error
+    )
     stats = stats.merge(
         _latest_catalog_values(lightcurves), left_on="source_id", right_index=True, how="left"
     )
@@ -329,6 +360,7 @@ def update_variability(
     exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
     bin_nights: str = DEFAULT_BIN_NIGHTS,
     now: float | None = None,
+    flux_scale: str = DEFAULT_FLUX_SCALE,
 ) -> pd.DataFrame:
     """Update the statistics of every source measured in ``nights``, at a cost bounded by the
     nights, the sources and the dip window -- not by the length of the history.
@@ -343,11 +375,14 @@ def update_variability(
     history without sums) are rebuilt from their whole history instead. A killed run leaves the
     previous state; a re-run on unchanged photometry leaves every table identical. Only usable
     photometry rows (no ``exclude_flags`` bit) are read. The stored sums do not record the mask:
-    after changing it, rebuild with :func:`recompute_variability`. Returns the rows written to
-    ``variability_stats``.
+    after changing it, rebuild with :func:`recompute_variability`. ``flux_scale``: the
+    gain-normalized fluxes (default; bad images are left out by the ``FLAG_BAD_GAIN`` bit of the
+    default mask) or the raw ones (:func:`_flux_table`); the sums do not record it either, so
+    after changing it rebuild too. Returns the rows written to ``variability_stats``.
     """
     now = time.time() if now is None else now
     bin_nights = validate_bin_nights(bin_nights)
+    flux_scale = validate_flux_scale(flux_scale)
     nights = sorted({str(n) for n in nights})
     with statistics_db.sums_transaction(engine) as conn:
         rows = photometry_db.night_photometry(conn, nights, exclude_flags=exclude_flags)
@@ -361,10 +396,22 @@ def update_variability(
             log.info("rebuilding the sums of %d sources from their whole history", len(rebuild))
             rows, old, stored = (df[~df["source_id"].isin(rebuild)] for df in (rows, old, stored))
         if len(rows) or len(old):
-            _apply_night_changes(conn, nights, rows, old, stored, flux_scale_error=flux_scale_error)
+            _apply_night_changes(
+                conn,
+                nights,
+                rows,
+                old,
+                stored,
+                flux_scale_error=flux_scale_error,
+                flux_scale=flux_scale,
+            )
         if rebuild:  # after the night rows of `nights` were replaced: this rewrites all of theirs
             _rebuild_sums(
-                conn, rebuild, flux_scale_error=flux_scale_error, exclude_flags=exclude_flags
+                conn,
+                rebuild,
+                flux_scale_error=flux_scale_error,
+                exclude_flags=exclude_flags,
+                flux_scale=flux_scale,
             )
         return _store_stats(
             conn,
@@ -374,6 +421,7 @@ def update_variability(
             exclude_flags=exclude_flags,
             bin_nights=bin_nights,
             now=now,
+            flux_scale=flux_scale,
         )
 
 
@@ -387,6 +435,7 @@ def recompute_variability(
     bin_nights: str = DEFAULT_BIN_NIGHTS,
     chunk: int = 2000,
     progress: Progress = silent,
+    flux_scale: str = DEFAULT_FLUX_SCALE,
 ) -> int:
     """Rebuild sums and statistics of ``source_ids`` (all sources when None) from ``photometry``.
 
@@ -394,9 +443,10 @@ def recompute_variability(
     transaction rewrites their ``source_night_sums`` and ``source_sums`` rows from their whole
     history (usable rows only, see ``exclude_flags``), then their ``variability_stats`` (window
     statistics binned as ``bin_nights`` says, as in :func:`update_variability`). Returns the number
-    of sources with statistics.
+    of sources with statistics. ``flux_scale`` as in :func:`update_variability`.
     """
     bin_nights = validate_bin_nights(bin_nights)
+    flux_scale = validate_flux_scale(flux_scale)
     if source_ids is None:
         ids = sorted(
             set(photometry_db.measured_source_ids(engine))
@@ -409,7 +459,11 @@ def recompute_variability(
         part = ids[start : start + chunk]
         with statistics_db.sums_transaction(engine) as conn:
             _rebuild_sums(
-                conn, part, flux_scale_error=flux_scale_error, exclude_flags=exclude_flags
+                conn,
+                part,
+                flux_scale_error=flux_scale_error,
+                exclude_flags=exclude_flags,
+                flux_scale=flux_scale,
             )
             stats = _store_stats(
                 conn,
@@ -419,6 +473,7 @@ def recompute_variability(
                 exclude_flags=exclude_flags,
                 bin_nights=bin_nights,
                 now=time.time(),
+                flux_scale=flux_scale,
             )
         done += len(stats)
         progress(f"variability statistics: {min(start + chunk, len(ids))}/{len(ids)} sources")

@@ -45,6 +45,8 @@ LIGHTCURVE_COLUMNS = (
     "image_path",
     "measured_at",
     "quality_flag",
+    "normalized_flux_jy",
+    "normalized_flux_err_jy",
 )
 
 #: Columns of :func:`night_photometry` / :func:`source_photometry`, in order.
@@ -59,6 +61,8 @@ NIGHT_PHOTOMETRY_COLUMNS = (
     "dec_deg",
     "measured_at",
     "image_path",
+    "normalized_flux_jy",
+    "normalized_flux_err_jy",
 )
 
 _WRITE_COLUMNS = tuple(c.key for c in photometry.c if c.key != "id")
@@ -309,7 +313,8 @@ def window_photometry(
 
     ``WHERE photometry.mjd >= source_sums.last_mjd - :window``: a range scan of
     ix_photometry_source_mjd per source, so the rows read are bounded by the window, not by the
-    history. Columns source_id, mjd, peak_jyb, peak_err_jyb; ordered by source_id, mjd, image_path.
+    history. Columns source_id, mjd, peak_jyb, peak_err_jyb, normalized_flux_jy,
+    normalized_flux_err_jy; ordered by source_id, mjd, image_path.
     """
     window = float(window_days)
     usable = usable_rows(exclude_flags)
@@ -321,6 +326,8 @@ def window_photometry(
                 photometry.c.mjd,
                 photometry.c.peak_jyb,
                 photometry.c.peak_err_jyb,
+                photometry.c.normalized_flux_jy,
+                photometry.c.normalized_flux_err_jy,
             )
             .select_from(
                 photometry.join(source_sums, source_sums.c.source_id == photometry.c.source_id)

@@ -87,6 +87,10 @@ photometry = sa.Table(
     sa.Column("local_rms_jyb", sa.Float, nullable=True),
     sa.Column("background_jyb", sa.Float, nullable=True),
     sa.Column("quality_flag", sa.Integer, nullable=False, server_default="0"),  # bit mask
+    # peak_jyb / gain of the image and its error with the gain's (core.calibration); NULL until
+    # the calibration step has run on the image's night
+    sa.Column("normalized_flux_jy", sa.Float, nullable=True),
+    sa.Column("normalized_flux_err_jy", sa.Float, nullable=True),
     sa.UniqueConstraint("image_path", "source_id", name="uq_photometry_image_source"),
 )
 sa.Index("ix_photometry_source_mjd", photometry.c.source_id, photometry.c.mjd)
@@ -179,6 +183,43 @@ source_sums = sa.Table(
     sa.Column("nvss_flux_mjy", sa.Float, nullable=True),
     *_sums_columns(),
 )
+
+
+#: Flux-scale calibration of each measured image (added by this project; core.calibration): the
+#: gain, its error, the reference sources it rests on and their scatter, and whether the image is
+#: bad (its photometry rows then carry quality bit FLAG_BAD_GAIN). Rewritten with its night by
+#: the calibration step; ``computed_at`` is a processing time.
+image_gains = sa.Table(
+    "image_gains",
+    metadata,
+    sa.Column("image_path", sa.Text, primary_key=True),
+    sa.Column("night", sa.String(10), nullable=False),
+    sa.Column("mjd", sa.Float, nullable=True),
+    sa.Column("gain", sa.Float, nullable=False),
+    sa.Column("gain_err", sa.Float, nullable=True),
+    sa.Column("n_ref", sa.Integer, nullable=False),
+    sa.Column("ref_scatter", sa.Float, nullable=True),  # fractional, clipped weighted rms
+    sa.Column("expected_scatter", sa.Float, nullable=True),  # what the errors predict
+    sa.Column("calibrated", sa.Boolean, nullable=False),  # False: too few references, gain 1
+    sa.Column("bad", sa.Boolean, nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("computed_at", sa.Float, nullable=False),
+)
+sa.Index("ix_image_gains_night", image_gains.c.night)
+
+#: The reference history (added by this project): one robust normalized flux per reference
+#: candidate and night (core.calibration.nightly_reference_values), from which later nights'
+#: baselines come (core.calibration.prior_baselines). Rewritten with its night.
+calibration_references = sa.Table(
+    "calibration_references",
+    metadata,
+    sa.Column("source_id", sa.Text, primary_key=True),
+    sa.Column("night", sa.String(10), primary_key=True),
+    sa.Column("flux_mjy", sa.Float, nullable=False),
+    sa.Column("flux_err_mjy", sa.Float, nullable=True),
+    sa.Column("n_images", sa.Integer, nullable=False),
+)
+sa.Index("ix_calibration_references_night", calibration_references.c.night)
 
 
 # Candidate statuses and which of them are open: ese_assets.core.candidates (the workflow rule).
