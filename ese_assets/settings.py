@@ -13,6 +13,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ese_assets.core.binning import DEFAULT_BIN_NIGHTS, validate_bin_nights
+from ese_assets.core.calibration import DEFAULT_FLUX_SCALE, validate_flux_scale
 from ese_assets.core.detection import (
     DEFAULT_MIN_DIP_SIGMA,
     DEFAULT_MIN_OBS,
@@ -104,6 +105,13 @@ def _exclude_flags(name: str) -> int:
 def _bin_nights(name: str) -> str:
     try:
         return validate_bin_nights(_env(name, DEFAULT_BIN_NIGHTS))
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}: {exc}") from None
+
+
+def _flux_scale(name: str) -> str:
+    try:
+        return validate_flux_scale(_env(name, DEFAULT_FLUX_SCALE))
     except ValueError as exc:
         raise ValueError(f"environment variable {name}: {exc}") from None
 
@@ -222,6 +230,8 @@ class Settings:
     # errors of the photometry: "measure" each image's noise correlation, or assume the "beam"
     # (core.noise_correlation)
     noise_correlation: str = DEFAULT_NOISE_CORRELATION
+    # statistics and detection on gain-normalized or raw fluxes (core.calibration.FLUX_SCALES)
+    flux_scale: str = DEFAULT_FLUX_SCALE
     # worker processes measuring a run's images in parallel (pipeline.parallel); 1 = serial
     photometry_workers: int = field(default_factory=usable_cores)
     # Dagster executor of the pipeline job, and the Celery broker/backend when it is "celery"
@@ -267,6 +277,7 @@ class Settings:
             max_attempts=_int("ESE_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS),
             noise_correlation=_env("ESE_NOISE_CORRELATION", DEFAULT_NOISE_CORRELATION),
             bin_nights=_bin_nights("ESE_BIN_NIGHTS"),
+            flux_scale=_flux_scale("ESE_FLUX_SCALE"),
             use_sigma_rule=sigma_rule_requested(
                 _env("ESE_PRESET"), min_sigma_env, _use_sigma_rule("ESE_USE_SIGMA_RULE")
             ),
