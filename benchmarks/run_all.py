@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 #: In order: cheapest and most basic first.
 SCRIPTS = (
     "bench_photometry",
+    "bench_workers",
     "bench_noise_correlation",
     "bench_variability",
     "bench_incremental",
