@@ -241,3 +241,17 @@ def test_nights_through_celery_workers_match_one_process(
         dispose_engine(distributed_db)
     assert (expected["images"]["status"] == "measured").all()
     assert_same_tables(expected, actual)
+
+
+def test_executor_follows_the_setting(monkeypatch):
+    """ESE_EXECUTOR picks the job's executor; a wrong value is one line naming the variable."""
+    pytest.importorskip("dagster_celery", reason="the distributed extra is not installed")
+    from ese_assets.settings import Settings
+
+    for value, name in (("celery", "celery"), ("in_process", "in_process")):
+        monkeypatch.setenv("ESE_EXECUTOR", value)
+        job = build_definitions(Settings.from_env(), bind_env=False).resolve_job_def("ese_pipeline")
+        assert job.executor_def.name == name
+    monkeypatch.setenv("ESE_EXECUTOR", "dask")
+    with pytest.raises(ValueError, match="ESE_EXECUTOR='dask' must be one of in_process, celery"):
+        Settings.from_env()
