@@ -142,8 +142,15 @@ def test_threshold_and_tail_formula():
     cal = et.TailCalibration.from_samples(samples)
     assert cal.anchor_x == 980.0
     assert cal.anchor_p == pytest.approx(0.02)
+    # Decay measured between the 200th (x = 800, FAP 0.2) and the 20th largest value.
+    slope = (980.0 - 800.0) / (2.0 * np.log(0.2 / 0.02))
+    assert cal.slope == pytest.approx(slope)
     assert float(cal.fap(500.0)) == pytest.approx(0.5)
-    assert float(cal.fap(990.0)) == pytest.approx(0.02 * np.exp(-5.0))
-    assert cal.threshold(1e-4) == pytest.approx(980.0 + 2.0 * np.log(0.02 / 1e-4))
+    assert float(cal.fap(990.0)) == pytest.approx(0.02 * np.exp(-10.0 / (2.0 * slope)))
+    assert cal.threshold(1e-4) == pytest.approx(980.0 + 2.0 * slope * np.log(0.02 / 1e-4))
     x = cal.threshold(0.1)
     assert float(cal.fap(x)) <= 0.1 < float(cal.fap(x - 1.0))
+    # A chi^2 (2 dof) sample: its measured decay is ~1, and never taken below 1.
+    chi2 = -2.0 * np.log((np.arange(5000) + 0.5) / 5000)
+    assert et.TailCalibration.from_samples(chi2).slope == pytest.approx(1.0, abs=0.01)
+    assert et.TailCalibration.from_samples(0.5 * chi2).slope == 1.0

@@ -12,10 +12,14 @@ Input: nightly bins (one inverse-variance weighted mean per source and night,
 :func:`ese_assets.core.binning.bin_measurements`) arranged as a source x night matrix
 (:func:`lightcurve_matrix`; missing nights have weight 0).
 
-**Noise.** Each source's quoted bin errors e_j are scaled by ``r = max(1, 1.4826 median |z|)``
-with ``z = (f_{j+1} - f_j) / sqrt(e_j^2 + e_{j+1}^2)`` over consecutive nights (the robust scatter
-of successive differences: a slow event or slow variability barely changes it, night-to-night
-noise the errors miss raises it). ``sigma_j = r e_j``, ``w_j = 1 / sigma_j^2``.
+**Noise.** Each source's quoted bin errors e_j are scaled by
+``r = max(NOISE_SCALE_MIN, 1.4826 median |z|)`` with ``z = (f_{j-1} - 2 f_j + f_{j+1}) /
+sqrt(e_{j-1}^2 + 4 e_j^2 + e_{j+1}^2)`` over consecutive nights (the robust scatter of second
+differences: a slow event, slow variability or the steep wall of a deep dip barely change it,
+night-to-night noise the errors miss raises it, and errors that hold a flux-scale floor the
+calibration has already removed shrink to the scatter the data show). ``sigma_j = r e_j``,
+``w_j = 1 / sigma_j^2``. The null simulations of the calibration draw their noise with the same
+r and re-estimate it, so its own scatter is in the thresholds.
 
 **Template.** The 1-D Gaussian plasma lens (Clegg, Fey & Lazio 1998, ApJ 496, 253;
 :mod:`ese_assets.core.lens`): gain ``G(u')`` with ``u' = (t - t0) / (D / 4)`` (an event of
@@ -124,9 +128,13 @@ LENS_SOURCE_SIZE = 0.05
 #: nights sample unevenly make a rough fit surface; the smooth variant finds the event and stays
 #: a candidate model when the spikes are not resolved.
 SMOOTH_SOURCE_SIZE = 0.15
-#: Shapes of the bank: a weak lens, a deep lens with caustics (alpha^2 = 4 > 2.24; smooth
-#: variant), and the plain Gaussian dip.
-SHAPES = ("lens0.15", "lens0.8s", "gauss")
+#: Source size of the bank's caustic lens (``lens<depth>w``): on the bank's coarse grid of
+#: centres (D/6) even smoothed spikes would be misplaced; a wide source keeps the dip and broad
+#: shoulders, which find the event, and the refinement sharpens from there.
+WIDE_SOURCE_SIZE = 0.5
+#: Shapes of the bank: a weak lens, a deep lens with caustics (alpha^2 = 4 > 2.24; wide source),
+#: and the plain Gaussian dip.
+SHAPES = ("lens0.15", "lens0.8w", "gauss")
 #: Depths of the refinement's lenses with caustics (the caustics' place in time depends on both
 #: depth and duration, so the depth steps are fine).
 CAUSTIC_DEPTHS = (0.72, 0.76, 0.8, 0.85, 0.9)
@@ -143,6 +151,11 @@ TWIN_SHAPES = tuple(f"lens{d:g}" for d in CAUSTIC_DEPTHS)
 #: Coarse-to-fine passes of the local refinement; the sharp twins join from SHARPEN_FROM_PASS.
 REFINE_PASSES = 6
 SHARPEN_FROM_PASS = 2
+#: Duration of a caustic lens whose dip matches a Gaussian dip of duration 1 (seed of the
+#: caustic group from the Gaussian's best fit).
+CAUSTIC_FROM_GAUSS = 0.45
+#: Passes of the shapes without caustics (a smooth fit surface converges sooner).
+SMOOTH_REFINE_PASSES = 4
 #: Centre step of the bank as a fraction of the duration.
 CENTRE_STEP_FRAC = 1.0 / 6.0
 #: chi^2 by which the plain Gaussian dip must beat the lens for a dip to be called ``dip``.
@@ -152,7 +165,7 @@ DIP_SHAPE_MARGIN = 9.0
 PRE_THRESHOLD = 12.0
 #: Nights the refined template misses by more than this many sigma are left out of every model
 #: of the source (unresolved caustic spikes, bad nights), at most MAX_CLIPPED of them.
-CLIP_PULL = 8.0
+CLIP_PULL = 15.0
 MAX_CLIPPED = 3
 #: Thresholds are never below this dchi2 (a margin for non-Gaussian tails the simulation lacks).
 MIN_THRESHOLD = 30.0
@@ -160,8 +173,10 @@ MIN_THRESHOLD = 30.0
 DEFAULT_FAP_PER_SOURCE = 1e-5
 #: Default number of null simulations of the calibration.
 DEFAULT_N_SIMULATIONS = 20_000
-#: Exceedances needed for the empirical FAP; beyond, the exponential tail from there.
+#: Exceedances needed for the empirical FAP; beyond, the exponential tail from there, its decay
+#: measured between TAIL_SLOPE_COUNT and TAIL_ANCHOR_COUNT exceedances.
 TAIL_ANCHOR_COUNT = 20
+TAIL_SLOPE_COUNT = 200
 #: Grid of the DRW null: rms as a fraction of the baseline flux, and timescale (days).
 DRW_FRAC_RMS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
 DRW_TAU_DAYS = (10.0, 30.0, 100.0, 300.0, 1000.0)
@@ -170,6 +185,9 @@ DRW_VARIABLE_DCHI2 = 25.0
 #: Default fractional uncertainty of a catalog flux used as the baseline prior (different
 #: survey, frequency and epoch: loose).
 DEFAULT_CATALOG_FRAC_ERR = 0.1
+#: Smallest noise scale: errors are never shrunk below 0.3 of the quoted ones (a few nights'
+#: median can be small by chance).
+NOISE_SCALE_MIN = 0.3
 #: Nights a source needs before it is scored.
 MIN_NIGHTS = 5
 #: |h| above which a night counts as inside the fitted event (``n_event_nights``).
@@ -227,10 +245,14 @@ def _shape_table(shape: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _lens_parameters(shape: str) -> tuple[float, float]:
     """(point-source depth, source size) of a lens shape name: ``lens<depth>`` has the source
-    size :data:`LENS_SOURCE_SIZE`, ``lens<depth>s`` the smoother :data:`SMOOTH_SOURCE_SIZE`."""
-    smooth = shape.endswith("s")
-    depth = float(shape.removeprefix("lens").removesuffix("s"))
-    return depth, SMOOTH_SOURCE_SIZE if smooth else LENS_SOURCE_SIZE
+    size :data:`LENS_SOURCE_SIZE`, ``lens<depth>s`` the smoother :data:`SMOOTH_SOURCE_SIZE`,
+    ``lens<depth>w`` the bank's :data:`WIDE_SOURCE_SIZE`."""
+    body = shape.removeprefix("lens")
+    if body.endswith("w"):
+        return float(body[:-1]), WIDE_SOURCE_SIZE
+    if body.endswith("s"):
+        return float(body[:-1]), SMOOTH_SOURCE_SIZE
+    return float(body), LENS_SOURCE_SIZE
 
 
 #: Every shape the module evaluates, in the row order of :func:`_shape_matrix`.
@@ -263,6 +285,19 @@ def _lookup(shape_rows, u_prime) -> np.ndarray:
 
 
 @functools.cache
+def _spike_positions() -> np.ndarray:
+    """Per row of :data:`ALL_SHAPES`: |u'| of the highest point of a caustic lens's template
+    (where its spikes are), 1 for the other shapes."""
+    table = _shape_matrix()
+    u = np.arange(table.shape[1]) * _LOOKUP_STEP - _U_MAX
+    out = np.ones(len(ALL_SHAPES))
+    for i, name in enumerate(ALL_SHAPES):
+        if shape_has_caustics(name):
+            out[i] = abs(u[np.argmax(table[i])])
+    return out
+
+
+@functools.cache
 def _neighbour_rows() -> np.ndarray:
     """(shapes x 4) rows of :data:`ALL_SHAPES` tried next to each shape in the refinement's later
     passes: itself, the next shallower and deeper lens of the same spike width, and its twin of
@@ -273,16 +308,17 @@ def _neighbour_rows() -> np.ndarray:
     for i, name in enumerate(names):
         if not name.startswith("lens"):
             continue
-        smooth = name.endswith("s")
+        size = _lens_parameters(name)[1]
         family = sorted(
-            (n for n in lens if n.endswith("s") == smooth), key=lambda n: _lens_parameters(n)[0]
+            (n for n in lens if _lens_parameters(n)[1] == size),
+            key=lambda n: _lens_parameters(n)[0],
         )
         k = family.index(name)
         if k > 0:
             out[i, 1] = names.index(family[k - 1])
         if k + 1 < len(family):
             out[i, 2] = names.index(family[k + 1])
-        twin = name.removesuffix("s") if smooth else name + "s"
+        twin = name.removesuffix("s") if name.endswith("s") else name + "s"
         if twin in names:
             out[i, 3] = names.index(twin)
     return out
@@ -492,7 +528,10 @@ def _fit_one_template(fc, w, w_c, c_c, h):
 
 
 def noise_scale(matrix_flux: np.ndarray, matrix_err: np.ndarray) -> np.ndarray:
-    """r = max(1, 1.4826 median |z|) per source, z the pulls of successive-night differences."""
+    """r = max(NOISE_SCALE_MIN, 1.4826 median |z|) per source, z the pulls of second differences
+    of consecutive nights, ``(f_{j-1} - 2 f_j + f_{j+1}) / sqrt(e_{j-1}^2 + 4 e_j^2 +
+    e_{j+1}^2)`` (unit variance for white noise; a linear trend, such as the wall of a deep dip,
+    cancels); 1 where a source has fewer than three nights."""
     n = matrix_flux.shape[0]
     present = np.isfinite(matrix_flux) & np.isfinite(matrix_err) & (matrix_err > 0)
     # Compress each row's present nights to the left, keeping time order.
@@ -501,14 +540,15 @@ def noise_scale(matrix_flux: np.ndarray, matrix_err: np.ndarray) -> np.ndarray:
     e = np.take_along_axis(matrix_err, order, axis=1)
     count = present.sum(axis=1)
     with np.errstate(invalid="ignore"):
-        z = np.abs(np.diff(f, axis=1)) / np.sqrt(e[:, 1:] ** 2 + e[:, :-1] ** 2)
-    valid = np.arange(z.shape[1])[None, :] < (count - 1)[:, None]
+        second = f[:, :-2] - 2.0 * f[:, 1:-1] + f[:, 2:]
+        z = np.abs(second) / np.sqrt(e[:, :-2] ** 2 + 4.0 * e[:, 1:-1] ** 2 + e[:, 2:] ** 2)
+    valid = np.arange(z.shape[1])[None, :] < (count - 2)[:, None]
     z = np.where(valid, z, np.nan)
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no pairs
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no triples
         med = np.nanmedian(z, axis=1) if z.shape[1] else np.full(n, np.nan)
     r = 1.4826 * med
-    return np.where(np.isfinite(r), np.maximum(r, 1.0), 1.0)
+    return np.where(np.isfinite(r), np.maximum(r, NOISE_SCALE_MIN), 1.0)
 
 
 def _shape_group(name: str) -> int:
@@ -522,21 +562,23 @@ def _refine(fc, w, w_c, c_c, t_mjd, seeds, *, all_shapes: bool = True):
     """Coarse-to-fine local fit around seed templates (module docstring).
 
     ``seeds``: list of ``(shape_names, duration_days, t0_mjd)`` arrays (one template per source
-    each, e.g. the bank's best of each shape). Pass 0 fits, around every seed, each shape of
-    :data:`REFINE_SHAPES` (only the seed's shape unless ``all_shapes``) at duration x 2^(k/4)
-    and centre + j D/12 (k, j = -2..2) in closed form, and keeps the best of each group of
-    shapes (lenses without caustics, with caustics, Gaussian dip: the fit surface of caustic
-    spikes is rough, so one group's optimum must not hide another's). Passes 1 to
-    :data:`REFINE_PASSES` - 1 continue from each group's best with its shape and the neighbouring
+    each, e.g. the bank's best of each shape). Shapes fall in three groups (lenses without
+    caustics, with caustics, the Gaussian dip: the fit surface of caustic spikes is rough, so one
+    group's optimum must not hide another's). Pass 0 fits, around every seed, each shape of
+    :data:`REFINE_SHAPES` in the seed's group (only the seed's shape unless ``all_shapes``) at
+    duration x 2^(k/4) and centre + j D/12 (k, j = -2..2) in closed form, and keeps the best of
+    each group. Later passes continue from each group's best with its shape and the neighbouring
     lens strengths, from pass :data:`SHARPEN_FROM_PASS` on also its twin of the other spike width
-    (``lens<d>`` / ``lens<d>s``), both steps halved each pass (the centre ends within D/400:
-    caustic spikes are narrow). Returns ``(dchi2, shape_name, duration, t0, lens_minus_gauss)``
-    of the best over the groups, the last the best lens dip's dchi2 minus the best Gaussian dip's
-    of pass 0.
+    (``lens<d>`` / ``lens<d>s``), both steps halved each pass: :data:`REFINE_PASSES` passes for
+    caustic lenses (the centre ends within D/400: the spikes are narrow),
+    :data:`SMOOTH_REFINE_PASSES` for the others. Returns ``(dchi2, shape_name, duration, t0,
+    lens_minus_gauss)`` of the best over the groups, the last the best lens dip's dchi2 minus the
+    best Gaussian dip's of pass 0.
     """
     n = fc.shape[0]
     ref_rows = np.array([ALL_SHAPES.index(s) for s in REFINE_SHAPES])
-    is_gauss = np.array([s == "gauss" for s in REFINE_SHAPES])
+    gauss_row = ALL_SHAPES.index("gauss")
+    spike_u = _spike_positions()
     group_of_row = np.array([_shape_group(s) for s in ALL_SHAPES])
     n_groups = 3
     best = np.full((n, n_groups), -np.inf)
@@ -552,24 +594,28 @@ def _refine(fc, w, w_c, c_c, t_mjd, seeds, *, all_shapes: bool = True):
         ratio = np.where(sw > 0, swf / sw, 0.0)
         inv_sw = np.where(sw > 0, 1.0 / sw, 0.0)
 
-    def one_pass(p, rows_of, dur_c, t0_c):
-        """Fit the (shape, duration, centre) grid of pass ``p`` around (dur_c, t0_c); keep each
-        group's best."""
+    def one_pass(p, rows_of, dur_c, t0_c, subset, from_rows):
+        """Fit the (shape, duration, centre) grid of pass ``p`` around (dur_c, t0_c) for the
+        sources ``subset``; keep each group's best. A caustic shape other than the current one
+        (``from_rows``) is tried at the duration that keeps the spikes where the current shape
+        has them (the fit surface has a ridge along depth and duration together)."""
         d_grid = dur_c[:, None] * 2.0 ** (steps[None, :] / (4.0 * 2**p))
         t_grid = t0_c[:, None] + steps[None, :] / (12.0 * 2**p) * dur_c[:, None]
         dd = np.repeat(d_grid, 5, axis=1)  # (n, 25)
         tt = np.tile(t_grid, (1, 5))
         # Sources in centre order, so that a chunk's templates cover a short span of nights:
         # only the nights within |u'| < 6 of some template of the chunk are summed over.
-        order = np.argsort(t0_c, kind="stable")
-        for lo in range(0, n, _REFINE_CHUNK):
+        order = subset[np.argsort(t0_c[subset], kind="stable")]
+        for lo in range(0, order.size, _REFINE_CHUNK):
             idx = order[lo : lo + _REFINE_CHUNK]
             rows_idx = np.asarray(rows_of(idx))  # (c, S)
-            reach = 1.5 * dd[idx].max()  # |u'| = 6 is 1.5 durations from the centre
+            spike = spike_u[from_rows[idx]][:, None] / spike_u[rows_idx]  # (c, S)
+            dd_s = dd[idx][:, None, :] * spike[:, :, None]  # (c, S, 25)
+            reach = 1.5 * dd_s.max()  # |u'| = 6 is 1.5 durations from the centre
             a, b = np.searchsorted(t_mjd, [tt[idx].min() - reach, tt[idx].max() + reach])
             tw = t_mjd[a:b]
-            u = (tw[None, None, :] - tt[idx, :, None]) / (dd[idx, :, None] / 4.0)
-            h = _lookup(rows_idx[:, :, None, None], u[:, None, :, :])  # (c, S, 25, m)
+            u = (tw[None, None, None, :] - tt[idx][:, None, :, None]) / (dd_s[..., None] / 4.0)
+            h = _lookup(rows_idx[:, :, None, None], u)  # (c, S, 25, m)
             wh = w[idx, a:b][:, None, None, :].astype(np.float32) * h
             swh = wh.sum(axis=-1, dtype=np.float64)
             swhh = (wh * h).sum(axis=-1, dtype=np.float64)
@@ -578,10 +624,15 @@ def _refine(fc, w, w_c, c_c, t_mjd, seeds, *, all_shapes: bool = True):
             den = swhh - swh * swh * inv_sw[idx][:, None, None]
             with np.errstate(divide="ignore", invalid="ignore"):
                 dchi = np.where(den > 1e-12 * swhh, num * num / den, 0.0)
-            if p == 0 and rows_idx.shape[1] == ref_rows.size:
+            if p == 0:
                 dips = np.where(num > 0, dchi, 0.0).max(axis=2)  # (c, S)
-                lens_dip[idx] = np.maximum(lens_dip[idx], dips[:, ~is_gauss].max(axis=1))
-                gauss_dip[idx] = np.maximum(gauss_dip[idx], dips[:, is_gauss].max(axis=1))
+                gauss_cols = rows_idx == gauss_row
+                lens_dip[idx] = np.maximum(
+                    lens_dip[idx], np.where(gauss_cols, 0.0, dips).max(axis=1)
+                )
+                gauss_dip[idx] = np.maximum(
+                    gauss_dip[idx], np.where(gauss_cols, dips, 0.0).max(axis=1)
+                )
             top_pt = np.argmax(dchi, axis=2)  # (c, S): best grid point of each shape
             top = np.take_along_axis(dchi, top_pt[:, :, None], axis=2)[:, :, 0]
             groups = group_of_row[rows_idx]
@@ -594,27 +645,69 @@ def _refine(fc, w, w_c, c_c, t_mjd, seeds, *, all_shapes: bool = True):
                 pt = top_pt[better, k[better]]
                 best[upd, g] = val[better]
                 row[upd, g] = rows_idx[better, k[better]]
-                dur[upd, g] = dd[upd, pt]
+                dur[upd, g] = dd_s[better, k[better], pt]
                 t0[upd, g] = tt[upd, pt]
 
+    if all_shapes:
+        # The Gaussian dip finds a deep event's dip wherever the spikes fall: its centre, and its
+        # duration scaled to the caustics' spacing (a lens0.8 dip between its caustics is ~0.45 of
+        # the Gaussian's D), seed the caustic lenses too.
+        extra = [
+            (np.full(len(sh), "lens0.8s", dtype=object), CAUSTIC_FROM_GAUSS * np.asarray(d), t)
+            for sh, d, t in seeds
+            if len(sh) and (np.asarray(sh) == "gauss").all()
+        ]
+        seeds = [*seeds, *extra]
     for shape0, dur0, t00 in seeds:
         seed_row = np.array([ALL_SHAPES.index(s) for s in shape0], dtype=np.int64)
-        if all_shapes:
-            rows_of = lambda ix: np.broadcast_to(ref_rows, (ix.size, ref_rows.size))  # noqa: E731
-        else:
-            rows_of = lambda ix, r=seed_row: r[ix, None]  # noqa: E731
-        one_pass(0, rows_of, np.asarray(dur0, float), np.asarray(t00, float))
+        for g in range(n_groups):
+            in_group = group_of_row[seed_row] == g
+            if not in_group.any():
+                continue
+            # Around a seed, the refinement shapes of the seed's group (or the seed's shape).
+            group_rows = ref_rows[group_of_row[ref_rows] == g]
+            rows = (
+                np.broadcast_to(group_rows, (n, group_rows.size))
+                if all_shapes
+                else seed_row[:, None]
+            )
+            sel = np.flatnonzero(in_group)
+            one_pass(
+                0,
+                lambda ix, rows=rows: rows[ix],
+                np.asarray(dur0, float),
+                np.asarray(t00, float),
+                subset=sel,
+                from_rows=seed_row,
+            )
     neighbours = _neighbour_rows()
+    caustic_smooth = np.array([ALL_SHAPES.index(f"lens{d:g}s") for d in CAUSTIC_DEPTHS])
+    caustic_all = np.concatenate(
+        [caustic_smooth, [ALL_SHAPES.index(f"lens{d:g}") for d in CAUSTIC_DEPTHS]]
+    )
     for g in range(n_groups):
-        live = np.isfinite(best[:, g])
-        if not live.any():
+        live = np.flatnonzero(np.isfinite(best[:, g]))
+        if not live.size:
             continue
-        for p in range(1, REFINE_PASSES):
-            # Smooth first (its fit surface is smooth), then with the sharp twin as well.
-            pair = neighbours[row[:, g]]
-            if p < SHARPEN_FROM_PASS:
-                pair = pair[:, :3]
-            one_pass(p, lambda ix, pair=pair: pair[ix], dur[:, g].copy(), t0[:, g].copy())
+        # Caustic lenses need the finest steps (narrow spikes), the others converge sooner.
+        for p in range(1, REFINE_PASSES if g == 1 else SMOOTH_REFINE_PASSES):
+            if g == 1:
+                # Every caustic lens, smooth first (a smooth fit surface), then sharp ones too:
+                # where the spikes fall depends on depth and duration together.
+                pair = np.broadcast_to(
+                    caustic_smooth if p < SHARPEN_FROM_PASS else caustic_all,
+                    (n, caustic_all.size if p >= SHARPEN_FROM_PASS else caustic_smooth.size),
+                )
+            else:
+                pair = neighbours[row[:, g]][:, :3]
+            one_pass(
+                p,
+                lambda ix, pair=pair: pair[ix],
+                dur[:, g].copy(),
+                t0[:, g].copy(),
+                subset=live,
+                from_rows=row[:, g].copy(),
+            )
     g_best = np.argmax(best, axis=1)
     pick = np.arange(n)
     names = np.array(ALL_SHAPES, dtype=object)[row[pick, g_best]]
@@ -879,13 +972,16 @@ def score_lightcurves(
 class TailCalibration:
     """Null exceedance curve of one statistic from weighted simulations: FAP(x) = the weight of
     the simulations at or above x, up to the anchor (the value exceeded by
-    :data:`TAIL_ANCHOR_COUNT` simulations), exponential (chi^2, 2 dof) beyond it (module
-    docstring)."""
+    :data:`TAIL_ANCHOR_COUNT` simulations), exponential beyond it, ``p_a exp(-(x - x_a) / (2
+    s))``, with the decay s measured between the anchor and the value exceeded by
+    :data:`TAIL_SLOPE_COUNT` simulations and never below 1 (the chi^2 tail with two degrees of
+    freedom; a heavier simulated tail, e.g. from the noise scale's own scatter, gives s > 1)."""
 
     values: np.ndarray  # sorted ascending
     tail_weight: np.ndarray  # tail_weight[i] = total weight of values[i:]
     anchor_x: float
     anchor_p: float
+    slope: float = 1.0
 
     @classmethod
     def from_samples(cls, samples: np.ndarray, weights: np.ndarray | None = None):
@@ -896,11 +992,20 @@ class TailCalibration:
         v = np.where(np.isfinite(samples), samples, -np.inf)[order]
         tail = np.cumsum(weights[order][::-1])[::-1]
         n = v.size
-        k = min(TAIL_ANCHOR_COUNT, n)
-        anchor_x = float(v[n - k]) if n else 0.0
-        first = int(np.searchsorted(v, anchor_x, side="left")) if n else 0
-        anchor_p = float(tail[first]) if n else 1.0
-        return cls(v, tail, anchor_x, anchor_p)
+        if n == 0:
+            return cls(v, tail, 0.0, 1.0)
+
+        def point(count):
+            x = float(v[n - min(count, n)])
+            return x, float(tail[int(np.searchsorted(v, x, side="left"))])
+
+        anchor_x, anchor_p = point(TAIL_ANCHOR_COUNT)
+        slope = 1.0
+        if n >= TAIL_SLOPE_COUNT:
+            x_b, p_b = point(TAIL_SLOPE_COUNT)
+            if np.isfinite(x_b) and anchor_x > x_b and p_b > anchor_p:
+                slope = max(1.0, (anchor_x - x_b) / (2.0 * math.log(p_b / anchor_p)))
+        return cls(v, tail, anchor_x, anchor_p, slope)
 
     def fap(self, x) -> np.ndarray:
         """P(null statistic >= x)."""
@@ -909,7 +1014,7 @@ class TailCalibration:
         pos = np.searchsorted(self.values, np.where(np.isfinite(x), x, 0.0), side="left")
         emp = np.where(pos < n, self.tail_weight[np.minimum(pos, n - 1)], 0.0)
         with np.errstate(over="ignore"):
-            tail = self.anchor_p * np.exp(-(x - self.anchor_x) / 2.0)
+            tail = self.anchor_p * np.exp(-(x - self.anchor_x) / (2.0 * self.slope))
         out = np.where(x <= self.anchor_x, emp, np.minimum(tail, self.anchor_p))
         return np.where(np.isfinite(x), out, np.where(x > 0, 0.0, 1.0))
 
@@ -925,7 +1030,7 @@ class TailCalibration:
                 else x
             )
         else:
-            x = self.anchor_x + 2.0 * math.log(self.anchor_p / fap)
+            x = self.anchor_x + 2.0 * self.slope * math.log(self.anchor_p / fap)
         return float(max(x, MIN_THRESHOLD))
 
 
