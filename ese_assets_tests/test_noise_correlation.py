@@ -452,11 +452,9 @@ def test_an_image_too_crowded_to_measure_keeps_the_beam_assumption_with_the_reas
     np.testing.assert_allclose(stored["peak_err_jyb"], stored["beam_err"], rtol=1e-6)
 
 
-def test_an_older_database_gets_the_columns(tmp_path, small_survey):
+def test_an_older_database_gets_the_columns(engine, small_survey):
     """A products database made before the noise columns existed gets them by ALTER TABLE (NULL
-    in its rows); the next measurement fills them."""
-    engine = make_engine(tmp_path / "old.sqlite3")
-    ensure_schema(engine)
+    in its rows), on SQLite and PostgreSQL; the next measurement fills them."""
     with engine.begin() as conn:
         for col in NOISE_COLUMNS:
             conn.execute(sa.text(f'ALTER TABLE images DROP COLUMN "{col}"'))
