@@ -9,10 +9,11 @@ linear estimator ``F = sum_i a_i d_i`` is ``sum_ij a_i a_j C(i - j)``, here::
 
     Var(F) = sum_ij K_i K_j C(i - j) / (sum_i K_i^2)^2                                    (1)
 
-(the variance of a linear combination of correlated variables; for radio maps Condon 1997, PASP
-109, 166, sect. 3). The photometry's error model assumes ``C = rms^2 rho_beam``, noise correlated
-exactly like the restoring beam, which gives ``sigma_F = q_beam rms`` with
-``q_beam = sqrt(sum_ij K_i K_j rho_beam(i - j)) / sum K^2 -> 2/sqrt(3)`` for a well-sampled beam.
+(the variance of a linear combination of correlated variables; noise correlated on the beam
+scale in radio maps: Condon 1997, PASP 109, 166). The photometry's error model assumes
+``C = rms^2 rho_beam``, noise correlated exactly like the restoring beam, which gives
+``sigma_F = q_beam rms`` with ``q_beam = sqrt(sum_ij K_i K_j rho_beam(i - j)) / sum K^2``,
+-> 2/sqrt(3) for a well-sampled beam.
 Real noise is not always beam-shaped: noise made by convolving white noise with the beam has an
 autocorrelation sqrt(2) wider, CLEAN residuals and restored components mix correlations,
 single-dish maps differ again. For a Gaussian autocorrelation of covariance ``s^2 C_beam``
@@ -22,7 +23,7 @@ single-dish maps differ again. For a Gaussian autocorrelation of covariance ``s^
 
 (the Gaussian integral of ``(K conv K)(tau) rho(tau)``, see :mod:`ese_assets.core.photometry`):
 0.577 for s = 1/2, 0.775 for s = 1/sqrt(2), 1 for s = 1, 1.225 for s = sqrt(2), 1.414 for s = 2
--- the range of the blank-sky flux/error std of 0.77-1.88 measured on real and test images.
+-- compare the blank-sky flux/error std of 0.77-1.88 measured on real and test images.
 
 Method: the estimator's scatter at source-free positions
 --------------------------------------------------------
