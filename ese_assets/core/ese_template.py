@@ -29,10 +29,12 @@ duration D spans |u'| < 2). For a lens class k (on-axis point-source depth ``d_k
 alpha > 1.4966). A plain Gaussian dip ``h(u') = -exp(-u'^2)`` (no enhancements) is scanned too, to
 tell lens-shaped events from other dips. The model of source i is linear in two numbers,
 
-    f_j = F0 + A h_k((t_j - t0) / (D / 4)),        depth = A / F0,
+    f_j = F0 + A h_k((t_j - t0) / (D / 4)),        depth = A / F0
 
-so for each template (k, D, t0) the best (F0, A) and the chi^2 improvement over the constant
-source are closed-form weighted least squares (a matched filter):
+(``event_depth_frac`` is A max_j(-h_j) / F0 over the sampled nights: A / F0 when a night is near
+the centre, less when sparse nights miss it), so for each template (k, D, t0) the best (F0, A)
+and the chi^2 improvement over the constant source are closed-form weighted least squares (a
+matched filter):
 
     Sw = sum w + w_c, Swf = sum w f + w_c c, Swh = sum w h, Swhh = sum w h^2, Swfh = sum w f h,
     A = (Swfh - Swf Swh / Sw) / (Swhh - Swh^2 / Sw),
@@ -215,6 +217,7 @@ SCORE_COLUMNS = (
     "event_t0_mjd",
     "event_duration_days",
     "event_depth_frac",
+    "event_amplitude_mjy",
     "event_shape",
     "event_caustic",
     "n_event_nights",
@@ -572,12 +575,11 @@ def _refine(fc, w, w_c, c_c, t_mjd, seeds, *, all_shapes: bool = True):
     (``lens<d>`` / ``lens<d>s``), both steps halved each pass: :data:`REFINE_PASSES` passes for
     caustic lenses (the centre ends within D/400: the spikes are narrow),
     :data:`SMOOTH_REFINE_PASSES` for the others. Returns ``(dchi2, shape_name, duration, t0,
-    lens_minus_gauss)`` of the best over the groups, the last the best lens dip's dchi2 minus the
-    best Gaussian dip's of pass 0.
+    lens_minus_gauss)`` of the best over the groups, the last the refined lens's dchi2 minus the
+    refined Gaussian dip's.
     """
     n = fc.shape[0]
     ref_rows = np.array([ALL_SHAPES.index(s) for s in REFINE_SHAPES])
-    gauss_row = ALL_SHAPES.index("gauss")
     spike_u = _spike_positions()
     group_of_row = np.array([_shape_group(s) for s in ALL_SHAPES])
     n_groups = 3
@@ -585,8 +587,6 @@ def _refine(fc, w, w_c, c_c, t_mjd, seeds, *, all_shapes: bool = True):
     row = np.zeros((n, n_groups), dtype=np.int64)
     dur = np.ones((n, n_groups))
     t0 = np.zeros((n, n_groups))
-    lens_dip = np.zeros(n)
-    gauss_dip = np.zeros(n)
     steps = np.arange(-2, 3)
     sw = w.sum(axis=1) + w_c
     swf = (w * fc).sum(axis=1) + w_c * c_c
@@ -610,7 +610,11 @@ def _refine(fc, w, w_c, c_c, t_mjd, seeds, *, all_shapes: bool = True):
             idx = order[lo : lo + _REFINE_CHUNK]
             rows_idx = np.asarray(rows_of(idx))  # (c, S)
             spike = spike_u[from_rows[idx]][:, None] / spike_u[rows_idx]  # (c, S)
-            dd_s = dd[idx][:, None, :] * spike[:, :, None]  # (c, S, 25)
+            # Durations stay within the bank's range (7-365 d): a shorter template slips between
+            # sparse nights and its amplitude means nothing.
+            dd_s = np.clip(
+                dd[idx][:, None, :] * spike[:, :, None], DURATIONS_DAYS[0], DURATIONS_DAYS[-1]
+            )  # (c, S, 25)
             reach = 1.5 * dd_s.max()  # |u'| = 6 is 1.5 durations from the centre
             a, b = np.searchsorted(t_mjd, [tt[idx].min() - reach, tt[idx].max() + reach])
             tw = t_mjd[a:b]
@@ -624,15 +628,6 @@ def _refine(fc, w, w_c, c_c, t_mjd, seeds, *, all_shapes: bool = True):
             den = swhh - swh * swh * inv_sw[idx][:, None, None]
             with np.errstate(divide="ignore", invalid="ignore"):
                 dchi = np.where(den > 1e-12 * swhh, num * num / den, 0.0)
-            if p == 0:
-                dips = np.where(num > 0, dchi, 0.0).max(axis=2)  # (c, S)
-                gauss_cols = rows_idx == gauss_row
-                lens_dip[idx] = np.maximum(
-                    lens_dip[idx], np.where(gauss_cols, 0.0, dips).max(axis=1)
-                )
-                gauss_dip[idx] = np.maximum(
-                    gauss_dip[idx], np.where(gauss_cols, dips, 0.0).max(axis=1)
-                )
             top_pt = np.argmax(dchi, axis=2)  # (c, S): best grid point of each shape
             top = np.take_along_axis(dchi, top_pt[:, :, None], axis=2)[:, :, 0]
             groups = group_of_row[rows_idx]
@@ -711,12 +706,14 @@ def _refine(fc, w, w_c, c_c, t_mjd, seeds, *, all_shapes: bool = True):
     g_best = np.argmax(best, axis=1)
     pick = np.arange(n)
     names = np.array(ALL_SHAPES, dtype=object)[row[pick, g_best]]
+    # Refined lens against refined Gaussian dip (a group never seeded counts as 0).
+    fitted = np.where(np.isfinite(best), best, 0.0)
     return (
         np.maximum(best[pick, g_best], 0.0),
         names,
         dur[pick, g_best],
         t0[pick, g_best],
-        lens_dip - gauss_dip,
+        np.maximum(fitted[:, 0], fitted[:, 1]) - fitted[:, 2],
     )
 
 
@@ -866,6 +863,7 @@ def score_lightcurves(
         "event_t0_mjd": np.full(n, np.nan),
         "event_duration_days": np.full(n, np.nan),
         "event_depth_frac": np.full(n, np.nan),
+        "event_amplitude_mjy": np.full(n, np.nan),
         "event_shape": np.full(n, None, dtype=object),
         "event_caustic": np.zeros(n, dtype=bool),
         "n_event_nights": np.zeros(n, dtype=np.int64),
@@ -923,10 +921,11 @@ def score_lightcurves(
             w2[rows_a, worst[again][clip[again]]] = 0.0
             w[redo] = w2
             sub = [(sh[again], d[again], t0_[again]) for sh, d, t0_ in seeds]
-            best4, shape4, dur4, t04, _ = _refine(
+            best4, shape4, dur4, t04, lg4 = _refine(
                 fc[redo[again]], w2[again], w_c[redo[again]], c_c[redo[again]], t, sub
             )
             best3[again], shape3[again], dur3[again], t03[again] = best4, shape4, dur4, t04
+            lg3[again] = lg4
         final[redo] = best3  # >= best2: the refinement starts from the bank's best templates
         lens_gauss[redo] = lg3
         refined_shape[redo] = shape3
@@ -951,10 +950,14 @@ def score_lightcurves(
     f0, a, _ = _fit_one_template(fc[idx], w[idx], w_c[idx], c_c[idx], h)
     base = f0 + ref[idx]
     out["baseline_flux_mjy"][idx] = base
+    # h(0) = -1: the fitted dip at the centre is A, i.e. depth A / F0 (the lens's point-source
+    # depth for an exact template). Reported at the deepest night the data sample, so that a
+    # centre falling between sparse nights does not extrapolate the amplitude.
+    sampled = np.where(w[idx] > 0, -h, -np.inf).max(axis=1)
+    sampled = np.where(np.isfinite(sampled), np.minimum(sampled, 1.0), np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
-        # h(0) = -1: the fitted dip at the centre is A, i.e. depth A / F0 (point-source lens
-        # depth d for an exact template, slightly less with the finite source).
-        out["event_depth_frac"][idx] = np.where(base > 0, a / base, np.nan)
+        out["event_depth_frac"][idx] = np.where(base > 0, a * sampled / base, np.nan)
+    out["event_amplitude_mjy"][idx] = a
     out["event_t0_mjd"][idx] = refined_t0[idx]
     out["event_duration_days"][idx] = refined_dur[idx]
     out["event_shape"][idx] = refined_shape[idx]
@@ -1185,14 +1188,14 @@ def classify(scores: pd.DataFrame, calibration: FalseAlarmCalibration) -> pd.Dat
     first = scores["dchi2_first"].to_numpy(dtype=float)
     const = scores["dchi2_const"].to_numpy(dtype=float)
     ese = scores["ese_stat"].to_numpy(dtype=float)
-    depth = scores["event_depth_frac"].to_numpy(dtype=float)
+    amplitude = scores["event_amplitude_mjy"].to_numpy(dtype=float)
     lg = scores["lens_minus_gauss"].to_numpy(dtype=float)
     xc, xe = calibration.threshold_const, calibration.threshold_ese
     with np.errstate(invalid="ignore"):
         is_event = ese >= xe
         is_var = ~is_event & (const >= xc)
         is_out = ~is_event & ~is_var & (first >= xc)
-        dip = depth > 0
+        dip = amplitude > 0  # A > 0: the template's dip (h(0) = -1) is below the baseline
         kind = np.where(dip, np.where(lg >= -DIP_SHAPE_MARGIN, FLAG_ESE, FLAG_DIP), FLAG_SPIKE)
     flag_type = np.where(
         is_event, kind, np.where(is_var, FLAG_VARIABLE, np.where(is_out, FLAG_OUTLIER, ""))
