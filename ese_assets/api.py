@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 
 from ese_assets import pipeline
 from ese_assets.core.binning import DEFAULT_BIN_NIGHTS
+from ese_assets.core.calibration import DEFAULT_FLUX_SCALE
 from ese_assets.core.candidates import OPEN_STATUSES
 from ese_assets.core.detection import (
     DEFAULT_MIN_DIP_SIGMA,
@@ -91,10 +92,11 @@ def update_variability_stats_for_source(
     dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
     exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
     bin_nights: str = DEFAULT_BIN_NIGHTS,
+    flux_scale: str = DEFAULT_FLUX_SCALE,
 ) -> bool:
     """Rebuild one source's sums and statistics from its usable photometry (no ``exclude_flags``
-    quality bit; window statistics on nightly bins as ``bin_nights`` says); False if it has
-    none."""
+    quality bit; window statistics on nightly bins as ``bin_nights`` says; gain-normalized or raw
+    fluxes as ``flux_scale`` says); False if it has none."""
     return (
         pipeline.recompute_variability(
             _engine(products_db),
@@ -103,6 +105,7 @@ def update_variability_stats_for_source(
             dip_window_days=dip_window_days,
             exclude_flags=exclude_flags,
             bin_nights=bin_nights,
+            flux_scale=flux_scale,
         )
         > 0
     )
@@ -122,6 +125,7 @@ def detect_ese_candidates(
     dip_window_days: float = DEFAULT_DIP_WINDOW_DAYS,
     exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
     bin_nights: str = DEFAULT_BIN_NIGHTS,
+    flux_scale: str = DEFAULT_FLUX_SCALE,
 ) -> list[dict]:
     """Flag ESE candidates among all sources (or one) and return them, most significant first.
 
@@ -129,7 +133,8 @@ def detect_ese_candidates(
     seed's ``sigma_deviation`` rule (flag_type ``outlier``; off otherwise: one outlying epoch
     fires it) next to the dip rule (``min_dip_sigma``), which always runs. ``recompute`` first
     rebuilds the sums and ``variability_stats`` from ``photometry`` (O(history); the dip statistic
-    over the last ``dip_window_days``). With ``use_composite_scoring`` each candidate also carries
+    over the last ``dip_window_days``; fluxes as ``flux_scale`` says: ``normalized`` or ``raw``).
+    With ``use_composite_scoring`` each candidate also carries
     the seed's ``composite_score`` and ``confidence``.
     """
     engine = _engine(products_db)
@@ -148,6 +153,7 @@ def detect_ese_candidates(
             dip_window_days=dip_window_days,
             exclude_flags=exclude_flags,
             bin_nights=bin_nights,
+            flux_scale=flux_scale,
         )
     summary = pipeline.detect_candidates(engine, settings, source_ids=ids, run_id=new_run_id("api"))
     return seed_candidate_records(

@@ -202,6 +202,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
             dip_window_days=settings.dip_window_days,
             exclude_flags=settings.exclude_flags,
             bin_nights=settings.bin_nights,
+            flux_scale=settings.flux_scale,
         )
     if args.rule == "eta-v":
         return _print_eta_v(engine, args, detection.min_obs)

@@ -93,6 +93,7 @@ def test_stored_measurements_are_those_of_a_pipeline_run(settings, tmp_path):
     catalog = load_catalog(settings.catalog_path)
     for path in paths[:8]:
         pipeline.measure_image(ref, catalog, path)
+    pipeline.calibrate_nights(ref, NIGHTS[:2])
     pipeline.update_variability(
         ref, NIGHTS[:2], flux_scale_error=settings.flux_scale_error, bin_nights="off"
     )

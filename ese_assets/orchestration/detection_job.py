@@ -93,6 +93,7 @@ def detect_ese_candidates_op(
                 flux_scale_error=detection.flux_scale_error,
                 dip_window_days=detection.dip_window_days,
                 exclude_flags=detection.exclude_flags,
+                flux_scale=detection.flux_scale,
             )
         unknown: list[str] = []
         if ids is not None:

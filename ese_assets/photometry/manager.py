@@ -164,14 +164,19 @@ class PhotometryManager:
         if result.status != "measured":
             raise ValueError(f"{path}: {result.status}: {result.reason}")
         with engine.connect() as conn:
+            mjd = conn.execute(
+                sa.select(images_table.c.mjd).where(images_table.c.path == path)
+            ).scalar_one()
+        night = night_of_mjd(mjd, settings.timezone)
+        # as the pipeline: the night's gains and normalized fluxes, then its statistics
+        pipeline.calibrate_nights(engine, [night], exclude_flags=settings.exclude_flags)
+        with engine.connect() as conn:
             rows = pd.read_sql(
                 sa.select(photometry_table)
                 .where(photometry_table.c.image_path == path)
                 .order_by(photometry_table.c.source_id),
                 conn,
             ).drop(columns="id")
-        mjd = float(rows["mjd"].iloc[0]) if len(rows) else load_image(path).info.mjd
-        night = night_of_mjd(mjd, settings.timezone)
         pipeline.update_variability(
             engine,
             [night],
@@ -179,6 +184,7 @@ class PhotometryManager:
             dip_window_days=settings.dip_window_days,
             exclude_flags=settings.exclude_flags,
             bin_nights=settings.bin_nights,
+            flux_scale=settings.flux_scale,
         )
         found: list[dict] = []
         if config.detect_ese and len(rows):
