@@ -265,3 +265,23 @@ def test_bad_images_are_recorded_the_same_way_by_workers(tmp_path, small_survey)
         pd.testing.assert_frame_equal(
             frames[1][table], frames[2][table], check_exact=False, rtol=1e-12
         )
+
+
+def test_the_run_process_measures_alone_where_workers_cannot_start(
+    tmp_path, small_survey, monkeypatch
+):
+    """A process whose user may not run its interpreter again (as ``ese ingest`` run as another
+    user from a venv under a private home) measures every image itself, saying why."""
+    import multiprocessing.spawn
+
+    monkeypatch.setattr(multiprocessing.spawn, "get_executable", lambda: str(tmp_path / "nope"))
+    catalog = load_catalog(small_survey / "catalog.csv")
+    engine = make_engine(str(tmp_path / "products.sqlite3"))
+    ensure_schema(engine)
+    paths = sorted(str(p) for p in (small_survey / "incoming").glob("*.fits"))[:4]
+    pipeline.inspect_files(engine, paths, timezone="UTC", first_night="2020-01-01")
+    lines = []
+    results = pipeline.measure_images(engine, catalog, paths, workers=2, progress=lines.append)
+    assert [r.status for r in results] == ["measured"] * 4
+    assert "cannot run the interpreter" in lines[0] and "in this process" in lines[0]
+    assert len(lines) == 5  # the reason, then one line per image

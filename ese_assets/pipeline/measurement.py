@@ -298,33 +298,48 @@ def measure_images(
     each image's is stored with it (``images.noise_corr_*``) and returned in its result.
     """
     workers = min(workers, len(paths))
-    if workers > 1:
-        measured = parallel.ordered_map(
-            _measure_in_worker,
-            paths,
-            workers=workers,
-            initializer=_start_photometry_worker,
-            initargs=(catalog, min_flux_mjy, noise_correlation),
-        )
-    else:
-        measured = contextlib.nullcontext(
-            _measure_here(catalog, paths, min_flux_mjy, noise_correlation)
-        )
-    results = []
-    with measured as outcomes:
-        for i, (path, outcome) in enumerate(outcomes, start=1):
+    with contextlib.ExitStack() as stack:
+        outcomes = None
+        if workers > 1:
             try:
-                if isinstance(outcome, Exception):
-                    raise outcome
-                res = record_measurement(engine, outcome)
-            except DatabaseUnavailable:
-                raise
-            except Exception as exc:  # recorded, and the night goes on
-                log.exception("measuring %s failed", path)
-                reason = f"{type(exc).__name__}: {exc}"
-                images_db.mark_image_failed(engine, path, reason)
-                res = ImageResult(path, "failed", reason=reason)
-            results.append(res)
-            detail = f"{res.n_sources} sources" if res.status == "measured" else res.reason
-            progress(f"[{i}/{len(paths)}] {Path(path).name}: {res.status} ({detail})")
+                outcomes = stack.enter_context(
+                    parallel.ordered_map(
+                        _measure_in_worker,
+                        paths,
+                        workers=workers,
+                        initializer=_start_photometry_worker,
+                        initargs=(catalog, min_flux_mjy, noise_correlation),
+                    )
+                )
+            except parallel.PoolUnavailable as exc:  # then this process measures them all
+                log.warning("%s; measuring the images in this process", exc)
+                progress(f"{exc}; measuring the images in this process")
+        if outcomes is None:
+            outcomes = _measure_here(catalog, paths, min_flux_mjy, noise_correlation)
+        return _record_all(engine, paths, outcomes, progress)
+
+
+def _record_all(
+    engine: Engine,
+    paths: Sequence[str],
+    outcomes: Iterator[tuple[str, Measurement | Exception]],
+    progress: Progress,
+) -> list[ImageResult]:
+    """Store each outcome in its own transaction, with the per-image error boundary."""
+    results = []
+    for i, (path, outcome) in enumerate(outcomes, start=1):
+        try:
+            if isinstance(outcome, Exception):
+                raise outcome
+            res = record_measurement(engine, outcome)
+        except DatabaseUnavailable:
+            raise
+        except Exception as exc:  # recorded, and the night goes on
+            log.exception("measuring %s failed", path)
+            reason = f"{type(exc).__name__}: {exc}"
+            images_db.mark_image_failed(engine, path, reason)
+            res = ImageResult(path, "failed", reason=reason)
+        results.append(res)
+        detail = f"{res.n_sources} sources" if res.status == "measured" else res.reason
+        progress(f"[{i}/{len(paths)}] {Path(path).name}: {res.status} ({detail})")
     return results

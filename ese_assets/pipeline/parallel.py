@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import multiprocessing as mp
+import multiprocessing.spawn
 import os
 import sys
 import threading
@@ -108,6 +109,23 @@ def _new_pool(
     )
 
 
+class PoolUnavailable(RuntimeError):
+    """Worker processes cannot be started from this process; the caller works alone."""
+
+
+def _check_interpreter() -> None:
+    """Workers (and the fork server) run this interpreter again: the user must be allowed to.
+
+    A process started as another user (``setpriv``, a service account) from an interpreter it
+    cannot execute itself, e.g. one under a private home directory, could not start them.
+    """
+    executable = multiprocessing.spawn.get_executable()
+    if not os.access(executable, os.X_OK):
+        raise PoolUnavailable(
+            f"this user cannot run the interpreter {os.fsdecode(executable)} to start workers"
+        )
+
+
 @contextlib.contextmanager
 def ordered_map(
     fn: Callable[[Any], Any],
@@ -125,48 +143,69 @@ def ordered_map(
     An exception raised by ``fn`` is returned in place of the result (with the worker's traceback
     as its ``__cause__``), so the caller keeps its own per-item error boundary. A worker that dies
     (killed, out of memory) fails the items in hand with :class:`BrokenProcessPool`; the remaining
-    items go to a new pool.
+    items go to a new pool. The workers are started on entry: :class:`PoolUnavailable` there
+    means none could be, before any item was computed.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    pools = [_new_pool(workers, initializer, initargs)]
+    _check_interpreter()
+    stream = _OrderedResults(fn, iter(items), workers, initializer, initargs)
     try:
-        yield _ordered_results(fn, iter(items), pools, workers, initializer, initargs)
+        try:
+            stream.start()
+        except OSError as exc:  # e.g. the fork server could not be started or reached
+            raise PoolUnavailable(f"worker processes cannot be started: {exc}") from exc
+        yield iter(stream)
     finally:
-        for pool in pools:
+        stream.shutdown()
+
+
+class _OrderedResults:
+    """The pools, the futures in flight (at most ``AHEAD_PER_WORKER`` per worker) and the items
+    not yet submitted."""
+
+    _done = object()
+
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        items: Iterator[Any],
+        workers: int,
+        initializer: Callable[..., None] | None,
+        initargs: Sequence[Any],
+    ) -> None:
+        self.fn, self.items, self.workers = fn, items, workers
+        self.initializer, self.initargs = initializer, initargs
+        self.pools: list[cf.ProcessPoolExecutor] = []
+        self.pending: deque[tuple[Any, cf.Future]] = deque()
+
+    def start(self) -> None:
+        self.pools.append(_new_pool(self.workers, self.initializer, self.initargs))
+        for _ in range(self.workers * AHEAD_PER_WORKER):  # starts the workers
+            self._submit_next()
+
+    def shutdown(self) -> None:
+        for pool in self.pools:
             pool.shutdown(wait=True, cancel_futures=True)
 
-
-def _ordered_results(
-    fn: Callable[[Any], Any],
-    items: Iterator[Any],
-    pools: list[cf.ProcessPoolExecutor],
-    workers: int,
-    initializer: Callable[..., None] | None,
-    initargs: Sequence[Any],
-) -> Iterator[tuple[Any, Any]]:
-    pending: deque[tuple[Any, cf.Future]] = deque()
-    done = object()
-
-    def submit_next() -> None:
-        item = next(items, done)
-        if item is done:
+    def _submit_next(self) -> None:
+        item = next(self.items, self._done)
+        if item is self._done:
             return
         try:
-            future = pools[-1].submit(fn, item)
+            future = self.pools[-1].submit(self.fn, item)
         except BrokenProcessPool:  # a worker died since the last result: start a new pool
-            pools[-1].shutdown(wait=True, cancel_futures=True)
-            pools.append(_new_pool(workers, initializer, initargs))
-            future = pools[-1].submit(fn, item)
-        pending.append((item, future))
+            self.pools[-1].shutdown(wait=True, cancel_futures=True)
+            self.pools.append(_new_pool(self.workers, self.initializer, self.initargs))
+            future = self.pools[-1].submit(self.fn, item)
+        self.pending.append((item, future))
 
-    for _ in range(workers * AHEAD_PER_WORKER):
-        submit_next()
-    while pending:
-        item, future = pending.popleft()
-        try:
-            result = future.result()
-        except Exception as exc:  # fn's own error, or BrokenProcessPool
-            result = exc
-        submit_next()
-        yield item, result
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        while self.pending:
+            item, future = self.pending.popleft()
+            try:
+                result = future.result()
+            except Exception as exc:  # fn's own error, or BrokenProcessPool
+                result = exc
+            self._submit_next()
+            yield item, result
