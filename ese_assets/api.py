@@ -36,7 +36,14 @@ from ese_assets.core.detection import (
     resolve_min_sigma,
     sigma_rule_requested,
 )
-from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
+from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS, FLAG_BAD_GAIN
+from ese_assets.core.relative import (
+    DEFAULT_MAX_ETA,
+    DEFAULT_MIN_NEIGHBORS,
+    DEFAULT_RADIUS_DEG,
+    RelativeLightcurve,
+    relative_lightcurve,
+)
 from ese_assets.core.values import py_scalar
 from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS, DEFAULT_FLUX_SCALE_ERROR
 
@@ -49,6 +56,7 @@ from ese_assets.pipeline.candidates import (
     seed_candidate_records,
 )
 from ese_assets.storage import candidates as candidates_db
+from ese_assets.storage import cone as cone_db
 from ese_assets.storage import photometry as photometry_db
 from ese_assets.storage import statistics as statistics_db
 from ese_assets.storage.engine import open_existing
@@ -60,6 +68,10 @@ if TYPE_CHECKING:  # matplotlib is imported when a plot is made, not with the AP
 
 #: Fields of one candidate in ``detect_ese_candidates`` output (the seed's JSON fields).
 CANDIDATE_FIELDS = SEED_CANDIDATE_FIELDS
+
+#: Quality bits a relative lightcurve leaves out: the pipeline's, except the bad-gain bit (an
+#: image's flux-scale error cancels in the ratio to its neighbours).
+RELATIVE_EXCLUDED_FLAGS = DEFAULT_EXCLUDED_FLAGS & ~FLAG_BAD_GAIN
 
 #: The seed's forced photometry (``photometry.manager``), re-exported with the rest of the API.
 __all__ = [
@@ -288,4 +300,61 @@ class Source:
         """Set this source's open candidate to ``investigated`` or ``dismissed``."""
         candidates_db.set_candidate_status(
             _engine(self.products_db), self.source_id, status, notes=notes, by=by
+        )
+
+    def calculate_relative_lightcurve(
+        self,
+        radius_deg: float = DEFAULT_RADIUS_DEG,
+        max_eta: float = DEFAULT_MAX_ETA,
+        min_neighbors: int = DEFAULT_MIN_NEIGHBORS,
+        *,
+        max_neighbors: int | None = None,
+        exclude_flags: int = RELATIVE_EXCLUDED_FLAGS,
+    ) -> RelativeLightcurve:
+        """This source's flux divided by an ensemble of its stable neighbours in the same images
+        (the seed's method; :mod:`ese_assets.core.relative` states the formulas).
+
+        Neighbours: sources of ``variability_stats`` within ``radius_deg`` (a box in SQL, the
+        exact separation in numpy) whose ``eta_metric`` (VAST's eta) is <= ``max_eta``, measured
+        in at least half of this source's images, ranked by their weight (median fractional error,
+        then separation), the first ``max_neighbors`` (None: all). Raw fluxes (``peak_jyb``): a
+        flux-scale error of an image cancels in the ratio, so images with a bad gain are used
+        (``exclude_flags`` defaults to the pipeline's exclusions without the bad-gain bit).
+        Returns a :class:`~ese_assets.core.relative.RelativeLightcurve`: ``.epochs`` (image_id
+        = image path, mjd, flux_jy, flux_err_jy, ensemble, ensemble_err, relative_flux_jy,
+        relative_flux_err_jy, n_neighbors; only images where this source and ``min_neighbors``
+        neighbours are measured), ``.neighbors`` (rank, source_id, sep_deg, eta, n_epochs,
+        median_flux_jy, median_frac_err, weight) and ``.neighbor_ids``. Fewer than
+        ``min_neighbors`` stable neighbours: ValueError naming the source and what was found.
+        """
+        engine = _engine(self.products_db)
+        own = photometry_db.source_photometry(engine, [self.source_id], exclude_flags=exclude_flags)
+        if own.empty:
+            raise ValueError(f"source {self.source_id!r}: no usable measurements")
+        # The catalog position, the same in every row of the source.
+        ra_deg, dec_deg = float(own["ra_deg"].iloc[-1]), float(own["dec_deg"].iloc[-1])
+        cone = cone_db.sources_in_cone(engine, ra_deg, dec_deg, radius_deg)
+        cone = cone[cone["source_id"] != self.source_id]
+        rows = photometry_db.source_photometry(
+            engine, cone["source_id"], exclude_flags=exclude_flags
+        )
+
+        def measured(frame: pd.DataFrame) -> pd.DataFrame:
+            return frame.rename(
+                columns={
+                    "image_path": "image_id",
+                    "peak_jyb": "flux_jy",
+                    "peak_err_jyb": "flux_err_jy",
+                }
+            )
+
+        return relative_lightcurve(
+            measured(own),
+            measured(rows),
+            cone.rename(columns={"eta_metric": "eta"}),
+            radius_deg=radius_deg,
+            max_eta=max_eta,
+            min_neighbors=min_neighbors,
+            max_neighbors=max_neighbors,
+            source_id=self.source_id,
         )
