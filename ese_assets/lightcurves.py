@@ -264,7 +264,10 @@ def detect_in_lightcurves(
         return out
     run = DetectionRun(
         calibration=calibration,
-        expected_false_candidates=calibration.expected_false(len(out)),
+        # Only scored sources (enough nights) can be flagged.
+        expected_false_candidates=calibration.expected_false(
+            int(np.isfinite(out["dchi2_const"].to_numpy(dtype=float)).sum())
+        ),
         image_gains=gains,
         n_measurements=n_in,
         n_excluded=n_in - len(rows),

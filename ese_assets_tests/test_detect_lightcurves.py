@@ -149,3 +149,23 @@ def test_cli_names_the_file_and_the_missing_columns(tmp_path, capsys):
     unknown.write_text("x")
     assert cli.main(["detect-lightcurves", str(unknown)]) == 2
     assert "unknown table format" in capsys.readouterr().err
+
+
+def test_too_few_nights_and_unusable_rows():
+    """Sources with fewer than MIN_NIGHTS nights are reported, unscored and unflagged; rows
+    without a flux or a positive error are left out and counted."""
+    table = pd.DataFrame(
+        {
+            "source_id": ["a", "a", "a", "b", "b"],
+            "mjd": [60000.0, 60001.0, 60002.0, 60000.0, 60001.0],
+            "flux": [1.0, 1.1, np.nan, 2.0, 2.0],
+            "flux_err": [0.1, 0.1, 0.1, 0.1, 0.0],
+        }
+    )
+    result, run = api.detect_in_lightcurves(table, n_simulations=100, return_run=True)
+    assert list(result["source_id"]) == ["a", "b"]
+    assert not result["flag"].any()
+    assert result["false_alarm_prob"].isna().all()
+    assert list(result["n_obs"]) == [2, 1]
+    assert run.n_excluded == 2 and run.n_measurements == 5
+    assert run.expected_false_candidates == 0.0

@@ -1014,6 +1014,8 @@ class TailCalibration:
         """P(null statistic >= x)."""
         x = np.asarray(x, dtype=float)
         n = self.values.size
+        if n == 0:  # no simulation: nothing is known, every value is as likely as not
+            return np.ones_like(x)
         pos = np.searchsorted(self.values, np.where(np.isfinite(x), x, 0.0), side="left")
         emp = np.where(pos < n, self.tail_weight[np.minimum(pos, n - 1)], 0.0)
         with np.errstate(over="ignore"):
@@ -1091,6 +1093,8 @@ def simulate_null(
     population variable. Returns the matrix and the number of DRW simulations."""
     n_src = len(matrix.source_ids)
     usable = np.flatnonzero(matrix.present.sum(axis=1) >= MIN_NIGHTS)
+    if not usable.size:  # no source has the nights to be scored: nothing to simulate
+        n_simulations = 0
     pick = rng.choice(usable, size=n_simulations) if usable.size else np.zeros(0, dtype=int)
     present = matrix.present[pick]
     r = scores["noise_scale"].to_numpy(dtype=float)[pick]
