@@ -23,6 +23,7 @@ SCRIPTS = (
     "bench_variability",
     "bench_incremental",
     "bench_nightly_bins",
+    "bench_ese_template",
     "bench_ingest_end_to_end",
     "bench_recompute",
 )
