@@ -24,6 +24,7 @@ SCRIPTS = (
     "bench_incremental",
     "bench_nightly_bins",
     "bench_ese_template",
+    "bench_calibration",
     "bench_ingest_end_to_end",
     "bench_recompute",
 )
