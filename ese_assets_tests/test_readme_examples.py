@@ -102,6 +102,7 @@ RUN: dict[tuple[str, int], str] = {
     ("Command line", 1): "test_command_line_examples",
     ("Python API", 0): "test_python_api_example",
     ("Python API", 1): "test_photometry_manager_example",
+    ("Python API", 2): "test_relative_lightcurve_example",
     ("Plots", 0): "test_plot_commands",
     ("Plots", 1): "test_plot_python_example",
     ("Web app and REST API", 0): "test_curl_examples_against_the_server",
@@ -442,6 +443,34 @@ def test_photometry_manager_example(demo):
     cos_sep = unit_vectors(rows["ra_deg"].to_numpy(), rows["dec_deg"].to_numpy()) @ c[0]
     expected = int((cos_sep >= np.cos(np.radians(1.5))).sum())
     assert n == expected > 0
+
+
+def test_relative_lightcurve_example(demo):
+    out = demo.python(block("Python API", 2).text)
+    m = re.fullmatch(r"(\d+) neighbours, (\d+) epochs, deepest (\d+)% down\n", out)
+    assert m, out
+    n_neighbours, n_epochs, depth = (int(g) for g in m.groups())
+    # A second way: the stable sources within 0.5 deg in variability_stats, measured (not edge,
+    # not blank) in at least half of the ESE host's images with median S/N >= 3.
+    rows = demo.sql(
+        "SELECT source_id, image_path, peak_jyb, peak_err_jyb FROM photometry "
+        "WHERE (quality_flag & 9) = 0"  # the edge and blank bits
+    )
+    own = set(rows.loc[rows["source_id"] == ESE_ID, "image_path"])
+    stats = demo.sql("SELECT source_id, ra_deg, dec_deg, eta_metric FROM variability_stats")
+    host = stats[stats["source_id"] == ESE_ID].iloc[0]
+    c = unit_vectors(np.array([host["ra_deg"]]), np.array([host["dec_deg"]]))[0]
+    cos_sep = unit_vectors(stats["ra_deg"].to_numpy(), stats["dec_deg"].to_numpy()) @ c
+    near = stats[(cos_sep >= np.cos(np.radians(0.5))) & (stats["eta_metric"] <= 1.5)]
+    common = rows[rows["image_path"].isin(own) & rows["source_id"].isin(near["source_id"])]
+    per = common.groupby("source_id").agg(
+        n=("peak_jyb", "size"), f=("peak_jyb", "median"), e=("peak_err_jyb", "median")
+    )
+    per = per.drop(index=ESE_ID, errors="ignore")
+    assert n_neighbours == int(((per["n"] >= len(own) / 2) & (per["f"] / per["e"] >= 3)).sum())
+    assert n_epochs == len(own) == 120
+    truth = pd.read_csv(demo.root / "data" / "demo" / "truth_sources.csv").set_index("name")
+    assert abs(depth / 100 - truth.at[ESE_ID, "ese_depth"]) < 0.1
 
 
 # -------------------------------------------------------------------------------------- plots
