@@ -25,7 +25,7 @@ from ese_assets.core.simulate import SurveyConfig, simulate_survey
 from ese_assets.settings import Settings
 from ese_assets.storage import cone as cone_db
 from ese_assets.storage import statistics as statistics_db
-from ese_assets.storage.engine import ensure_schema, make_engine
+from ese_assets.storage.engine import make_engine
 
 SURVEY = SurveyConfig(
     seed=4242,
@@ -296,10 +296,9 @@ def test_cone_box_holds_the_cone(ra0, dec0):
     assert inside.all()
 
 
-def test_cone_query_across_ra_zero(tmp_path):
-    """The SQL box across RA 0 finds sources on both sides, and only those in the cone."""
-    engine = make_engine(str(tmp_path / "p.sqlite3"))
-    ensure_schema(engine)
+def test_cone_query_across_ra_zero(engine):
+    """The SQL box across RA 0 finds sources on both sides, and only those in the cone (SQLite
+    and PostgreSQL)."""
     rows = pd.DataFrame(
         {
             "source_id": ["east", "west", "corner", "far"],
