@@ -263,6 +263,45 @@ def test_catalog_baselines_then_prior():
     assert not rows.loc[rows["source_id"].isin(truth["ids"][:50]), "reference"].any()
 
 
+def test_bright_ese_hosts_of_a_small_field_do_not_set_the_gain():
+    """A field with 6 references, 2 of them the brightest and in ESEs at the same time (one at a
+    caustic that doubles it, one in a 60 % dip): the gains stay those of the stable references,
+    no image is flagged bad, and the events keep their depth after normalization."""
+    rng = np.random.default_rng(21)
+    n_img, mjd = 40, 60000.0 + np.arange(40)
+    flux = np.array([400.0, 300.0, 60.0, 50.0, 40.0, 30.0])
+    gains = 1 + 0.02 * rng.standard_normal(n_img)
+    light = np.tile(flux[:, None], (1, n_img))
+    event = (np.arange(n_img) >= 15) & (np.arange(n_img) < 23)
+    light[0, event] *= 2.0  # caustic
+    light[1, event] *= 0.4  # dip
+    measured = light * gains + 0.5 * rng.standard_normal(light.shape)
+    table = pd.DataFrame(
+        {
+            "source_id": np.repeat([f"S{i}" for i in range(6)], n_img),
+            "image_id": np.tile(np.arange(n_img), 6),
+            "mjd": np.tile(mjd, 6),
+            "flux_mjy": measured.ravel(),
+            "flux_err_mjy": 0.5,
+        }
+    )
+    rows, images = calibrate_measurements(table)
+    assert images["calibrated"].all() and not images["bad"].any(), images[images["bad"]]
+    c = np.median(gains / images["gain"].to_numpy())
+    pull = (images["gain"].to_numpy() - gains / c) / images["gain_err"].to_numpy()
+    # (errors from 4-6 residuals each: noisy themselves)
+    assert np.std(pull) < 1.5 and np.abs(pull).max() < 5
+    host = rows[rows["source_id"] == "S1"].sort_values("mjd")["normalized_flux_mjy"].to_numpy()
+    assert abs(np.mean(host[event]) / np.median(host[~event]) - 0.4) < 0.02
+    # when fewer than min_refs references agree, the image is left uncalibrated, not bad
+    few = table[table["source_id"].isin(["S0", "S1", "S2", "S3"])]
+    _rows, images = calibrate_measurements(few)
+    in_event = images["image_id"].isin(np.flatnonzero(event))
+    assert not images["bad"].any()
+    assert (~images.loc[in_event, "calibrated"]).all()
+    assert images.loc[in_event, "reason"].str.contains("only 2 of 4 references agree").all()
+
+
 def test_too_few_references_leaves_image_uncalibrated():
     table, _truth = simulate(seed=6, n_sources=40, n_nights=5, images_per_night=2, bad_fraction=0)
     _rows, images = calibrate_measurements(table, min_ref_snr=1e6)

@@ -29,6 +29,7 @@ from astropy import units as u
 from astropy.time import Time
 
 from ese_assets import api, plots
+from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
 from ese_assets.definitions import build_definitions
 from ese_assets.storage.engine import dispose_engine
 from ese_assets_tests.survey import NIGHTS, make_workspace
@@ -277,18 +278,34 @@ def test_save_png_pdf_and_default_name(survey_db, tmp_path, monkeypatch):
 
 def test_normalized_fluxes(survey_db):
     db = survey_db[0]
-    with pytest.raises(ValueError, match="no normalized_flux_jy column"):
-        api.Source(ESE_SOURCE, db).plot_lightcurve(use_normalized=True)
-    # photometry that carries normalized fluxes (another issue adds the column): they are the
-    # plotted series, the raw fluxes stay visible behind them
+    # the pipeline's calibration stored normalized fluxes: they are the plotted series, the raw
+    # fluxes stay visible behind them
     lc = api.Source(ESE_SOURCE, db).measurements
-    lc = lc.assign(normalized_flux_jy=lc["peak_jyb"] * 0.9)
+    assert lc["normalized_flux_jy"].notna().all()
     fig = plots.lightcurve_figure(lc, None, use_normalized=True)
     rows = photometry_rows(db, ESE_SOURCE)
-    np.testing.assert_allclose(points(fig, plots.GID_CLEAN)[:, 1], rows[:, 1] * 0.9, rtol=1e-12)
+    norm = np.array(
+        sql(
+            db,
+            "SELECT normalized_flux_jy * 1000, normalized_flux_err_jy * 1000 FROM photometry "
+            "WHERE source_id = ? ORDER BY mjd",
+            ESE_SOURCE,
+        ),
+        dtype=float,
+    )
+    clean = (rows[:, 3].astype(int) & DEFAULT_EXCLUDED_FLAGS) == 0
+    np.testing.assert_allclose(points(fig, plots.GID_CLEAN)[:, 1], norm[clean, 0], rtol=1e-12)
     np.testing.assert_allclose(points(fig, plots.GID_RAW)[:, 1], rows[:, 1], rtol=1e-12)
-    np.testing.assert_allclose(error_half_lengths(fig, plots.GID_CLEAN), rows[:, 2] * 0.9)
+    np.testing.assert_allclose(error_half_lengths(fig, plots.GID_CLEAN), norm[clean, 1])
     assert "normalized" in fig.axes[0].get_ylabel()
+    # a lightcurve without them (another pipeline's table) is an error, never raw fluxes labelled
+    # normalized
+    with pytest.raises(ValueError, match="no normalized_flux_jy column"):
+        plots.lightcurve_figure(
+            lc.drop(columns=["normalized_flux_jy", "normalized_flux_err_jy"]),
+            None,
+            use_normalized=True,
+        )
     with pytest.raises(ValueError, match="no measurement has a normalized_flux_jy"):
         plots.lightcurve_figure(lc.assign(normalized_flux_jy=np.nan), None, use_normalized=True)
 
@@ -389,8 +406,8 @@ def test_cli_plot(survey_db, tmp_path):
     done = ese(
         "plot", ESE_SOURCE, "--normalized", "--output", str(tmp_path / "n.png"), "--products-db", db
     )
-    assert done.returncode == 2 and "normalized_flux_jy" in done.stderr
-    assert not (tmp_path / "n.png").exists()
+    assert done.returncode == 0, done.stderr
+    assert mpimg.imread(tmp_path / "n.png").ndim == 3
     assert ese("plot", "--products-db", db).returncode == 2
     missing = tmp_path / "typo.sqlite3"  # a read command never creates an empty database
     done = ese("plot", ESE_SOURCE, "--products-db", str(missing))

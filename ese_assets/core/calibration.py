@@ -33,7 +33,13 @@ Steps (each a private function below; vectorized over all images at once, no loo
    error ``sigma_ij^2 = (e_ij / F_ij)^2 + s_b,i^2 + ref_floor^2`` (``s_b`` the baseline's own
    fractional uncertainty: ``catalog_frac_error`` for catalog baselines, ``sqrt(pi/2) s_i /
    sqrt(n_i)`` for a median of n_i epochs, the prior's ``baseline_err_frac``; ``ref_floor`` keeps
-   one very bright reference from carrying the image). Sigma-clipping about the weighted median
+   one very bright reference from carrying the image). First the gain window: when at
+   least half of the image's references have ``|r - 1| <= max(gain_window, clip_sigma sigma)``
+   (``gain_window`` 25 %), the others are left out, whatever their weight: image gains are 1 +- a
+   few %, so a reference that far off is in an event of its own (two bright ESE hosts of a small
+   field, one at a caustic that doubles it, must not set the gain of the night's images); when most
+   references lie beyond it the image itself is off, all are used and the gain test flags it.
+   Then sigma-clipping about the weighted median
    (weights ``w = 1/sigma^2``), ``clip_iterations`` times: ``z_ij = (r_ij - m_j) / sigma_ij``, keep
    ``|z_ij| <= clip_sigma * max(1, 1.4826 MAD_j(z))``, ``m_j`` = the weighted median of the kept
    ratios. ``n_ref`` = references kept. The gain (``gain_estimator``):
@@ -64,8 +70,9 @@ Steps (each a private function below; vectorized over all images at once, no loo
    least ``min_population`` images) or else the image's own ``expected_scatter``.
 
 Steps 2-5 run ``iterations`` times (default 2: baselines from raw fluxes, then again from the
-gain-corrected fluxes of the good images, which removes the gain noise from the baselines and from
-the variability test).
+gain-corrected fluxes of the good images, which removes the gain noise from the baselines). The
+variability test of step 3 runs from the second pass on: on raw fluxes every bright source scatters
+by the images' gain errors and would look variable.
 
 Normalized flux and its error (the gain's uncertainty in quadrature):
 ``Fn_ij = F_ij / g_j``, ``en_ij = sqrt((e_ij / g_j)^2 + (F_ij gain_err_j / g_j^2)^2)``.
@@ -163,6 +170,9 @@ class CalibrationOptions:
     catalog_frac_error: float = 0.1
     #: Fractional error floor of each reference's ratio.
     ref_floor: float = 0.005
+    #: References further than this from a gain of 1 (and than clip_sigma of their errors) are
+    #: left out of an image when at least half of its references lie within it (step 4).
+    gain_window: float = 0.25
     #: Clip at this many robust sigma, this many times.
     clip_sigma: float = 3.0
     clip_iterations: int = 3
@@ -202,6 +212,7 @@ class CalibrationOptions:
             "max_ref_excess",
             "catalog_frac_error",
             "ref_floor",
+            "gain_window",
             "gain_scatter",
             "min_gain_scatter",
         ):
@@ -338,6 +349,13 @@ def _image_gains(
     keep = np.isfinite(ratio) & np.isfinite(sigma0) & (sigma0 > 0)
     sigma = np.sqrt(sigma0**2 + opts.ref_floor**2)
     w = np.where(keep, 1.0 / np.where(keep, sigma, 1.0) ** 2, 0.0)
+    n_candidates = np.bincount(image_codes[keep], minlength=n_images)
+    # The gain window: when most references agree with a gain near 1, the others are in an event
+    # of their own (an ESE host at a caustic doubles), whatever their weight.
+    near = keep & (np.abs(ratio - 1.0) <= np.fmax(opts.gain_window, opts.clip_sigma * sigma))
+    n_near = np.bincount(image_codes[near], minlength=n_images)
+    windowed = n_near >= 0.5 * n_candidates
+    keep &= near | ~windowed[image_codes]
     gain = _weighted_median(ratio[keep], w[keep], image_codes[keep], n_images)
     kept = keep
     for _ in range(int(opts.clip_iterations)):
@@ -369,6 +387,7 @@ def _image_gains(
         ref_scatter = np.sqrt(per_image(wk * dev * dev) / sum_w * bessel)
         expected = np.sqrt(per_image(wk * sigma[kept] ** 2) / sum_w)
     return {
+        "n_candidates": n_candidates,
         "gain": gain,
         "gain_err": np.where(n_ref >= 2, gain_err, np.nan),
         "n_ref": n_ref,
@@ -504,7 +523,7 @@ def calibrate_measurements(
     gain = np.ones(n_img)
     gain_err = np.zeros(n_img)
     bad = np.zeros(n_img, dtype=bool)
-    for _ in range(int(opts.iterations)):
+    for iteration in range(int(opts.iterations)):
         flux_corr = flux / gain[img_codes]
         good_rows = usable & ~bad[img_codes]
         baseline, kind, base_err = _baselines(
@@ -521,6 +540,8 @@ def calibrate_measurements(
         variable, scatter, n_hist = _variable_sources(
             flux_corr, frac_err, good_rows, src_codes, baseline, n_src, opts
         )
+        if iteration == 0:  # raw fluxes still carry every image's gain error: no screen yet
+            variable = np.zeros(n_src, dtype=bool)
         # the baseline's own error: of a median of n_hist epochs, or as the prior states it
         with np.errstate(divide="ignore", invalid="ignore"):
             hist_err = np.sqrt(0.5 * np.pi) * scatter / np.sqrt(n_hist)
@@ -553,7 +574,13 @@ def calibrate_measurements(
         calibrated,
         reason,
         np.array(
-            [f"not calibrated: {n} reference(s) < {opts.min_refs}" for n in fit["n_ref"]],
+            [
+                f"not calibrated: {n} reference(s) < {opts.min_refs}"
+                if m < opts.min_refs
+                else f"not calibrated: only {n} of {m} references agree (within "
+                f"{opts.gain_window:.0%} of gain 1, then the clip) < {opts.min_refs}"
+                for n, m in zip(fit["n_ref"], fit["n_candidates"], strict=True)
+            ],
             dtype=object,
         ),
     )

@@ -112,8 +112,8 @@ def _fluxes(
         return raw, raw_err, "peak flux density (mJy/beam)"
     if NORMALIZED_FLUX_COLUMN not in lc.columns:
         raise ValueError(
-            f"{source_id}: the photometry has no {NORMALIZED_FLUX_COLUMN} column (normalized "
-            "fluxes are not computed by this pipeline yet); plot the raw fluxes instead "
+            f"{source_id}: the photometry has no {NORMALIZED_FLUX_COLUMN} column (a table from "
+            "elsewhere; the pipeline's calibration step writes it); plot the raw fluxes instead "
             "(use_normalized=False, or ese plot without --normalized)"
         )
     norm = lc[NORMALIZED_FLUX_COLUMN].to_numpy(dtype=float) * 1e3
