@@ -132,6 +132,14 @@ def _stop(process: subprocess.Popen) -> None:
             time.sleep(0.2)
 
 
+def _delete_queue(broker_url: str, queue: str) -> None:
+    """The test's broker queue is removed with it (Celery declares queues durable)."""
+    import kombu
+
+    with kombu.Connection(broker_url, connect_timeout=5) as conn:
+        conn.default_channel.queue_delete(queue)
+
+
 def _wait_ready(logs: list[Path], processes: list[subprocess.Popen]) -> None:
     deadline = time.time() + WORKER_START_S
     while time.time() < deadline:
@@ -210,6 +218,7 @@ def test_nights_through_celery_workers_match_one_process(
     finally:
         for proc in workers:
             _stop(proc)
+        _delete_queue(broker_url, env["ESE_CELERY_QUEUE"])
     for proc in workers:
         assert proc.poll() is not None
 
