@@ -13,6 +13,12 @@ Only usable measurements enter the statistics: photometry rows whose ``quality_f
 the ``exclude_flags`` bits (default ``core.quality.DEFAULT_EXCLUDED_FLAGS``: blank and edge
 positions, which have no flux) are read, summed and counted; the others stay in ``photometry``
 for people to see, and are never read here (the filter is in the SQL of the storage reads).
+
+Fluxes: ``flux_scale="normalized"`` (default, ``ESE_FLUX_SCALE``) sums each row's gain-normalized
+flux and error (``photometry.normalized_flux_jy``, written by the calibration step of the same
+night, :mod:`ese_assets.pipeline.calibration`), so a night's sums are always of one consistent
+calibration of that night; rows of images whose gain is bad carry ``FLAG_BAD_GAIN``, excluded by
+the default mask. ``"raw"`` sums ``peak_jyb``.
 """
 
 from __future__ import annotations
