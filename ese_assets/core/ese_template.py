@@ -70,15 +70,21 @@ regressor), the ESE statistic against the better of the two nulls is
     ese_stat = max(dchi2_const, dchi2_drw_template) - max(0, dchi2_drw)
 
 (2 ln of the likelihood ratio of template + (white or DRW) noise against the better of constant
-and DRW). Allowing the DRW under the template keeps a real event whose shape departs from the
-Gaussian lens (or sits on a mildly variable source) from being handed to the stochastic null at
-high S/N, while a red-noise variable gains little from one template on top of its DRW.
+and DRW). The DRW under the template counts only when ``dchi2_const >= STEADY_FRACTION x
+dchi2_drw_template`` (0.9): it keeps a real event whose shape departs a little from the Gaussian
+lens at high S/N from being handed to the stochastic null, but an ESE happens to a steady
+source, so a variable whose excursion one template improves on top of its DRW stays `variable`.
 
-**Coarse to fine.** The bank above is the coarse grid (two lens classes and the Gaussian dip,
-first pass in float32). For the sources that reach the pre-threshold the best template is
-refined locally (:func:`_refine`: nine lens strengths, duration x 2^(+-k/8), centre +- k D/24,
-two passes with halved steps), so depth, centre and duration are estimated well beyond the
-bank's resolution and the fit's residuals do not masquerade as variability.
+**Coarse to fine.** The bank above is the coarse grid (a weak lens, a caustic lens of wide
+source, the Gaussian dip; first pass in float32). For the sources that reach the pre-threshold
+the best template of each bank shape is refined locally (:func:`_refine`: ten lens strengths,
+smooth then sharp caustics, a caustic lens tried at the duration that keeps its spikes in place
+when its strength changes, the Gaussian dip's centre as a further start; duration steps down to
+2^(1/128) and centre steps to D/400), so depth, centre and duration are estimated well beyond
+the bank's resolution and the fit's residuals do not masquerade as variability. Nights the
+refined template misses by more than :data:`CLIP_PULL` sigma (at most :data:`MAX_CLIPPED`:
+unresolved caustic spikes, bad nights) leave every model of the source and the fit is refined
+again.
 
 **Classes** (thresholds x_c, x_e from the calibration below):
 
@@ -190,6 +196,9 @@ DEFAULT_CATALOG_FRAC_ERR = 0.1
 #: Smallest noise scale: errors are never shrunk below 0.3 of the quoted ones (a few nights'
 #: median can be small by chance).
 NOISE_SCALE_MIN = 0.3
+#: The template on white noise must reach this fraction of the improvement of template + DRW
+#: for the DRW under the template to count (an ESE happens to a steady source).
+STEADY_FRACTION = 0.9
 #: Nights a source needs before it is scored.
 MIN_NIGHTS = 5
 #: |h| above which a night counts as inside the fitted event (``n_event_nights``).
@@ -941,7 +950,12 @@ def score_lightcurves(
     # Template + (white or DRW noise) against the better of constant and DRW.
     drw = out["dchi2_drw"]
     null_best = np.where(np.isfinite(drw), np.maximum(drw, 0.0), 0.0)
-    alt_best = np.fmax(final, out["dchi2_drw_template"])
+    # Red noise under the template only as a correction: an ESE is an event on a steady source,
+    # so the template on white noise must already give STEADY_FRACTION of what template + DRW
+    # give; a variable whose excursion one template improves on top of its DRW is `variable`.
+    with_drw = out["dchi2_drw_template"]
+    steady = final >= STEADY_FRACTION * np.where(np.isfinite(with_drw), with_drw, final)
+    alt_best = np.where(steady, np.fmax(final, with_drw), final)
     out["ese_stat"] = np.where(enough, alt_best - null_best, np.nan)
     out["lens_minus_gauss"] = np.where(enough, lens_gauss, np.nan)
     # Best template's parameters (all scored sources).
