@@ -88,24 +88,44 @@ def dagster_pg_url(_postgres_test_database) -> str:
         admin.dispose()
 
 
+def worker_argv(queue: str, name: str) -> list[str]:
+    """The README's worker command ("Past one machine"; test_readme_examples compares them)."""
+    return [
+        str(BIN / "dagster-celery"),
+        "worker",
+        "start",
+        "-A",
+        "dagster_celery.app",
+        "-y",
+        str(REPO / "dagster-celery.yaml"),
+        "-q",
+        queue,
+        "-n",
+        name,
+        "--",
+        "--pool=solo",
+    ]
+
+
+def execute_argv(night: str) -> list[str]:
+    """The README's ``dagster job execute`` of one night (compared by test_readme_examples)."""
+    return [
+        str(BIN / "dagster"),
+        "job",
+        "execute",
+        "-m",
+        "ese_assets.definitions",
+        "-j",
+        "ese_pipeline",
+        "--tags",
+        json.dumps({"dagster/partition": night}),
+    ]
+
+
 def _start_worker(name: str, env: dict, log: Path) -> subprocess.Popen:
     """``dagster-celery worker start`` (which runs ``celery worker``) in its own process group."""
     return subprocess.Popen(
-        [
-            str(BIN / "dagster-celery"),
-            "worker",
-            "start",
-            "-A",
-            "dagster_celery.app",
-            "-y",
-            str(REPO / "dagster-celery.yaml"),
-            "-q",
-            env["ESE_CELERY_QUEUE"],
-            "-n",
-            name,
-            "--",
-            "--pool=solo",
-        ],
+        worker_argv(env["ESE_CELERY_QUEUE"], name),
         env=env,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
@@ -195,17 +215,7 @@ def test_nights_through_celery_workers_match_one_process(
         _wait_ready(logs, workers)
         for night in NIGHTS:
             run = subprocess.run(
-                [
-                    str(BIN / "dagster"),
-                    "job",
-                    "execute",
-                    "-m",
-                    "ese_assets.definitions",
-                    "-j",
-                    "ese_pipeline",
-                    "--tags",
-                    json.dumps({"dagster/partition": night}),
-                ],
+                execute_argv(night),
                 env=env,
                 cwd=tmp_path,
                 capture_output=True,

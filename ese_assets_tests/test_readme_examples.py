@@ -106,6 +106,10 @@ RUN: dict[tuple[str, int], str] = {
     ("Plots", 0): "test_plot_commands",
     ("Plots", 1): "test_plot_python_example",
     ("Web app and REST API", 0): "test_curl_examples_against_the_server",
+    # Needs a broker, PostgreSQL and Celery workers: test_distributed.py runs these commands (its
+    # worker_argv / execute_argv), and test_distributed_block_is_what_test_distributed_runs
+    # checks that the block and those commands are the same.
+    ("Past one machine", 0): "test_distributed_block_is_what_test_distributed_runs",
 }
 
 
@@ -780,3 +784,20 @@ def test_seed_troubleshooting_counts_and_readme_sql(demo):
     readme = README.read_text()
     for sql in re.findall(r"`(SELECT [^`]+)`", readme):
         demo.sql(sql, db=demo.pristine_db)  # runs
+
+
+def test_distributed_block_is_what_test_distributed_runs():
+    """The README's Celery commands are, word for word, those test_distributed.py runs (with the
+    README's queue ``dagster``, paths relative to the checkout and its example night)."""
+    from ese_assets_tests.test_distributed import execute_argv, worker_argv
+
+    def readme_form(argv: list[str]) -> str:
+        words = [Path(a).name if os.path.isabs(a) else a for a in argv]
+        return shlex.join(words)
+
+    text = block("Past one machine", 0).text
+    lines = [ln.rstrip(" &") for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert 'cp dagster-postgres.yaml "$DAGSTER_HOME/dagster.yaml"' in lines
+    for name in ("w1", "w2"):
+        assert readme_form(worker_argv("dagster", name)) in lines
+    assert readme_form(execute_argv("2025-01-01")) in lines
