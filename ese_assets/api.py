@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 from sqlalchemy import Engine
 
 from ese_assets import pipeline
+from ese_assets.core import ese_template
 from ese_assets.core.binning import DEFAULT_BIN_NIGHTS
 from ese_assets.core.calibration import DEFAULT_FLUX_SCALE
 from ese_assets.core.candidates import OPEN_STATUSES
@@ -49,6 +51,9 @@ from ese_assets.core.variability import DEFAULT_DIP_WINDOW_DAYS, DEFAULT_FLUX_SC
 
 # ESE detection on any pipeline's measurement table (calibration, bins, template fit, FAPs).
 from ese_assets.lightcurves import detect_in_lightcurves as detect_in_lightcurves
+
+# The same on the pipeline's products database (read-only; usable rows, stored calibration).
+from ese_assets.lightcurves_products import detect_in_products as detect_in_products
 from ese_assets.photometry import PhotometryConfig, PhotometryManager, PhotometryResult
 from ese_assets.pipeline.candidates import (
     SEED_CANDIDATE_FIELDS,
@@ -65,6 +70,11 @@ if TYPE_CHECKING:  # matplotlib is imported when a plot is made, not with the AP
     from matplotlib.figure import Figure
 
     from ese_assets.plots import FigureConfig
+
+#: flag_types of the template fit whose fitted model a lightcurve plot draws (an event).
+EVENT_TYPES = (ese_template.FLAG_ESE, ese_template.FLAG_DIP, ese_template.FLAG_SPIKE)
+#: MJDs at which the fitted model is drawn, evenly over the lightcurve.
+TEMPLATE_GRID_POINTS = 2000
 
 #: Fields of one candidate in ``detect_ese_candidates`` output (the seed's JSON fields).
 CANDIDATE_FIELDS = SEED_CANDIDATE_FIELDS
@@ -257,6 +267,7 @@ class Source:
         *,
         exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
         config: FigureConfig | None = None,
+        show_template: bool = True,
     ) -> Figure:
         """The lightcurve with its metrics (the seed's ``Source.plot_lightcurve``); the Figure.
 
@@ -266,8 +277,10 @@ class Source:
         (``dip_start_mjd``..``dip_end_mjd`` of ``variability_stats``), not the whole span.
         ``save`` (or an ``outfile``): write the figure to ``outfile`` (.png, .pdf or .svg by
         extension; default ``<source_id>_lightcurve.png``). ``exclude_flags``: the quality bits
-        left out of the statistics (drawn as grey crosses). Raises ValueError when the source has
-        no measurements.
+        left out of the statistics (drawn as grey crosses). ``show_template``: when the ESE
+        template fit of this source's usable rows (:meth:`template_fit`, on the plotted flux
+        scale) finds an event (flag_type ese, dip or spike), draw the fitted model. Raises
+        ValueError when the source has no measurements.
         """
         from ese_assets import plots
 
@@ -281,6 +294,15 @@ class Source:
         stats = statistics_db.variability_stats(engine, source_ids=[self.source_id])
         found = candidates_db.candidates(engine, source_ids=[self.source_id])
         open_ = found[found["status"].isin(OPEN_STATUSES)]
+        template = None
+        if show_template:
+            fit = self.template_fit(
+                exclude_flags=exclude_flags, flux_scale="normalized" if use_normalized else "raw"
+            )
+            if fit is not None and fit["flag_type"] in EVENT_TYPES:
+                mjd = lc["mjd"].to_numpy(dtype=float)
+                grid = np.linspace(mjd.min(), mjd.max(), TEMPLATE_GRID_POINTS)
+                template = (grid, ese_template.fitted_model_flux(fit, grid))
         fig = plots.lightcurve_figure(
             lc,
             stats.iloc[0].to_dict() if len(stats) else None,
@@ -291,10 +313,30 @@ class Source:
             highlight_ese_period=highlight_ese_period,
             exclude_flags=exclude_flags,
             config=config,
+            template=template,
         )
         if outfile is not None:
             plots.save_figure(fig, outfile)
         return fig
+
+    def template_fit(
+        self,
+        *,
+        exclude_flags: int = DEFAULT_EXCLUDED_FLAGS,
+        flux_scale: str = DEFAULT_FLUX_SCALE,
+        seed: int = 0,
+    ) -> dict | None:
+        """This source's row of :func:`detect_in_products` (the ESE template fit of its usable
+        rows, thresholds calibrated on its own nights and errors), or None when it has no usable
+        measurement."""
+        found = detect_in_products(
+            _engine(self.products_db),
+            [self.source_id],
+            exclude_flags=exclude_flags,
+            flux_scale=flux_scale,
+            seed=seed,
+        )
+        return found.iloc[0].to_dict() if len(found) else None
 
     def mark(self, status: str, notes: str | None = None, by: str = "user") -> None:
         """Set this source's open candidate to ``investigated`` or ``dismissed``."""

@@ -1,4 +1,6 @@
-"""``ese detect-lightcurves FILE``: ESE detection on a measurement table from any pipeline.
+"""``ese detect-lightcurves FILE``: ESE detection on a measurement table from any pipeline;
+``ese detect-lightcurves --db``: the same on the pipeline's products database
+(:func:`ese_assets.lightcurves_products.detect_in_products`, read-only).
 
 Reads CSV, Parquet, FITS or VOTable (:func:`ese_assets.lightcurves.read_measurements`), runs
 :func:`ese_assets.lightcurves.detect_in_lightcurves` and writes one row per source (CSV, or
@@ -30,7 +32,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "id column the per-image flux-scale calibration is applied first."
         ),
     )
-    p.add_argument("file", help="measurement table (.csv, .parquet, .fits, .xml/.vot)")
+    p.add_argument("file", nargs="?", help="measurement table (.csv, .parquet, .fits, .xml/.vot)")
+    p.add_argument(
+        "--db",
+        action="store_true",
+        help="read the pipeline's products database instead of a file (usable rows, fluxes as "
+        "ESE_FLUX_SCALE and ESE_EXCLUDE_FLAGS say; nothing is written)",
+    )
+    p.add_argument(
+        "--products-db",
+        help="with --db (implied): SQLite path or SQLAlchemy URL (default: $PIPELINE_PRODUCTS_DB)",
+    )
+    p.add_argument(
+        "--source-id",
+        action="append",
+        help="with --db: only this source (repeat for more; default: every measured source)",
+    )
     p.add_argument(
         "--output",
         "-o",
@@ -83,9 +100,48 @@ def _write(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(path, index=False)
 
 
+def _detect_in_products(args: argparse.Namespace):
+    """``(result, run)`` of ``--db``: on the products database of the settings."""
+    import dataclasses
+
+    from ese_assets.cli_candidates import open_products_db
+    from ese_assets.lightcurves_products import detect_in_products
+    from ese_assets.settings import Settings
+
+    if args.catalog or args.no_calibration:
+        raise ValueError(
+            "--catalog and --no-calibration are for files (--db uses the catalog flux and the "
+            "calibration stored in the database)"
+        )
+    settings = Settings.from_env()
+    if args.products_db:
+        settings = dataclasses.replace(settings, products_db=str(args.products_db))
+    engine = open_products_db(settings.products_db)  # a read command: never creates one
+    result, run = detect_in_products(
+        engine,
+        args.source_id,
+        exclude_flags=settings.exclude_flags,
+        flux_scale=settings.flux_scale,
+        flux_scale_error=args.flux_scale_error,
+        n_simulations=args.simulations,
+        fap_per_source=args.fap,
+        seed=args.seed,
+        return_run=True,
+    )
+    return result, run
+
+
 def cmd_detect_lightcurves(args: argparse.Namespace) -> int:
     from ese_assets.lightcurves import detect_in_lightcurves, read_measurements
 
+    from_db = args.db or bool(args.products_db)
+    if from_db == bool(args.file):
+        raise ValueError("give a measurement FILE or --db / --products-db (one of them)")
+    if args.source_id and not from_db:
+        raise ValueError("--source-id is for --db")
+    if from_db:
+        result, run = _detect_in_products(args)
+        return _report(result, run, args)
     path = Path(args.file)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -115,6 +171,11 @@ def cmd_detect_lightcurves(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
+    return _report(result, run, args)
+
+
+def _report(result: pd.DataFrame, run, args: argparse.Namespace) -> int:
+    """The summary line on stderr, then every row to ``--output`` or the flagged ones to stdout."""
     flagged = result[result["flag"]]
     cal = run.calibration
     print(

@@ -120,7 +120,9 @@ import functools
 import itertools
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -522,6 +524,27 @@ def _template_rows(shape_names, duration_days, t0_mjd, t_mjd) -> np.ndarray:
         rows = names == name
         out[rows] = template_shape(name, u[rows])
     return out
+
+
+def fitted_model_flux(fit: Mapping[str, Any], t_mjd) -> np.ndarray:
+    """The best-fit model of one source (a row of :func:`score_lightcurves`) at ``t_mjd``, in mJy.
+
+    ``F(t) = baseline_flux_mjy + event_amplitude_mjy * h((t - event_t0_mjd) /
+    (event_duration_days / 4))``, ``h`` the unit-depth template of ``event_shape``
+    (:func:`template_shape`): the same template rows the fit used. All NaN when the source was not
+    scored (fewer than :data:`MIN_NIGHTS` nights).
+    """
+    t = np.atleast_1d(np.asarray(t_mjd, dtype=np.float64))
+    shape = fit.get("event_shape")
+    params = [
+        float(fit.get(k, np.nan))
+        for k in ("baseline_flux_mjy", "event_amplitude_mjy", "event_t0_mjd", "event_duration_days")
+    ]
+    if not isinstance(shape, str) or not np.all(np.isfinite(params)):
+        return np.full(t.shape, np.nan)
+    base, amplitude, t0, duration = params
+    h = _template_rows([shape], [duration], [t0], t)[0]
+    return base + amplitude * h
 
 
 def _fit_one_template(fc, w, w_c, c_c, h):
