@@ -29,6 +29,7 @@ from astropy import units as u
 from astropy.time import Time
 
 from ese_assets import api, plots
+from ese_assets.core import ese_template
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
 from ese_assets.definitions import build_definitions
 from ese_assets.storage.engine import dispose_engine
@@ -317,6 +318,12 @@ def test_template_is_drawn_when_given(survey_db):
     fig = plots.lightcurve_figure(lc, None, template=(model_mjd, model))
     np.testing.assert_array_equal(
         points(fig, plots.GID_TEMPLATE), np.column_stack([model_mjd, model])
+    )
+    # Source.plot_lightcurve draws its own fit only for an event: 3 nights are fewer than the
+    # fit's MIN_NIGHTS, so nothing is fitted here (test_detect_products.py has the drawn case)
+    assert len(NIGHTS) < ese_template.MIN_NIGHTS
+    assert (
+        artist(api.Source(ESE_SOURCE, survey_db[0]).plot_lightcurve(), plots.GID_TEMPLATE) is None
     )
 
 
