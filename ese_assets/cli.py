@@ -273,6 +273,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         use_normalized=args.normalized,
         highlight_baseline=not args.no_baseline,
         highlight_ese_period=not args.no_event,
+        show_template=not args.no_template,
         save=True,
         outfile=output,
         exclude_flags=settings.exclude_flags,
@@ -390,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-baseline", action="store_true", help="do not shade the first 10 epochs")
     p.add_argument("--no-event", action="store_true", help="do not shade the detected event")
+    p.add_argument(
+        "--no-template",
+        action="store_true",
+        help="do not fit and draw the ESE template (the fit calibrates its false-alarm "
+        "thresholds on the source's nights, seconds to a minute)",
+    )
     _add_db(p)
     p.set_defaults(func=cmd_plot)
 

@@ -415,6 +415,17 @@ def test_cli_plot(survey_db, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert mpimg.imread(tmp_path / "n.png").ndim == 3
+    done = ese(
+        "plot",
+        ESE_SOURCE,
+        "--no-template",
+        "--output",
+        str(tmp_path / "t.png"),
+        "--products-db",
+        db,
+    )
+    assert done.returncode == 0, done.stderr
+    assert mpimg.imread(tmp_path / "t.png").ndim == 3
     assert ese("plot", "--products-db", db).returncode == 2
     missing = tmp_path / "typo.sqlite3"  # a read command never creates an empty database
     done = ese("plot", ESE_SOURCE, "--products-db", str(missing))
