@@ -263,12 +263,14 @@ KILLABLE_RUN = textwrap.dedent("""
     from ese_assets.pipeline import measurement
     from ese_assets.settings import Settings
 
-    measure = measurement.measure_image
-    def slow_measure(*args, **kwargs):  # slow enough for the parent to kill us half-way
-        result = measure(*args, **kwargs)
+    # Every image is written by record_measurement in the run's process, whatever the number of
+    # photometry workers: slow it down enough for the parent to kill us half-way.
+    record = measurement.record_measurement
+    def slow_record(*args, **kwargs):
+        result = record(*args, **kwargs)
         time.sleep(1.0)
         return result
-    measurement.measure_image = slow_measure
+    measurement.record_measurement = slow_record
 
     settings = dataclasses.replace(Settings.from_env(), **json.loads(sys.argv[1]))
     job = build_definitions(settings, bind_env=False).resolve_job_def("ese_pipeline")

@@ -132,6 +132,9 @@ def _clean_env() -> dict[str, str]:
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("ESE_", "PIPELINE_", "MASTER_", "DAGSTER_", "WEB_", "VIRTUAL_ENV"))
+        # Under `make test` (as in .ci/run) make's own variables would make the inner `make demo`
+        # print "make[1]: Entering/Leaving directory" lines a user's shell never shows.
+        and k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")
     }
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin)
