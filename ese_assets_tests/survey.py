@@ -9,6 +9,8 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+import pytest
+
 from ese_assets.core.simulate import SurveyConfig
 from ese_assets.settings import Settings
 
@@ -53,3 +55,16 @@ def make_workspace(
         incoming_dir=str(incoming),
         settle_seconds=settle_seconds,
     )
+
+
+def ingest_survey(tmp_path: Path, survey: Path, **changes) -> Settings:
+    """:func:`make_workspace` (with ``changes`` to its settings), then every image through
+    ``ese ingest``'s real Dagster runs, in a Dagster home of its own; no image may fail."""
+    from ese_assets.ingest import ingest_directory
+
+    settings = dataclasses.replace(make_workspace(tmp_path, survey), **changes)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+        report = ingest_directory(settings, Path(settings.incoming_dir), progress=lambda _msg: None)
+    assert not report.failed, report.failed
+    return settings

@@ -10,8 +10,6 @@ independent reference.
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ from ese_assets.storage import statistics as statistics_db
 from ese_assets.storage.access import read_frame
 from ese_assets.storage.engine import ensure_schema, make_engine
 from ese_assets.storage.schema import photometry
+from ese_assets_tests.survey import ingest_survey
 
 SURVEY = SurveyConfig(
     seed=606,
@@ -76,40 +75,18 @@ def survey(tmp_path_factory):
     return out, images
 
 
-def _ingest(tmp: Path, survey_dir: Path, monkeypatch, **changes) -> Settings:
-    from ese_assets.ingest import ingest_directory
-
-    incoming = tmp / "incoming"
-    shutil.copytree(survey_dir / "incoming", incoming)
-    settings = dataclasses.replace(
-        Settings.from_env(),
-        data_dir=str(tmp),
-        products_db=str(tmp / "products.sqlite3"),
-        catalog_path=str(survey_dir / "catalog.csv"),
-        incoming_dir=str(incoming),
-        settle_seconds=0.0,
-        **changes,
-    )
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp / "dagster_home"))
-    report = ingest_directory(settings, incoming, progress=lambda _msg: None)
-    assert not report.failed, report.failed
-    return settings
-
-
 @pytest.fixture(scope="module")
 def runs(survey, tmp_path_factory):
     survey_dir, _images = survey
-    out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        out["calibrated"] = _ingest(tmp_path_factory.mktemp("cal"), survey_dir, mp)
-        out["raw"] = _ingest(
+    return {
+        "calibrated": ingest_survey(tmp_path_factory.mktemp("cal"), survey_dir),
+        "raw": ingest_survey(
             tmp_path_factory.mktemp("raw"),
             survey_dir,
-            mp,
             flux_scale="raw",
             exclude_flags=DEFAULT_EXCLUDED_FLAGS & ~FLAG_BAD_GAIN,
-        )
-    return out
+        ),
+    }
 
 
 def _photometry(settings: Settings) -> pd.DataFrame:

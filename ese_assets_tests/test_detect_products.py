@@ -11,8 +11,6 @@ simulator's truth) must be found, the stable sources not; and the answer must eq
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -26,7 +24,7 @@ from ese_assets.core import ese_template
 from ese_assets.core.quality import DEFAULT_EXCLUDED_FLAGS
 from ese_assets.core.simulate import SurveyConfig, simulate_survey
 from ese_assets.lightcurves import detect_in_lightcurves
-from ese_assets.settings import Settings
+from ese_assets_tests.survey import ingest_survey
 
 SURVEY = SurveyConfig(
     seed=515,
@@ -53,24 +51,7 @@ def survey(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def products(survey, tmp_path_factory) -> str:
-    from ese_assets.ingest import ingest_directory
-
-    tmp = tmp_path_factory.mktemp("products_detect_run")
-    incoming = tmp / "incoming"
-    shutil.copytree(survey / "incoming", incoming)
-    settings = dataclasses.replace(
-        Settings.from_env(),
-        data_dir=str(tmp),
-        products_db=str(tmp / "products.sqlite3"),
-        catalog_path=str(survey / "catalog.csv"),
-        incoming_dir=str(incoming),
-        settle_seconds=0.0,
-    )
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DAGSTER_HOME", str(tmp / "dagster_home"))
-        report = ingest_directory(settings, incoming, progress=lambda _msg: None)
-    assert not report.failed, report.failed
-    return settings.products_db
+    return ingest_survey(tmp_path_factory.mktemp("products_detect_run"), survey).products_db
 
 
 @pytest.fixture(scope="module")

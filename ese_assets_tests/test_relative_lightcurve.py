@@ -8,8 +8,6 @@ the relative lightcurve must follow it, the bad image included, while the raw fl
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +20,10 @@ from astropy.io import fits
 from ese_assets.api import Source
 from ese_assets.core.relative import cone_box, relative_lightcurve
 from ese_assets.core.simulate import SurveyConfig, simulate_survey
-from ese_assets.settings import Settings
 from ese_assets.storage import cone as cone_db
 from ese_assets.storage import statistics as statistics_db
 from ese_assets.storage.engine import make_engine
+from ese_assets_tests.survey import ingest_survey
 
 SURVEY = SurveyConfig(
     seed=4242,
@@ -65,25 +63,8 @@ def survey(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def products(survey, tmp_path_factory):
-    from ese_assets.ingest import ingest_directory
-
     survey_dir, _bad = survey
-    tmp = tmp_path_factory.mktemp("relative_run")
-    incoming = tmp / "incoming"
-    shutil.copytree(survey_dir / "incoming", incoming)
-    settings = dataclasses.replace(
-        Settings.from_env(),
-        data_dir=str(tmp),
-        products_db=str(tmp / "products.sqlite3"),
-        catalog_path=str(survey_dir / "catalog.csv"),
-        incoming_dir=str(incoming),
-        settle_seconds=0.0,
-    )
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DAGSTER_HOME", str(tmp / "dagster_home"))
-        report = ingest_directory(settings, incoming, progress=lambda _msg: None)
-    assert not report.failed, report.failed
-    return settings.products_db
+    return ingest_survey(tmp_path_factory.mktemp("relative_run"), survey_dir).products_db
 
 
 @pytest.fixture(scope="module")
