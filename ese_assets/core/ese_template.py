@@ -81,10 +81,18 @@ the best template of each bank shape is refined locally (:func:`_refine`: ten le
 smooth then sharp caustics, a caustic lens tried at the duration that keeps its spikes in place
 when its strength changes, the Gaussian dip's centre as a further start; duration steps down to
 2^(1/128) and centre steps to D/400), so depth, centre and duration are estimated well beyond
-the bank's resolution and the fit's residuals do not masquerade as variability. Nights the
+the bank's resolution and the fit's residuals do not masquerade as variability. At high S/N the
+fit surface is rough (a deep lens's caustic spikes are a few nights wide) and the bank's seeds
+are coarse (the Gaussian dip finds the centre at ~2.5 times a deep event's duration, the
+wide-source caustic lens can sit durations away), so a refinement can end in a wrong optimum
+that the DRW null then beats. A *poor* refined fit, residual ``chi2_const - dchi2`` above the
+number of fitted values n by more than :data:`RESTART_EXCESS_SIGMA` sqrt(2 n) while the
+template explains at least :data:`RESTART_MIN_EXPLAINED` of ``chi2_const - n``, is therefore
+restarted (:func:`_restart_poor_fits`) from every lens shape at the bank's duration-ladder steps
+around the refined Gaussian dip and the caustic seed, and keeps the better fit. Nights the
 refined template misses by more than :data:`CLIP_PULL` sigma (at most :data:`MAX_CLIPPED`:
 unresolved caustic spikes, bad nights) leave every model of the source and the fit is refined
-again.
+(and, if poor, restarted) again.
 
 **Classes** (thresholds x_c, x_e from the calibration below):
 
@@ -201,6 +209,17 @@ NOISE_SCALE_MIN = 0.3
 #: The template on white noise must reach this fraction of the improvement of template + DRW
 #: for the DRW under the template to count (an ESE happens to a steady source).
 STEADY_FRACTION = 0.9
+#: A refined fit whose residual chi^2 exceeds the number of fitted values n by more than this
+#: many sqrt(2 n) is restarted from more seeds (:func:`_restart_poor_fits`).
+RESTART_EXCESS_SIGMA = 5.0
+#: ... and the template explains at least this fraction of the variance beyond the noise,
+#: dchi2 / (chi2_const - n) (a dip fitted in a wrong local optimum still explains most of it; a
+#: stochastic variable that one template explains less than half of is left as it is).
+RESTART_MIN_EXPLAINED = 0.5
+#: Durations of the restart's seeds, as multiples of their anchors' (the refined Gaussian dip's,
+#: the bank's caustic seed's): the bank's ladder steps (sqrt(2)) around them, mostly shorter
+#: (both anchors favour long durations: the Gaussian spans the enhancements too).
+RESTART_DURATION_FACTORS = (0.5, 2**-0.5, 1.0, 2**0.5)
 #: Nights a source needs before it is scored.
 MIN_NIGHTS = 5
 #: |h| above which a night counts as inside the fitted event (``n_event_nights``).
@@ -593,7 +612,9 @@ def _shape_group(name: str) -> int:
     return 1 if shape_has_caustics(name) else 0
 
 
-def _refine(fc, w, w_c, c_c, t_mjd, seeds, *, all_shapes: bool = True):
+def _refine(
+    fc, w, w_c, c_c, t_mjd, seeds, *, all_shapes: bool = True, sharpen_from: int = SHARPEN_FROM_PASS
+):
     """Coarse-to-fine local fit around seed templates (module docstring).
 
     ``seeds``: list of ``(shape_names, duration_days, t0_mjd)`` arrays (one template per source
@@ -603,9 +624,10 @@ def _refine(fc, w, w_c, c_c, t_mjd, seeds, *, all_shapes: bool = True):
     :data:`REFINE_SHAPES` in the seed's group (only the seed's shape unless ``all_shapes``) at
     duration x 2^(k/4) and centre + j D/12 (k, j = -2..2) in closed form, and keeps the best of
     each group. Later passes continue from each group's best with its shape and the neighbouring
-    lens strengths, from pass :data:`SHARPEN_FROM_PASS` on also its twin of the other spike width
-    (``lens<d>`` / ``lens<d>s``), both steps halved each pass: :data:`REFINE_PASSES` passes for
-    caustic lenses (the centre ends within D/400: the spikes are narrow),
+    lens strengths, from pass ``sharpen_from`` (default :data:`SHARPEN_FROM_PASS`) on also its
+    twin of the other spike width (``lens<d>`` / ``lens<d>s``), both steps halved each pass:
+    :data:`REFINE_PASSES` passes for caustic lenses (the centre ends within D/400: the spikes
+    are narrow),
     :data:`SMOOTH_REFINE_PASSES` for the others. Returns ``(dchi2, shape_name, duration, t0,
     lens_minus_gauss)`` of the best over the groups, the last the refined lens's dchi2 minus the
     refined Gaussian dip's.
@@ -722,8 +744,8 @@ def _refine(fc, w, w_c, c_c, t_mjd, seeds, *, all_shapes: bool = True):
                 # Every caustic lens, smooth first (a smooth fit surface), then sharp ones too:
                 # where the spikes fall depends on depth and duration together.
                 pair = np.broadcast_to(
-                    caustic_smooth if p < SHARPEN_FROM_PASS else caustic_all,
-                    (n, caustic_all.size if p >= SHARPEN_FROM_PASS else caustic_smooth.size),
+                    caustic_smooth if p < sharpen_from else caustic_all,
+                    (n, caustic_all.size if p >= sharpen_from else caustic_smooth.size),
                 )
             else:
                 pair = neighbours[row[:, g]][:, :3]
@@ -747,6 +769,98 @@ def _refine(fc, w, w_c, c_c, t_mjd, seeds, *, all_shapes: bool = True):
         t0[pick, g_best],
         np.maximum(fitted[:, 0], fitted[:, 1]) - fitted[:, 2],
     )
+
+
+def _restart_poor_fits(fc, w, w_c, c_c, t_mjd, seeds, fit):
+    """Refit, from more starting templates, the sources whose refined fit is poor.
+
+    ``fit``: :func:`_refine`'s ``(dchi2, shape, duration_days, t0_mjd, lens_minus_gauss)`` of
+    these sources; ``seeds``: the bank's best template of each bank shape (:data:`SHAPES`
+    order), as given to :func:`_refine`.
+
+    Why: the chi^2 surface of a lens template gets rougher as the S/N grows (a deep lens's
+    caustic spikes are a few nights wide), and the bank's seeds are coarse: its wide-source
+    caustic lens can sit durations away from a deep event, the plain Gaussian dip finds the
+    event's centre but at ~2.5 times its duration (it spans the enhancements too). From there
+    the local refinement can end in a wrong optimum (a deep 14-180-day event fitted as a long
+    Gaussian dip or a lens of twice the duration) that the DRW null then beats, so that deep,
+    high-S/N events were lost. A fit is *poor* when its residual ``chi2_resid = chi2_const -
+    dchi2`` exceeds the number of fitted values n (nights + catalog prior) by more than
+    :data:`RESTART_EXCESS_SIGMA` sqrt(2 n) (the chi^2 distribution's standard deviation) and the
+    template explains at least :data:`RESTART_MIN_EXPLAINED` of ``chi2_const - n`` (a dip fitted
+    in a wrong optimum still explains most of it; a stochastic variable that one template
+    explains less than half of is not an event on a steady source whatever the template). Only
+    those sources pay for the restart; a source the template fits to the noise keeps its fit.
+
+    Starts: two anchors, the refined Gaussian dip (its centre is accurate, its duration D_g) and
+    the bank's caustic seed; from each, every lens without caustics (:data:`REFINE_SHAPES`) at
+    duration D x f and every sharp caustic lens (:data:`TWIN_SHAPES`) at D x f x (spike scale:
+    :data:`CAUSTIC_FROM_GAUSS` from the Gaussian, the spike positions' ratio from the caustic
+    seed), f in :data:`RESTART_DURATION_FACTORS`; one :func:`_refine` from all of them with the
+    sharp caustic lenses from its first pass on (a smooth lens puts the spikes elsewhere than the
+    sharp one it would lead a sharp start to). The restart replaces the fit only where its dchi2
+    is higher, so it never makes a fit worse; ``lens_minus_gauss`` is updated with the refined
+    Gaussian dip's dchi2 recovered from the fit, ``dchi2_gauss = dchi2 - max(0,
+    lens_minus_gauss)``.
+    """
+    best, shape, dur, t0, lg = (np.array(x, copy=True) for x in fit)
+    if not best.size:
+        return best, shape, dur, t0, lg
+    h = _template_rows(shape, dur, t0, t_mjd)
+    _, _, fconst = _fit_one_template(fc, w, w_c, c_c, h)
+    chi2_const = (w * (fc - fconst[:, None]) ** 2).sum(axis=1) + w_c * (c_c - fconst) ** 2
+    n_fitted = (w > 0).sum(axis=1) + (w_c > 0)
+    excess = chi2_const - best - n_fitted
+    poor = np.flatnonzero(
+        (excess > RESTART_EXCESS_SIGMA * np.sqrt(2.0 * n_fitted))
+        & (best >= RESTART_MIN_EXPLAINED * (best + excess))
+    )
+    if not poor.size:
+        return best, shape, dur, t0, lg
+    fc_p, w_p, w_cp, c_cp = fc[poor], w[poor], w_c[poor], c_c[poor]
+    gauss_seed = next(sd for sd, name in zip(seeds, SHAPES, strict=True) if name == "gauss")
+    caustic_seed = next(
+        sd for sd, name in zip(seeds, SHAPES, strict=True) if shape_has_caustics(name)
+    )
+    # The refined Gaussian dip of each source (the Gaussian group alone: a smooth surface).
+    _, _, g_dur, g_t0, _ = _refine(
+        fc_p,
+        w_p,
+        w_cp,
+        c_cp,
+        t_mjd,
+        [tuple(np.asarray(x)[poor] for x in gauss_seed)],
+        all_shapes=False,
+    )
+    spike = _spike_positions()
+    c_shape, c_dur, c_t0 = (np.asarray(x)[poor] for x in caustic_seed)
+    c_spike = spike[[ALL_SHAPES.index(name) for name in c_shape]]
+    smooth = [name for name in REFINE_SHAPES if _shape_group(name) == 0]
+    ref_spike = spike[ALL_SHAPES.index("lens0.8")]
+    starts = []
+    for factor in RESTART_DURATION_FACTORS:
+        for name in (*smooth, *TWIN_SHAPES):
+            caustic = shape_has_caustics(name)
+            own = spike[ALL_SHAPES.index(name)]
+            g_scale = CAUSTIC_FROM_GAUSS * ref_spike / own if caustic else 1.0
+            c_scale = c_spike / own if caustic else np.ones(poor.size)
+            names = np.full(poor.size, name, dtype=object)
+            starts.append((names, np.asarray(g_dur) * factor * g_scale, np.asarray(g_t0)))
+            starts.append((names, c_dur * factor * c_scale, c_t0))
+    r_best, r_shape, r_dur, r_t0, _ = _refine(
+        fc_p, w_p, w_cp, c_cp, t_mjd, starts, all_shapes=False, sharpen_from=1
+    )
+    gauss = best[poor] - np.maximum(lg[poor], 0.0)
+    lg[poor] = np.maximum(lg[poor], r_best - gauss)
+    better = r_best > best[poor]
+    upd = poor[better]
+    best[upd], shape[upd], dur[upd], t0[upd] = (
+        r_best[better],
+        r_shape[better],
+        r_dur[better],
+        r_t0[better],
+    )
+    return best, shape, dur, t0, lg
 
 
 # --------------------------------------------------------------------------------------------
@@ -937,7 +1051,15 @@ def score_lightcurves(
             )
             for k in range(len(SHAPES))
         ]
-        best3, shape3, dur3, t03, lg3 = _refine(fc[redo], w2, w_c[redo], c_c[redo], t, seeds)
+        best3, shape3, dur3, t03, lg3 = _restart_poor_fits(
+            fc[redo],
+            w2,
+            w_c[redo],
+            c_c[redo],
+            t,
+            seeds,
+            _refine(fc[redo], w2, w_c[redo], c_c[redo], t, seeds),
+        )
         # Nights the refined template misses by > CLIP_PULL sigma (at most MAX_CLIPPED, worst
         # first: unresolved caustic spikes, bad nights) leave every model of the source, then
         # the fit is refined again from where it stands.
@@ -953,8 +1075,15 @@ def score_lightcurves(
             w2[rows_a, worst[again][clip[again]]] = 0.0
             w[redo] = w2
             sub = [(sh[again], d[again], t0_[again]) for sh, d, t0_ in seeds]
-            best4, shape4, dur4, t04, lg4 = _refine(
-                fc[redo[again]], w2[again], w_c[redo[again]], c_c[redo[again]], t, sub
+            fc_a, w_ca, c_ca = fc[redo[again]], w_c[redo[again]], c_c[redo[again]]
+            best4, shape4, dur4, t04, lg4 = _restart_poor_fits(
+                fc_a,
+                w2[again],
+                w_ca,
+                c_ca,
+                t,
+                sub,
+                _refine(fc_a, w2[again], w_ca, c_ca, t, sub),
             )
             best3[again], shape3[again], dur3[again], t03[again] = best4, shape4, dur4, t04
             lg3[again] = lg4
